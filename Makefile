@@ -1,0 +1,37 @@
+# turnout: `make serve` and `make test` set everything up from a bare Python.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+
+.PHONY: install serve test lint bench pull clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch pinned first: the CPU build of 2.13.0 (an unpinned torch would pull a CUDA build)
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+pull: $(STAMP)
+	$(VENV)/bin/turnout models pull smollm2-135m-instruct
+
+serve: pull
+	$(VENV)/bin/turnout serve --port $(PORT)
+
+test: pull
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server engine kernels tests benchmarks
+	$(VENV)/bin/mypy server engine kernels
+
+bench: pull
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,151 @@
+"""The contract between the gateway and any engine: requests in, token deltas and stats out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class EngineError(Exception):
+    """A request could not be served by the engine (the gateway turns this into an HTTP error)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None = no logprobs; k >= 0 = chosen token plus k alternatives
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be non-negative")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be non-negative")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) best first
+
+
+@dataclass
+class RequestStats:
+    arrival_time: float
+    prompt_tokens: int
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0  # this request's share of forward-pass wall time
+
+    @property
+    def queue_s(self) -> float:
+        return (self.first_scheduled_time or self.arrival_time) - self.arrival_time
+
+    @property
+    def ttft_s(self) -> float:
+        return (self.first_token_time or self.arrival_time) - self.arrival_time
+
+    @property
+    def decode_s(self) -> float:
+        if self.first_token_time is None or self.last_token_time is None:
+            return 0.0
+        return self.last_token_time - self.first_token_time
+
+    @property
+    def e2e_s(self) -> float:
+        return (self.last_token_time or self.arrival_time) - self.arrival_time
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first, over the time since the first."""
+        if self.completion_tokens < 2 or self.decode_s <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / self.decode_s
+
+    def inter_token_latencies(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request (a delta, not the running total)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stats: RequestStats | None = None  # set on the final output
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV slots' token capacity in use
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the gateway tells clients (and metrics) about an expert's engine."""
+
+    max_model_len: int
+    vocab_size: int
+    activated_params_per_token: int
+    dtype: str
+    features: dict[str, object] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def ready(self) -> bool: ...
+
+    def healthy(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...

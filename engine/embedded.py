@@ -1,0 +1,197 @@
+"""The embedded engine: a model on this machine, stepped by one background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from engine.base import EngineStats, GenerationRequest, ModelInfo, RequestOutput, SamplingParams
+from engine.runner import ModelRunner
+from engine.sampler import make_generator, sample, token_logprobs
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    max_batch_size: int = 16
+    max_model_len: int = 4096
+    max_prefill_tokens: int = 1024  # prompt tokens prefilled per engine step (chunked prefill)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_model_len < 2 or self.max_prefill_tokens < 1:
+            raise ValueError("max_batch_size, max_model_len and max_prefill_tokens must be positive")
+
+
+class EmbeddedEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EmbeddedConfig, dtype: str) -> None:
+        self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        args = runner.model.args
+        self.info = ModelInfo(
+            max_model_len=config.max_model_len,
+            vocab_size=args.vocab_size,
+            activated_params_per_token=args.activated_params_per_token(),
+            dtype=dtype,
+            features={"quantization": "none", "kv_cache": "full", "speculative": None,
+                      "max_batch_size": config.max_batch_size},
+        )
+        self.scheduler = Scheduler(config.max_batch_size, runner.move_slot)
+        self._stop_ids = sorted(tokenizer.stop_token_ids)
+        self._wake = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._ready = False
+        self._failed: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="turnout-engine", daemon=True)
+        self._thread.start()
+        await self._warm_up()
+        self._ready = True
+
+    async def _warm_up(self) -> None:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        request = GenerationRequest("warmup", self.tokenizer.encode("Hello, world"), params)
+        async for _ in self.generate(request):
+            pass
+
+    async def stop(self) -> None:
+        self._running = False
+        with self._wake:
+            self._wake.notify()
+        if self._thread:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def ready(self) -> bool:
+        return self._ready and self.healthy()
+
+    def healthy(self) -> bool:
+        return self._failed is None and (self._thread is None or self._thread.is_alive())
+
+    def stats(self) -> EngineStats:
+        used = sum(s.num_computed for s in self.scheduler.decoding)
+        if self.scheduler.prefilling:
+            used += self.scheduler.prefilling.num_computed
+        capacity = self.config.max_batch_size * self.config.max_model_len
+        return EngineStats(self.scheduler.num_running, len(self.scheduler.waiting) + len(self._inbox),
+                           used / capacity)
+
+    # -- tokenization -------------------------------------------------------------------------
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id)
+
+    # -- requests -----------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if len(request.prompt_ids) + request.params.max_tokens > self.config.max_model_len:
+            raise ValueError("prompt plus max_tokens exceeds max_model_len")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        seq = Sequence(
+            request=request,
+            sink=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+            generator=make_generator(request.params.seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            stop_matcher=StopStringMatcher(request.params.stop),
+        )
+        with self._wake:
+            self._inbox.append(seq)
+            self._wake.notify()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.add(request_id)
+            self._wake.notify()
+
+    # -- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._running:
+            with self._wake:
+                while self._running and not (self._inbox or self._aborts or self.scheduler.has_work()):
+                    self._wake.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, set()
+            for seq in inbox:
+                self.scheduler.add(seq)
+            self._apply_aborts(aborts)
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # a bug must fail the requests in flight, not the server
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {exc}")
+
+    def _apply_aborts(self, aborts: set[str]) -> None:
+        for seq in self.scheduler.all():
+            if seq.request_id in aborts:
+                self.scheduler.remove(seq)
+                seq.finish_reason = "abort"
+
+    def _fail_all(self, message: str) -> None:
+        for seq in self.scheduler.all():
+            self.scheduler.remove(seq)
+            seq.sink(RequestOutput(seq.request_id, "", [], finish_reason="error", stats=seq.stats, error=message))
+
+    def _step(self) -> None:
+        budget = self.config.max_prefill_tokens
+        while job := self.scheduler.next_prefill(budget):
+            seq, start, end = job
+            seq.stats.first_scheduled_time = seq.stats.first_scheduled_time or time.monotonic()
+            t0 = time.perf_counter()
+            logits = self.runner.prefill(seq.slot, seq.token_ids[start:end], start)
+            seq.stats.engine_seconds += time.perf_counter() - t0
+            seq.num_computed, budget = end, budget - (end - start)
+            if seq.prefilled:
+                self.scheduler.prefill_done(seq)
+                self._emit([seq], logits.unsqueeze(0))
+        seqs = list(self.scheduler.decoding)
+        if seqs:
+            t0 = time.perf_counter()
+            logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
+            share = (time.perf_counter() - t0) / len(seqs)
+            for s in seqs:
+                s.num_computed = len(s.token_ids)
+                s.stats.engine_seconds += share
+            self._emit(seqs, logits)
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence, hand out the deltas, and retire finished sequences."""
+        for row, s in enumerate(seqs):
+            p = s.request.params
+            if p.ignore_eos or s.num_generated < p.min_tokens:
+                logits[row, self._stop_ids] = float("-inf")
+        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        logprobs = token_logprobs(logits, tokens, [s.request.params.logprobs for s in seqs])
+        now = time.monotonic()
+        for s, token, lp in zip(seqs, tokens, logprobs):
+            s.append(token, token in self.tokenizer.stop_token_ids, now, self.config.max_model_len)
+            s.sink(s.take_output(token, lp))
+            if s.finish_reason:
+                self.scheduler.remove(s)

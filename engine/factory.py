@@ -1,0 +1,55 @@
+"""Build an embedded engine from a model reference: a zoo name, a GGUF file or a converted directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine import zoo
+from engine.embedded import EmbeddedConfig, EmbeddedEngine
+from engine.loader import convert_gguf, load_transformer
+from engine.runner import ModelRunner
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
+    cpu = torch._C._cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return DTYPES[name]
+
+
+def resolve_model_path(model: str) -> Path:
+    """Zoo names are pulled (cached); a ``.gguf`` is converted once into the cache; a directory is used as is."""
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        out = zoo.cache_root() / "converted" / path.stem
+        if not zoo.is_converted(out):
+            convert_gguf(path.resolve(), out)
+        return out
+    if path.is_dir():
+        if not zoo.is_converted(path):
+            raise FileNotFoundError(f"{path} lacks config.json, model.safetensors or tokenizer.json")
+        return path
+    return zoo.pull(model)
+
+
+def build_embedded(model: str, dtype: str, config: EmbeddedConfig) -> EmbeddedEngine:
+    path = resolve_model_path(model)
+    torch_dtype = resolve_dtype(dtype)
+    log.info("loading %s from %s as %s", model, path, torch_dtype)
+    transformer = load_transformer(path, torch_dtype)
+    runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
+    return EmbeddedEngine(runner, Tokenizer(path), config, str(torch_dtype).removeprefix("torch."))

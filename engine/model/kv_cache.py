@@ -1,0 +1,63 @@
+"""Static key/value cache: one fixed-shape buffer per layer, one row per batch slot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class AttentionBatch:
+    """What one forward pass attends over; passed explicitly to every layer.
+
+    Rows of the batch are the contiguous slots ``first_slot .. first_slot + B``.
+    """
+
+    first_slot: int
+    positions: Tensor  # [B, S] absolute position of each new token
+    kv_len: int  # cache positions the attention reads (max position + 1)
+    mask: Tensor | None  # [B, 1, S, kv_len] bool, True = attend; None = plain causal from 0
+
+    @classmethod
+    def build(cls, first_slot: int, positions: Tensor) -> AttentionBatch:
+        kv_len = int(positions.max()) + 1
+        batch, seq = positions.shape
+        if batch == 1 and seq == kv_len:
+            return cls(first_slot, positions, kv_len, None)  # a fresh prompt: causal from position 0
+        key_pos = torch.arange(kv_len, device=positions.device)
+        mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(batch, 1, seq, 1)
+        return cls(first_slot, positions, kv_len, mask)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.first_slot, self.first_slot + self.positions.shape[0])
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for every slot: ``[slots, kv_heads, max_len, head_dim]``."""
+
+    def __init__(self, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, batch: AttentionBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values ``[B, S, kv_heads, D]`` and return the views attention reads."""
+        n_rows, seq = batch.positions.shape
+        rows = torch.arange(batch.first_slot, batch.first_slot + n_rows, device=k.device)
+        rows = rows.view(n_rows, 1).expand(n_rows, seq)
+        self.k[rows, :, batch.positions] = k
+        self.v[rows, :, batch.positions] = v
+        return self.k[batch.rows, :, : batch.kv_len], self.v[batch.rows, :, : batch.kv_len]
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
+    @property
+    def bytes_per_token(self) -> int:
+        _, heads, _, dim = self.k.shape
+        return 2 * heads * dim * self.k.element_size()

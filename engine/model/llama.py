@@ -1,0 +1,123 @@
+"""Llama-family decoder (RMSNorm, RoPE, GQA attention, SwiGLU) in the gpt-fast manner."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.model.args import ModelArgs
+from engine.model.kv_cache import AttentionBatch, KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(args: ModelArgs, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin for every position, ``[max_seq_len, head_dim]`` (rotate-half layout)."""
+    half = args.head_dim // 2
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, S, H, D]; cos/sin: [B, S, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch) -> Tensor:
+        bsz, seq, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(bsz, seq, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(bsz, seq, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(bsz, seq, self.n_kv_heads, self.head_dim)
+        assert self.kv_cache is not None, "setup_caches() must run before forward()"
+        keys, values = self.kv_cache.update(batch, k, v)  # [B, kv_heads, L, D]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values,
+            attn_mask=batch.mask, is_causal=batch.mask is None, enable_gqa=True,
+        )  # [B, H, S, D]
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.hidden = args.intermediate_size
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, batch)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope_cos: Tensor | None = None
+        self.rope_sin: Tensor | None = None
+
+    def setup_caches(self, n_slots: int, max_len: int) -> None:
+        """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position."""
+        if max_len > self.args.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's context {self.args.max_seq_len}")
+        dtype = self.output.weight.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(n_slots, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
+        self.rope_cos, self.rope_sin = rope_tables(self.args, dtype)
+
+    @property
+    def kv_caches(self) -> list[KVCache]:
+        return [layer.attention.kv_cache for layer in self.layers]
+
+    def forward(self, tokens: Tensor, batch: AttentionBatch, last_only: bool = False) -> Tensor:
+        """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
+        assert self.rope_cos is not None and self.rope_sin is not None
+        cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, S, 1, D]
+        sin = self.rope_sin[batch.positions].unsqueeze(2)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, batch)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))

@@ -1,0 +1,86 @@
+"""``turnout``: serve, and manage the model cache."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import load_settings
+
+    overrides = {"host": args.host, "port": args.port, "model": args.model, "dtype": args.dtype,
+                 "max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len}
+    settings = load_settings(args.config, overrides)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for expert in settings.experts:  # fetch and convert before binding the port, with progress bars
+        if expert.engine == "embedded":
+            from engine.factory import resolve_model_path
+
+            resolve_model_path(expert.model)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from engine import zoo
+
+    for name in args.names or list(zoo.ZOO):
+        path = zoo.pull(name)
+        print(f"{name}: ready at {path}")
+    return 0
+
+
+def _list(_: argparse.Namespace) -> int:
+    from engine import zoo
+
+    print(f"cache: {zoo.cache_root()}")
+    print(f"{'name':<26}{'cached':<10}{'size':>10}  source")
+    for entry, converted, size in zoo.cached_models():
+        status = "yes" if converted else "no"
+        print(f"{entry.name:<26}{status:<10}{size / 1e6:>8.0f}MB  PyPI {entry.wheel}=={entry.version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turnout", description="OpenAI-compatible LLM serving gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the configured experts over HTTP")
+    serve.add_argument("--config", type=Path, default=None, help="turnout.yaml (default: one smollm2-135m expert)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--model", default=None, help="model of the first expert: zoo name, .gguf or directory")
+    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-batch-size", type=int, default=None)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    models = sub.add_parser("models", help="fetch or list cached models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    pull = msub.add_parser("pull", help="download and convert zoo models (all when none named)")
+    pull.add_argument("names", nargs="*")
+    pull.set_defaults(func=_pull)
+    msub.add_parser("list", help="show the zoo and what is cached").set_defaults(func=_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        print(f"turnout: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""turnout.yaml, environment overrides (TURNOUT__...) and defaults: the user-facing contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CostConfig(_Strict):
+    usd_per_hour: float | None = Field(default=None, ge=0)
+    usd_per_1m_input_tokens: float | None = Field(default=None, ge=0)
+    usd_per_1m_output_tokens: float | None = Field(default=None, ge=0)
+
+
+class KVCacheConfig(_Strict):
+    policy: Literal["full"] = "full"
+
+
+class ExpertConfig(_Strict):
+    name: str = Field(min_length=1)
+    engine: Literal["embedded"] = "embedded"
+    model: str = "smollm2-135m-instruct"  # zoo name, GGUF file, or converted HF directory
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none"] = "none"
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
+    speculative: None = None
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    max_model_len: int = Field(default=4096, ge=16)
+    max_prefill_tokens: int = Field(default=1024, ge=16)
+    cost: CostConfig = Field(default_factory=lambda: CostConfig(usd_per_hour=0.10))
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys_file: Path | None = None
+
+
+def _default_experts() -> list[ExpertConfig]:
+    return [ExpertConfig(name="smollm2-135m", model="smollm2-135m-instruct")]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TURNOUT__", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    experts: list[ExpertConfig] = Field(default_factory=_default_experts, min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [e.name for e in self.experts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expert names must be unique, got {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # environment overrides the YAML file
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read ``path`` (YAML) if given, apply environment, then command-line ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    settings = Settings(**data)
+    return apply_overrides(settings, overrides or {})
+
+
+def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    """Command-line flags: ``host``/``port`` go to the server, the rest to the first expert."""
+    server = {k: v for k, v in overrides.items() if k in ("host", "port") and v is not None}
+    expert = {k: v for k, v in overrides.items() if k not in ("host", "port") and v is not None}
+    new_server = ServerConfig.model_validate({**settings.server.model_dump(), **server})
+    first = ExpertConfig.model_validate({**settings.experts[0].model_dump(), **expert})
+    return settings.model_copy(update={"server": new_server, "experts": [first, *settings.experts[1:]]})

@@ -1,0 +1,17 @@
+"""Build the configured experts' engines."""
+
+from __future__ import annotations
+
+from engine.embedded import EmbeddedConfig
+from engine.factory import build_embedded
+from server.config import ExpertConfig, Settings
+from server.serving import Expert
+
+
+def build_expert(cfg: ExpertConfig) -> Expert:
+    config = EmbeddedConfig(cfg.max_batch_size, cfg.max_model_len, cfg.max_prefill_tokens)
+    return Expert(cfg.name, build_embedded(cfg.model, cfg.dtype, config), cfg.cost)
+
+
+def build_experts(settings: Settings) -> dict[str, Expert]:
+    return {cfg.name: build_expert(cfg) for cfg in settings.experts}

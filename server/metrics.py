@@ -1,0 +1,69 @@
+"""Prometheus metrics: vLLM's names under ``turnout:``, recorded from plain engine stats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engine.base import EngineStats, RequestStats
+
+# Millisecond resolution at the low end: a small model answers in milliseconds.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+LABEL = ["model_name"]
+
+
+class EngineStatsCollector(Collector):
+    """Reads each expert's live gauges at scrape time, so the engine never touches Prometheus."""
+
+    def __init__(self, sources: Callable[[], dict[str, EngineStats]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("turnout:num_requests_running", "Requests in the decode batch", labels=LABEL)
+        waiting = GaugeMetricFamily("turnout:num_requests_waiting", "Requests waiting for a slot", labels=LABEL)
+        kv = GaugeMetricFamily("turnout:kv_cache_usage_perc", "Fraction of KV cache in use (0-1)", labels=LABEL)
+        for name, stats in self._sources().items():
+            running.add_metric([name], stats.num_running)
+            waiting.add_metric([name], stats.num_waiting)
+            kv.add_metric([name], stats.kv_cache_usage)
+        return [running, waiting, kv]
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], dict[str, EngineStats]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("turnout:time_to_first_token_seconds", "Time to first token", LABEL,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("turnout:inter_token_latency_seconds", "Time between tokens", LABEL,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("turnout:e2e_request_latency_seconds", "Arrival to last token", LABEL,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("turnout:request_queue_time_seconds", "Arrival to first scheduling", LABEL,
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("turnout:prompt_tokens_total", "Prompt tokens", LABEL, registry=r)
+        self.generation_tokens = Counter("turnout:generation_tokens_total", "Generated tokens", LABEL, registry=r)
+        self.success = Counter("turnout:request_success_total", "Finished requests", [*LABEL, "finished_reason"],
+                               registry=r)
+        self.cost = Counter("turnout:request_cost_usd_total", "Cost of served requests in USD", LABEL, registry=r)
+        r.register(EngineStatsCollector(engine_stats))
+
+    def record(self, expert: str, stats: RequestStats, finish_reason: str, cost_usd: float) -> None:
+        """One engine request (one choice) finished; prompt tokens count once per request."""
+        self.ttft.labels(expert).observe(stats.ttft_s)
+        self.e2e.labels(expert).observe(stats.e2e_s)
+        self.queue.labels(expert).observe(stats.queue_s)
+        for gap in stats.inter_token_latencies():
+            self.itl.labels(expert).observe(gap)
+        self.generation_tokens.labels(expert).inc(stats.completion_tokens)
+        self.success.labels(expert, finish_reason).inc()
+        self.cost.labels(expert).inc(cost_usd)
+
+    def record_prompt(self, expert: str, prompt_tokens: int) -> None:
+        self.prompt_tokens.labels(expert).inc(prompt_tokens)

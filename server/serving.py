@@ -1,0 +1,247 @@
+"""OpenAI requests -> engine requests -> OpenAI responses and SSE chunks. No FastAPI types here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.base import Engine, GenerationRequest, RequestOutput, SamplingParams
+from server.config import CostConfig
+from server.errors import APIError
+from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
+
+
+@dataclass
+class Expert:
+    name: str
+    engine: Engine
+    cost: CostConfig
+
+
+@dataclass
+class Job:
+    """A validated request: one engine request per (prompt, choice)."""
+
+    chat: bool
+    id: str
+    model: str
+    expert: Expert
+    prompts: list[list[int]]
+    choices: list[tuple[int, SamplingParams]]  # (prompt index, params), position = choice index
+    include_usage: bool = False
+    echo_texts: list[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+class OpenAIServing:
+    def __init__(self, experts: dict[str, Expert], metrics: Metrics) -> None:
+        self.experts, self.metrics = experts, metrics
+
+    def expert(self, model: str) -> Expert:
+        expert = self.experts.get(model)
+        if expert is None:
+            raise APIError(404, f"The model '{model}' does not exist. Available: {', '.join(self.experts)}",
+                           param="model", code="model_not_found")
+        if not expert.engine.ready():
+            raise APIError(503, f"The model '{model}' is still loading; retry shortly.", type="server_error",
+                           code="model_not_ready")
+        return expert
+
+    # -- request preparation ------------------------------------------------------------------
+    def prepare_chat(self, req: ChatCompletionRequest) -> Job:
+        expert = self.expert(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = expert.engine.tokenize_chat(messages)
+        except Exception as exc:  # a template may reject a conversation shape
+            raise APIError(400, f"messages could not be formatted for this model: {exc}", param="messages") from exc
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
+
+    def prepare_completion(self, req: CompletionRequest) -> Job:
+        expert = self.expert(req.model)
+        engine = expert.engine
+        prompts, echo = [], []
+        for p in req.prompts():
+            ids = engine.tokenize(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "prompt must contain at least one token", param="prompt")
+            if any(not 0 <= t < expert.engine.info.vocab_size for t in ids):
+                raise APIError(400, "prompt contains token ids outside the vocabulary", param="prompt")
+            prompts.append(ids)
+            echo.append((p if isinstance(p, str) else "".join(engine.token_text(t) for t in ids)) if req.echo else "")
+        job = self._job(False, new_id("cmpl"), req, expert, prompts, req.max_tokens, req.logprobs, "prompt")
+        job.echo_texts = echo
+        return job
+
+    def _job(self, chat: bool, rid: str, req: _Request, expert: Expert, prompts: list[list[int]],
+             limit: int | None, logprobs: int | None, prompt_param: str) -> Job:
+        ctx = expert.engine.info.max_model_len
+        choices = []
+        for pi, ids in enumerate(prompts):
+            if len(ids) >= ctx:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                               f"{len(ids)} tokens.", param=prompt_param, code="context_length_exceeded")
+            if limit is not None and len(ids) + limit > ctx:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                               f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} in the completion).",
+                               param="max_tokens", code="context_length_exceeded")
+            for i in range(req.n):
+                choices.append((pi, self._params(req, limit or ctx - len(ids), logprobs, i)))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Job(chat, rid, req.model, expert, prompts, choices, include_usage)
+
+    @staticmethod
+    def _params(req: _Request, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+        seed = None if req.seed is None else (req.seed + choice) % 2**63
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(req.top_k or 0, 0),
+            seed=seed,
+            stop=tuple(req.stop or ()),
+            logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+        )
+
+    # -- running ------------------------------------------------------------------------------
+    async def _choice(self, job: Job, index: int, queue: asyncio.Queue[tuple[int, Any]]) -> None:
+        prompt_index, params = job.choices[index]
+        request = GenerationRequest(f"{job.id}-{index}", job.prompts[prompt_index], params)
+        last: RequestOutput | None = None
+        try:
+            async for out in job.expert.engine.generate(request):
+                last = out
+                await queue.put((index, out))
+        except Exception as exc:
+            await queue.put((index, exc))
+        finally:
+            if last is None or not last.finished:
+                self.metrics.success.labels(job.expert.name, "abort").inc()
+
+    async def _outputs(self, job: Job) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
+        """All choices' outputs as they come, each paired with its choice's accumulated state."""
+        states = [ChoiceState(i) for i in range(len(job.choices))]
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        for ids in job.prompts:
+            self.metrics.record_prompt(job.expert.name, len(ids))
+        tasks = [asyncio.create_task(self._choice(job, i, queue)) for i in range(len(states))]
+        try:
+            pending = len(tasks)
+            while pending:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise APIError(500, f"generation failed: {item}", type="server_error") from item
+                if item.finish_reason == "error":
+                    raise APIError(500, item.error or "generation failed", type="server_error")
+                self._accumulate(job, states[index], item)
+                pending -= item.finished
+                yield states[index], item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _accumulate(self, job: Job, state: ChoiceState, out: RequestOutput) -> None:
+        state.text += out.text
+        state.token_ids += out.token_ids
+        state.logprobs += out.logprobs or []
+        if out.finished and out.stats is not None:
+            state.finish_reason, state.stats = out.finish_reason, out.stats
+            first_of_prompt = state.index % (len(job.choices) // len(job.prompts)) == 0
+            state.cost_usd = cost_usd(job.expert.cost, out.stats, count_prompt=first_of_prompt)
+            self.metrics.record(job.expert.name, out.stats, out.finish_reason or "stop", state.cost_usd)
+
+    def _usage(self, job: Job, states: list[ChoiceState]) -> dict[str, Any]:
+        info = job.expert.engine.info
+        return build_usage(states, job.prompt_tokens, info.activated_params_per_token).model_dump()
+
+    def _logprobs(self, job: Job, state: ChoiceState, items: list[Any], offset: int) -> dict[str, Any] | None:
+        if job.choices[state.index][1].logprobs is None:
+            return None
+        text = job.expert.engine.token_text
+        return chat_logprobs(items, text) if job.chat else completion_logprobs(items, text, offset)
+
+    async def complete(self, job: Job) -> dict[str, Any]:
+        states: dict[int, ChoiceState] = {}
+        async for state, _ in self._outputs(job):
+            states[state.index] = state
+        ordered = [states[i] for i in range(len(job.choices))]
+        choices = []
+        for s in ordered:
+            echo = job.echo_texts[job.choices[s.index][0]] if job.echo_texts else ""
+            lp = self._logprobs(job, s, s.logprobs, len(echo))
+            body: dict[str, Any] = (
+                {"message": {"role": "assistant", "content": s.text}} if job.chat else {"text": echo + s.text}
+            )
+            choices.append({"index": s.index, **body, "logprobs": lp, "finish_reason": s.finish_reason})
+        return {**self._head(job), "choices": choices, "usage": self._usage(job, ordered)}
+
+    @staticmethod
+    def _head(job: Job) -> dict[str, Any]:
+        kind = "chat.completion" if job.chat else "text_completion"
+        return {"id": job.id, "object": kind, "created": job.created, "model": job.model}
+
+    def stream(self, job: Job) -> AsyncIterator[str]:
+        return _Streamer(self, job).events()
+
+
+class _Streamer:
+    """Server-sent events for one streaming request."""
+
+    def __init__(self, serving: OpenAIServing, job: Job) -> None:
+        self.serving, self.job = serving, job
+        obj = "chat.completion.chunk" if job.chat else "text_completion"
+        self.head = {"id": job.id, "object": obj, "created": job.created, "model": job.model}
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {**self.head, "choices": choices, **extra}
+        if self.job.include_usage and "usage" not in body:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def _choice(self, index: int, text: str | None, logprobs: Any, finish: str | None, role: bool = False
+                ) -> dict[str, Any]:
+        if self.job.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+    async def events(self) -> AsyncIterator[str]:
+        job, states = self.job, {}
+        for i in range(len(job.choices)):
+            echo = job.echo_texts[job.choices[i][0]] if job.echo_texts else ""
+            if job.chat or echo:
+                yield self._chunk([self._choice(i, echo, None, None, role=job.chat)])
+        offsets = [len(job.echo_texts[p]) if job.echo_texts else 0 for p, _ in job.choices]
+        try:
+            async for state, out in self.serving._outputs(job):
+                states[state.index] = state
+                lp = self.serving._logprobs(job, state, out.logprobs or [], offsets[state.index])
+                offsets[state.index] += len(out.text)
+                if out.text or lp:
+                    yield self._chunk([self._choice(state.index, out.text, lp, None)])
+                if out.finished:
+                    yield self._chunk([self._choice(state.index, None, None, state.finish_reason)])
+        except APIError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        if job.include_usage:
+            ordered = [states[i] for i in range(len(job.choices))]
+            yield self._chunk([], usage=self.serving._usage(job, ordered))
+        yield "data: [DONE]\n\n"
