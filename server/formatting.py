@@ -54,9 +54,7 @@ def chat_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str]) -
         text = token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    content = [
-        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in items
-    ]
+    content = [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in items]
     return {"content": content, "refusal": None}
 
 

@@ -12,8 +12,33 @@ from engine.base import EngineStats, RequestStats
 
 # Millisecond resolution at the low end: a small model answers in milliseconds.
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-    0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
 )
 LABEL = ["model_name"]
 
@@ -39,18 +64,27 @@ class Metrics:
     def __init__(self, engine_stats: Callable[[], dict[str, EngineStats]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("turnout:time_to_first_token_seconds", "Time to first token", LABEL,
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("turnout:inter_token_latency_seconds", "Time between tokens", LABEL,
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("turnout:e2e_request_latency_seconds", "Arrival to last token", LABEL,
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("turnout:request_queue_time_seconds", "Arrival to first scheduling", LABEL,
-                               buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "turnout:time_to_first_token_seconds", "Time to first token", LABEL, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "turnout:inter_token_latency_seconds", "Time between tokens", LABEL, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "turnout:e2e_request_latency_seconds", "Arrival to last token", LABEL, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue = Histogram(
+            "turnout:request_queue_time_seconds",
+            "Arrival to first scheduling",
+            LABEL,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("turnout:prompt_tokens_total", "Prompt tokens", LABEL, registry=r)
         self.generation_tokens = Counter("turnout:generation_tokens_total", "Generated tokens", LABEL, registry=r)
-        self.success = Counter("turnout:request_success_total", "Finished requests", [*LABEL, "finished_reason"],
-                               registry=r)
+        self.success = Counter(
+            "turnout:request_success_total", "Finished requests", [*LABEL, "finished_reason"], registry=r
+        )
         self.cost = Counter("turnout:request_cost_usd_total", "Cost of served requests in USD", LABEL, registry=r)
         r.register(EngineStatsCollector(engine_stats))
 

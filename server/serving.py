@@ -50,11 +50,19 @@ class OpenAIServing:
     def expert(self, model: str) -> Expert:
         expert = self.experts.get(model)
         if expert is None:
-            raise APIError(404, f"The model '{model}' does not exist. Available: {', '.join(self.experts)}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist. Available: {', '.join(self.experts)}",
+                param="model",
+                code="model_not_found",
+            )
         if not expert.engine.ready():
-            raise APIError(503, f"The model '{model}' is still loading; retry shortly.", type="server_error",
-                           code="model_not_ready")
+            raise APIError(
+                503,
+                f"The model '{model}' is still loading; retry shortly.",
+                type="server_error",
+                code="model_not_ready",
+            )
         return expert
 
     # -- request preparation ------------------------------------------------------------------
@@ -84,18 +92,35 @@ class OpenAIServing:
         job.echo_texts = echo
         return job
 
-    def _job(self, chat: bool, rid: str, req: _Request, expert: Expert, prompts: list[list[int]],
-             limit: int | None, logprobs: int | None, prompt_param: str) -> Job:
+    def _job(
+        self,
+        chat: bool,
+        rid: str,
+        req: _Request,
+        expert: Expert,
+        prompts: list[list[int]],
+        limit: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+    ) -> Job:
         ctx = expert.engine.info.max_model_len
         choices = []
         for pi, ids in enumerate(prompts):
             if len(ids) >= ctx:
-                raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                               f"{len(ids)} tokens.", param=prompt_param, code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {ctx} tokens, but the prompt has {len(ids)} tokens.",
+                    param=prompt_param,
+                    code="context_length_exceeded",
+                )
             if limit is not None and len(ids) + limit > ctx:
-                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                               f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} in the completion).",
-                               param="max_tokens", code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {ctx} tokens. However, you requested "
+                    f"{len(ids) + limit} tokens ({len(ids)} in the prompt, {limit} in the completion).",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
             for i in range(req.n):
                 choices.append((pi, self._params(req, limit or ctx - len(ids), logprobs, i)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -212,8 +237,9 @@ class _Streamer:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def _choice(self, index: int, text: str | None, logprobs: Any, finish: str | None, role: bool = False
-                ) -> dict[str, Any]:
+    def _choice(
+        self, index: int, text: str | None, logprobs: Any, finish: str | None, role: bool = False
+    ) -> dict[str, Any]:
         if self.job.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:

@@ -38,6 +38,9 @@ class AttentionBatch:
 class KVCache(nn.Module):
     """Keys and values of one layer for every slot: ``[slots, kv_heads, max_len, head_dim]``."""
 
+    k: Tensor
+    v: Tensor
+
     def __init__(self, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         shape = (n_slots, n_kv_heads, max_len, head_dim)

@@ -55,8 +55,12 @@ class Attention(nn.Module):
         assert self.kv_cache is not None, "setup_caches() must run before forward()"
         keys, values = self.kv_cache.update(batch, k, v)  # [B, kv_heads, L, D]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values,
-            attn_mask=batch.mask, is_causal=batch.mask is None, enable_gqa=True,
+            q.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=batch.mask,
+            is_causal=batch.mask is None,
+            enable_gqa=True,
         )  # [B, H, S, D]
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, q_size))
 
@@ -92,6 +96,7 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.blocks: list[TransformerBlock] = [b for b in self.layers if isinstance(b, TransformerBlock)]
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope_cos: Tensor | None = None
@@ -102,13 +107,13 @@ class Transformer(nn.Module):
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.args.max_seq_len}")
         dtype = self.output.weight.dtype
-        for layer in self.layers:
+        for layer in self.blocks:
             layer.attention.kv_cache = KVCache(n_slots, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
         self.rope_cos, self.rope_sin = rope_tables(self.args, dtype)
 
     @property
     def kv_caches(self) -> list[KVCache]:
-        return [layer.attention.kv_cache for layer in self.layers]
+        return [layer.attention.kv_cache for layer in self.blocks if layer.attention.kv_cache is not None]
 
     def forward(self, tokens: Tensor, batch: AttentionBatch, last_only: bool = False) -> Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""

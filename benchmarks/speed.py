@@ -1,0 +1,562 @@
+"""Speed of turnout against llama.cpp and Hugging Face ``generate``: one model, one machine, one run.
+
+    .venv/bin/python benchmarks/speed.py [--dtype auto] [--tokens 128] [--skip-llamacpp] [--skip-hf] [--quick]
+
+Systems: turnout (its HTTP server, started here on a free loopback port), llama.cpp through
+``llama-cpp-python`` on the same GGUF, and ``transformers`` ``generate`` in float32 and bfloat16.
+Metrics: single-stream decode tokens/s (first token excluded), time to first token for a 512-token
+prompt, and total tokens/s with 8 and 16 concurrent streams (turnout only). Results go to
+``benchmarks/results/speed.json`` and ``benchmarks/results/speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from tqdm import tqdm
+
+from engine import zoo
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HOST = "127.0.0.1"
+ZOO_MODEL = "smollm2-135m-instruct"
+SERVED_MODEL = "smollm2-135m"
+PROMPT_LEN = 512
+CONCURRENCY = (8, 16)
+READY_TIMEOUT_S = 900.0
+REQUEST_TIMEOUT_S = 900.0
+COLUMNS = ("decode tok/s (1 stream)", "TTFT 512 (ms)", "8-stream tok/s", "16-stream tok/s")
+SUBJECTS = (
+    "a lighthouse keeper", "the first snow of winter", "a lost robot", "a city under the sea",
+    "an old violin", "a dragon who hates fire", "a night train", "a garden on Mars",
+    "a clockmaker's apprentice", "a library that never closes", "the last bookshop", "a talking river",
+    "a desert caravan", "a kite festival", "a mountain rescue dog", "a secret recipe",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    dtype: str
+    tokens: int
+    reps: int
+    warmups: int
+    skip_llamacpp: bool
+    skip_hf: bool
+    quick: bool
+
+
+@dataclass(frozen=True)
+class Prompts:
+    long_ids: list[int]  # exactly PROMPT_LEN tokens, for TTFT
+    short_ids: list[list[int]]  # one distinct short prompt per stream; [0] is the single-stream prompt
+
+    def max_len(self, tokens: int) -> int:
+        """A context length that fits every request here, rounded up to a multiple of 256."""
+        needed = max(len(self.long_ids) + 1, max(len(p) for p in self.short_ids) + tokens)
+        return 256 * math.ceil(needed / 256)
+
+
+@dataclass
+class Row:
+    system: str
+    decode_tok_s: float | None = None
+    ttft_ms: float | None = None
+    streams_tok_s: dict[int, float] = field(default_factory=dict)
+    skipped: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[float | None]:
+        return [self.decode_tok_s, self.ttft_ms, *(self.streams_tok_s.get(n) for n in CONCURRENCY)]
+
+
+@dataclass(frozen=True)
+class Ratio:
+    name: str
+    value: float | None
+    target: str
+    met: bool | None
+
+
+# -- setup ------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description="turnout vs llama.cpp vs Hugging Face generate, on this CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the turnout server (default: auto)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="generated tokens per stream (default 128; 32 with --quick)")
+    p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
+    p.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face generate")
+    p.add_argument("--quick", action="store_true", help="smoke test: one repetition, 32 tokens")
+    args = p.parse_args(argv)
+    tokens = args.tokens or (32 if args.quick else 128)
+    if tokens < 2:
+        p.error("--tokens must be at least 2 (decode speed excludes the first token)")
+    return Config(dtype=args.dtype, tokens=tokens, reps=1 if args.quick else 3, warmups=1,
+                  skip_llamacpp=args.skip_llamacpp, skip_hf=args.skip_hf, quick=args.quick)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def build_prompts(tokenizer_json: Path) -> Prompts:
+    """A 512-token prompt from the Python docs' topic texts, and one short prompt per stream."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    long_ids = tokenizer.encode(text[: PROMPT_LEN * 20]).ids[:PROMPT_LEN]
+    if len(long_ids) < PROMPT_LEN:
+        raise RuntimeError(f"could not build a {PROMPT_LEN}-token prompt from pydoc_data.topics")
+    short = [tokenizer.encode(f"Write a short story about {subject}.").ids for subject in SUBJECTS]
+    return Prompts(long_ids=long_ids, short_ids=short[: max(CONCURRENCY)])
+
+
+def median_of(fn: Callable[[], float], cfg: Config, bar: tqdm) -> float:
+    """``fn`` run ``warmups`` times unrecorded, then the median of ``reps`` runs."""
+    for _ in range(cfg.warmups):
+        fn()
+        bar.update()
+    values = []
+    for _ in range(cfg.reps):
+        values.append(fn())
+        bar.update()
+    return statistics.median(values)
+
+
+async def amedian_of(fn: Callable[[], Awaitable[float]], cfg: Config, bar: tqdm, warmups: int | None = None) -> float:
+    for _ in range(cfg.warmups if warmups is None else warmups):
+        await fn()
+        bar.update()
+    values = []
+    for _ in range(cfg.reps):
+        values.append(await fn())
+        bar.update()
+    return statistics.median(values)
+
+
+# -- turnout ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def server_command(port: int, dtype: str, max_len: int) -> list[str]:
+    exe = Path(sys.executable).with_name("turnout")
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    return [*base, "serve", "--host", HOST, "--port", str(port), "--dtype", dtype,
+            "--max-model-len", str(max_len), "--max-batch-size", str(max(CONCURRENCY)), "--log-level", "warning"]
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with httpx.Client(trust_env=False, timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"turnout exited with code {proc.returncode}:\n{log_tail(log)}")
+            try:
+                if client.get(f"{url}/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    raise RuntimeError(f"turnout was not ready after {READY_TIMEOUT_S:.0f}s:\n{log_tail(log)}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def turnout_server(dtype: str, max_len: int) -> Iterator[str]:
+    """A turnout server on a free loopback port, stopped on exit; yields its base URL."""
+    port = free_port()
+    fd, name = tempfile.mkstemp(prefix="turnout-bench-", suffix=".log")
+    log = Path(name)
+    with os.fdopen(fd, "wb") as sink:
+        proc = subprocess.Popen(server_command(port, dtype, max_len), stdout=sink, stderr=subprocess.STDOUT)
+    failed = True
+    try:
+        url = f"http://{HOST}:{port}"
+        wait_ready(proc, url, log)
+        yield url
+        failed = False
+    finally:
+        stop_server(proc)
+        if failed:
+            tqdm.write(f"turnout server log kept at {log}")
+        else:
+            log.unlink(missing_ok=True)
+
+
+@dataclass
+class StreamResult:
+    sent: float  # perf_counter when the request was sent
+    arrivals: list[float]  # perf_counter of each chunk that carries a choice
+    completion_tokens: int
+    usage: dict[str, Any]
+
+    @property
+    def ttft_s(self) -> float:
+        return self.arrivals[0] - self.sent
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first over the time between the first and the last chunk."""
+        span = self.arrivals[-1] - self.arrivals[0]
+        return (self.completion_tokens - 1) / span if span > 0 else float("nan")
+
+
+def completion_body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    return {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True, "min_tokens": max_tokens}
+
+
+async def stream_completion(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> StreamResult:
+    arrivals: list[float] = []
+    usage: dict[str, Any] = {}
+    sent = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json=completion_body(prompt, max_tokens)) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+        async for line in resp.aiter_lines():
+            now = time.perf_counter()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            if chunk.get("choices"):
+                arrivals.append(now)
+            usage = chunk.get("usage") or usage
+    if not arrivals:
+        raise RuntimeError("the stream carried no tokens")
+    return StreamResult(sent, arrivals, int(usage.get("completion_tokens", len(arrivals))), usage)
+
+
+async def concurrent_tok_s(client: httpx.AsyncClient, prompts: list[list[int]], tokens: int) -> float:
+    """Total generated tokens over the wall time from the first request sent to the last finished."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(stream_completion(client, p, tokens) for p in prompts))
+    wall = time.perf_counter() - start
+    made = sum(r.completion_tokens for r in results)
+    if made != tokens * len(prompts):
+        tqdm.write(f"warning: {len(prompts)} streams made {made} tokens, expected {tokens * len(prompts)}")
+    return made / wall
+
+
+async def measure_turnout(url: str, cfg: Config, prompts: Prompts) -> Row:
+    row = Row("turnout")
+    steps = 2 * (cfg.warmups + cfg.reps) + len(CONCURRENCY) * cfg.reps
+    limits = httpx.Limits(max_connections=max(CONCURRENCY) + 4, max_keepalive_connections=max(CONCURRENCY) + 4)
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        card = (await client.get("/v1/models")).json()["data"][0]
+        row.details["server"] = {"max_model_len": card.get("max_model_len"), **card.get("turnout", {})}
+        last: dict[str, StreamResult] = {}
+
+        async def decode() -> float:
+            last["decode"] = await stream_completion(client, prompts.short_ids[0], cfg.tokens)
+            return last["decode"].decode_tok_s
+
+        async def ttft() -> float:
+            last["ttft"] = await stream_completion(client, prompts.long_ids, 1)
+            return last["ttft"].ttft_s * 1e3
+
+        with tqdm(total=steps, desc="turnout", unit="run") as bar:
+            row.decode_tok_s = await amedian_of(decode, cfg, bar)
+            row.ttft_ms = await amedian_of(ttft, cfg, bar)
+            for n in CONCURRENCY:
+                bar.set_postfix_str(f"{n} streams")
+                run = partial(concurrent_tok_s, client, prompts.short_ids[:n], cfg.tokens)
+                row.streams_tok_s[n] = await amedian_of(run, cfg, bar, warmups=0)
+        row.details["server_usage_decode"] = last["decode"].usage
+        row.details["server_usage_ttft"] = last["ttft"].usage
+    return row
+
+
+def bench_turnout(cfg: Config, prompts: Prompts) -> Row:
+    with turnout_server(cfg.dtype, prompts.max_len(cfg.tokens)) as url:
+        return asyncio.run(measure_turnout(url, cfg, prompts))
+
+
+# -- llama.cpp --------------------------------------------------------------------------------------
+def import_llama_cpp() -> Any:
+    """``llama_cpp``, installed into this interpreter's environment on first use."""
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        pass
+    print(f"llama-cpp-python is not installed: installing it into {sys.prefix}.\n"
+          "It compiles llama.cpp from source, which takes about 8 minutes.", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install llama-cpp-python failed with exit code {proc.returncode}")
+    importlib.invalidate_caches()
+    return importlib.import_module("llama_cpp")
+
+
+def llama_decode_tok_s(llm: Any, prompt: list[int], tokens: int) -> float:
+    """Greedy tokens straight from the eval/sample loop (no EOS stop), first token excluded."""
+    llm.reset()
+    arrivals: list[float] = []
+    gen = llm.generate(prompt, temp=0.0, reset=True)
+    try:
+        for _ in gen:
+            arrivals.append(time.perf_counter())
+            if len(arrivals) == tokens:
+                break
+    finally:
+        gen.close()
+    return (tokens - 1) / (arrivals[-1] - arrivals[0])
+
+
+def llama_ttft_ms(llm: Any, prompt: list[int]) -> float:
+    llm.reset()  # no prefix of an earlier run is reused
+    start = time.perf_counter()
+    llm.create_completion(prompt, max_tokens=1, temperature=0.0)
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench_llama_cpp(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
+    llama_cpp = import_llama_cpp()
+    threads = os.cpu_count() or 1
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompts.max_len(cfg.tokens), n_batch=PROMPT_LEN,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    row = Row("llama.cpp", details={"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "threads": threads,
+                                    "gguf": gguf.name})
+    with tqdm(total=2 * (cfg.warmups + cfg.reps), desc="llama.cpp", unit="run") as bar:
+        row.decode_tok_s = median_of(lambda: llama_decode_tok_s(llm, prompts.short_ids[0], cfg.tokens), cfg, bar)
+        row.ttft_ms = median_of(lambda: llama_ttft_ms(llm, prompts.long_ids), cfg, bar)
+    llm.close()
+    return row
+
+
+# -- Hugging Face -----------------------------------------------------------------------------------
+def hf_generate_s(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
+    elapsed = time.perf_counter() - start
+    if out.shape[1] - ids.shape[1] != new_tokens:
+        raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, asked for {new_tokens}")
+    return elapsed
+
+
+@torch.inference_mode()
+def hf_forward_ms(model: Any, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_hf(model: Any, cfg: Config, prompts: Prompts, row: Row) -> None:
+    short = torch.tensor([prompts.short_ids[0]], dtype=torch.long)
+    long = torch.tensor([prompts.long_ids], dtype=torch.long)
+    with tqdm(total=3 * (cfg.warmups + cfg.reps), desc=row.system, unit="run") as bar:
+        full_s = median_of(lambda: hf_generate_s(model, short, cfg.tokens), cfg, bar)
+        one_s = median_of(lambda: hf_generate_s(model, short, 1), cfg, bar)
+        row.ttft_ms = median_of(lambda: hf_forward_ms(model, long), cfg, bar)
+    row.decode_tok_s = (cfg.tokens - 1) / (full_s - one_s)
+    row.details.update(generate_s=full_s, generate_one_s=one_s)
+
+
+def bench_hf(cfg: Config, prompts: Prompts, hf_dir: Path, dtype: torch.dtype, label: str) -> Row:
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    row = Row(label, details={"transformers": transformers.__version__, "threads": torch.get_num_threads()})
+    try:
+        measure_hf(model, cfg, prompts, row)
+    finally:
+        del model
+        gc.collect()
+    return row
+
+
+# -- running and reporting --------------------------------------------------------------------------
+def run_system(name: str, fn: Callable[[], Row]) -> Row:
+    """One system's measurements; a failure becomes a skipped row instead of ending the run."""
+    try:
+        return fn()
+    except Exception as exc:  # report it and go on with the other systems
+        tqdm.write(f"{name}: failed: {exc}")
+        return Row(name, skipped=f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def run_all(cfg: Config) -> list[Row]:
+    entry = zoo.resolve(ZOO_MODEL)
+    hf_dir = zoo.pull(entry.name)
+    gguf = zoo.gguf_path(entry)
+    prompts = build_prompts(hf_dir / "tokenizer.json")
+    rows = [run_system("turnout", lambda: bench_turnout(cfg, prompts))]
+    if cfg.skip_llamacpp:
+        rows.append(Row("llama.cpp", skipped="--skip-llamacpp"))
+    else:
+        rows.append(run_system("llama.cpp", lambda: bench_llama_cpp(cfg, prompts, gguf)))
+    for label, dtype in (("HF generate fp32", torch.float32), ("HF generate bf16", torch.bfloat16)):
+        if cfg.skip_hf:
+            rows.append(Row(label, skipped="--skip-hf"))
+        else:
+            rows.append(run_system(label, partial(bench_hf, cfg, prompts, hf_dir, dtype, label)))
+    return rows
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0 or math.isnan(num) or math.isnan(den):
+        return None
+    return num / den
+
+
+def compute_ratios(rows: list[Row]) -> list[Ratio]:
+    by = {r.system: r for r in rows}
+    t, llama, hf = by["turnout"], by["llama.cpp"], by["HF generate fp32"]
+    decode = ratio(t.decode_tok_s, hf.decode_tok_s)
+    ttft = ratio(t.ttft_ms, llama.ttft_ms)
+    scale = ratio(t.streams_tok_s.get(max(CONCURRENCY)), t.decode_tok_s)
+    return [
+        Ratio("turnout decode / HF fp32 decode", decode, ">= 2.0x", None if decode is None else decode >= 2.0),
+        Ratio("turnout TTFT / llama.cpp TTFT", ttft, "< 1.0x (turnout below)", None if ttft is None else ttft < 1.0),
+        Ratio(f"turnout {max(CONCURRENCY)}-stream / turnout 1-stream", scale, ">= 3.0x",
+              None if scale is None else scale >= 3.0),
+    ]
+
+
+def fmt(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:,.1f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| system | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for r in rows:
+        if r.skipped:
+            cells = [f"skipped ({r.skipped})", *[""] * (len(COLUMNS) - 1)]
+        else:
+            cells = [fmt(v) for v in r.cells()]
+        lines.append(f"| {r.system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_lines(ratios: list[Ratio]) -> str:
+    lines = []
+    for q in ratios:
+        verdict = "n/a" if q.met is None else ("met" if q.met else "NOT met")
+        value = "n/a" if q.value is None else f"{q.value:.2f}x"
+        lines.append(f"- {q.name}: {value} (target {q.target}): {verdict}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, cfg: Config, machine: dict[str, Any], rows: list[Row], ratios: list[Ratio]) -> None:
+    data = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": ZOO_MODEL,
+        "prompt_tokens_ttft": PROMPT_LEN,
+        "machine": machine,
+        "config": asdict(cfg),
+        "columns": list(COLUMNS),
+        "rows": [asdict(r) for r in rows],
+        "ratios": [asdict(q) for q in ratios],
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_chart(path: Path, rows: list[Row], machine: dict[str, Any]) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no chart written", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a"]
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4.2 * len(COLUMNS), 4.2))
+    for i, (ax, title) in enumerate(zip(axes, COLUMNS, strict=True)):
+        shown = [(r.system, r.cells()[i], c) for r, c in zip(rows, colors, strict=True)
+                 if not r.skipped and r.cells()[i] is not None]
+        bars = ax.bar([s for s, _, _ in shown], [v for _, v, _ in shown], color=[c for _, _, c in shown])
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_title(title + (" (lower is better)" if "TTFT" in title else ""), fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"{ZOO_MODEL} on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+          f"python {machine['python']}")
+    print(f"settings: turnout dtype {cfg.dtype}, {cfg.tokens} tokens, median of {cfg.reps} after {cfg.warmups} warm-up"
+          + (" (quick)" if cfg.quick else ""))
+    rows = run_all(cfg)
+    ratios = compute_ratios(rows)
+    print()
+    print(markdown_table(rows))
+    print()
+    print(ratio_lines(ratios))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS_DIR / "speed.json", cfg, machine, rows, ratios)
+    charted = write_chart(RESULTS_DIR / "speed.png", rows, machine)
+    written = ["speed.json"] + (["speed.png"] if charted else [])
+    print(f"\nwrote {', '.join(str(RESULTS_DIR / name) for name in written)}")
+    return 1 if rows[0].skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

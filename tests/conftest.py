@@ -1,0 +1,112 @@
+"""Shared fixtures: the real SmolLM2 model, and a live turnout server on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from engine import zoo
+from server.app import create_app
+from server.config import ExpertConfig, Settings
+
+MODEL = "smollm2-135m"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return zoo.pull("smollm2-135m-instruct")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """uvicorn serving ``create_app(settings)`` in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = _free_port()
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def engine_stats(self):  # type: ignore[no-untyped-def]
+        return self.app.state.turnout.experts[MODEL].engine.stats()
+
+
+@pytest.fixture(scope="session")
+def server(model_path: Path) -> Iterator[LiveServer]:
+    # float32 so that batched and single-request greedy decoding agree token for token
+    expert = ExpertConfig(name=MODEL, model=str(model_path), dtype="float32", max_model_len=2048, max_batch_size=16)
+    live = LiveServer(Settings(experts=[expert]))
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture()
+def client(server: LiveServer):  # type: ignore[no-untyped-def]
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture()
+def sync_client(server: LiveServer):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(predicate())
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
