@@ -195,9 +195,10 @@ class EmbeddedEngine:
         now = time.monotonic()
         for s, token, lp in zip(seqs, tokens, logprobs):
             s.append(token, token in self.tokenizer.stop_token_ids, now, self.config.max_model_len)
-            s.sink(s.take_output(token, lp))
+            out = s.take_output(token, lp)
             if s.finish_reason:
-                self.scheduler.remove(s)
+                self.scheduler.remove(s)  # before the client hears it is done
+            s.sink(out)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:
