@@ -46,6 +46,7 @@ PROMPT_LEN = 512
 CONCURRENCY = (8, 16)
 READY_TIMEOUT_S = 900.0
 REQUEST_TIMEOUT_S = 900.0
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a")
 COLUMNS = ("decode tok/s (1 stream)", "TTFT 512 (ms)", "8-stream tok/s", "16-stream tok/s")
 SUBJECTS = (
     "a lighthouse keeper", "the first snow of winter", "a lost robot", "a city under the sea",
@@ -404,7 +405,8 @@ def measure_hf(model: Any, cfg: Config, prompts: Prompts, row: Row) -> None:
         full_s = median_of(lambda: hf_generate_s(model, short, cfg.tokens), cfg, bar)
         one_s = median_of(lambda: hf_generate_s(model, short, 1), cfg, bar)
         row.ttft_ms = median_of(lambda: hf_forward_ms(model, long), cfg, bar)
-    row.decode_tok_s = (cfg.tokens - 1) / (full_s - one_s)
+    # generate(N) minus generate(1) leaves the N-1 decode steps; noise can make it non-positive
+    row.decode_tok_s = (cfg.tokens - 1) / (full_s - one_s) if full_s > one_s else float("nan")
     row.details.update(generate_s=full_s, generate_one_s=one_s)
 
 
@@ -498,6 +500,17 @@ def ratio_lines(ratios: list[Ratio]) -> str:
     return "\n".join(lines)
 
 
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, cfg: Config, machine: dict[str, Any], rows: list[Row], ratios: list[Ratio]) -> None:
     data = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -509,7 +522,27 @@ def write_json(path: Path, cfg: Config, machine: dict[str, Any], rows: list[Row]
         "rows": [asdict(r) for r in rows],
         "ratios": [asdict(q) for q in ratios],
     }
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(finite(data), indent=2) + "\n")
+
+
+def system_bars(ax: Any, rows: list[Row], column: int) -> None:
+    """One bar per measured system for one column of the table."""
+    shown = [(r.system, r.cells()[column], COLORS[i % len(COLORS)]) for i, r in enumerate(rows)
+             if not r.skipped and r.cells()[column] is not None]
+    bars = ax.bar([s for s, _, _ in shown], [v for _, v, _ in shown], color=[c for _, _, c in shown])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_title(COLUMNS[column] + (" (lower is better)" if column == 1 else ""), fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+
+
+def scaling_bars(ax: Any, turnout: Row) -> None:
+    """turnout's total tokens/s with 1, 8 and 16 concurrent streams."""
+    points = [("1", turnout.decode_tok_s)] + [(str(n), turnout.streams_tok_s.get(n)) for n in CONCURRENCY]
+    shown = [(label, v) for label, v in points if v is not None and not math.isnan(v)]
+    bars = ax.bar([label for label, _ in shown], [v for _, v in shown], color=COLORS[0])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_title("turnout total tok/s by concurrent streams", fontsize=10)
+    ax.set_xlabel("streams", fontsize=8)
 
 
 def write_chart(path: Path, rows: list[Row], machine: dict[str, Any]) -> bool:
@@ -521,15 +554,10 @@ def write_chart(path: Path, rows: list[Row], machine: dict[str, Any]) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a"]
-    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4.2 * len(COLUMNS), 4.2))
-    for i, (ax, title) in enumerate(zip(axes, COLUMNS, strict=True)):
-        shown = [(r.system, r.cells()[i], c) for r, c in zip(rows, colors, strict=True)
-                 if not r.skipped and r.cells()[i] is not None]
-        bars = ax.bar([s for s, _, _ in shown], [v for _, v, _ in shown], color=[c for _, _, c in shown])
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-        ax.set_title(title + (" (lower is better)" if "TTFT" in title else ""), fontsize=10)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
+    system_bars(axes[0], rows, 0)
+    system_bars(axes[1], rows, 1)
+    scaling_bars(axes[2], rows[0])
     fig.suptitle(f"{ZOO_MODEL} on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -543,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
           f"python {machine['python']}")
     print(f"settings: turnout dtype {cfg.dtype}, {cfg.tokens} tokens, median of {cfg.reps} after {cfg.warmups} warm-up"
-          + (" (quick)" if cfg.quick else ""))
+          + (" (quick: a smoke test, not a measurement to compare)" if cfg.quick else ""))
     rows = run_all(cfg)
     ratios = compute_ratios(rows)
     print()

@@ -10,6 +10,7 @@ import torch
 from engine import zoo
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.loader import convert_gguf, load_transformer
+from engine.model.linear import add_narrow_copies
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
 
@@ -27,10 +28,18 @@ def native_bf16() -> bool:
     )
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+NARROW_ROWS = 4  # decode batches up to this many rows read the 16-bit weight copy
+
+
+def resolve_dtype(name: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(compute dtype, dtype of a narrow-decode weight copy or None).
+
+    ``auto`` is bf16 where the CPU multiplies bf16 natively; elsewhere it computes in float32
+    and keeps a bf16 copy of the weights for small decode batches, which are memory-bound.
+    """
     if name == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
-    return DTYPES[name]
+        return (torch.bfloat16, None) if native_bf16() else (torch.float32, torch.bfloat16)
+    return DTYPES[name], None
 
 
 def resolve_model_path(model: str) -> Path:
@@ -50,8 +59,16 @@ def resolve_model_path(model: str) -> Path:
 
 def build_embedded(model: str, dtype: str, config: EmbeddedConfig) -> EmbeddedEngine:
     path = resolve_model_path(model)
-    torch_dtype = resolve_dtype(dtype)
-    log.info("loading %s from %s as %s", model, path, torch_dtype)
-    transformer = load_transformer(path, torch_dtype)
+    compute, narrow = resolve_dtype(dtype)
+    transformer = load_transformer(path, compute)
+    label = _name(compute)
+    if narrow is not None:
+        added = add_narrow_copies(transformer, narrow, NARROW_ROWS)
+        label += f" ({_name(narrow)} weight copy for decode batches <= {NARROW_ROWS}, {added / 1e6:.0f} MB)"
+    log.info("loaded %s from %s: %s", model, path, label)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
-    return EmbeddedEngine(runner, Tokenizer(path), config, str(torch_dtype).removeprefix("torch."))
+    return EmbeddedEngine(runner, Tokenizer(path), config, label)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -84,3 +84,19 @@ def test_settings_default_yaml_env_and_flags(tmp_path: Path, monkeypatch: pytest
     cfg.write_text("experts:\n  - {name: a, quantization: int8}\n")
     with pytest.raises(ValueError):
         load_settings(cfg)
+
+
+def test_narrow_weight_copy_serves_only_small_batches() -> None:
+    from engine.model.linear import Linear, add_narrow_copies
+
+    torch.manual_seed(0)
+    layer = Linear(64, 32, bias=False)
+    wide = torch.randn(8, 64)
+    exact = layer(wide)
+    added = add_narrow_copies(layer, torch.bfloat16, max_rows=4)
+    assert added == 64 * 32 * 2
+    assert torch.equal(layer(wide), exact)  # 8 rows > 4: the float32 weight
+    narrow = layer(wide[:2])
+    assert narrow.dtype == torch.float32
+    assert not torch.equal(narrow, exact[:2])  # the bf16 copy really was used ...
+    torch.testing.assert_close(narrow, exact[:2], atol=0.1, rtol=0.02)  # ... and agrees to bf16 precision

@@ -19,16 +19,19 @@ class AttentionBatch:
     positions: Tensor  # [B, S] absolute position of each new token
     kv_len: int  # cache positions the attention reads (max position + 1)
     mask: Tensor | None  # [B, 1, S, kv_len] bool, True = attend; None = plain causal from 0
+    slot_index: Tensor  # [B, S] the slot of each new token, for scattering into the cache
 
     @classmethod
     def build(cls, first_slot: int, positions: Tensor) -> AttentionBatch:
         kv_len = int(positions.max()) + 1
         batch, seq = positions.shape
+        slots = torch.arange(first_slot, first_slot + batch, device=positions.device)
+        slot_index = slots.view(batch, 1).expand(batch, seq)
         if batch == 1 and seq == kv_len:
-            return cls(first_slot, positions, kv_len, None)  # a fresh prompt: causal from position 0
+            return cls(first_slot, positions, kv_len, None, slot_index)  # a fresh prompt: causal from 0
         key_pos = torch.arange(kv_len, device=positions.device)
         mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(batch, 1, seq, 1)
-        return cls(first_slot, positions, kv_len, mask)
+        return cls(first_slot, positions, kv_len, mask, slot_index)
 
     @property
     def rows(self) -> slice:
@@ -49,11 +52,8 @@ class KVCache(nn.Module):
 
     def update(self, batch: AttentionBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values ``[B, S, kv_heads, D]`` and return the views attention reads."""
-        n_rows, seq = batch.positions.shape
-        rows = torch.arange(batch.first_slot, batch.first_slot + n_rows, device=k.device)
-        rows = rows.view(n_rows, 1).expand(n_rows, seq)
-        self.k[rows, :, batch.positions] = k
-        self.v[rows, :, batch.positions] = v
+        self.k[batch.slot_index, :, batch.positions] = k
+        self.v[batch.slot_index, :, batch.positions] = v
         return self.k[batch.rows, :, : batch.kv_len], self.v[batch.rows, :, : batch.kv_len]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from engine.model.args import ModelArgs
 from engine.model.kv_cache import AttentionBatch, KVCache
+from engine.model.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -41,16 +42,16 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-        self.wqkv = nn.Linear(args.dim, qkv_out, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, qkv_out, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch) -> Tensor:
         bsz, seq, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(bsz, seq, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(bsz, seq, self.n_kv_heads, self.head_dim), cos, sin)
+        qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
+        qk = apply_rope(qk.view(bsz, seq, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)  # one rotation for queries and keys
         v = v.view(bsz, seq, self.n_kv_heads, self.head_dim)
         assert self.kv_cache is not None, "setup_caches() must run before forward()"
         keys, values = self.kv_cache.update(batch, k, v)  # [B, kv_heads, L, D]
@@ -69,8 +70,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.hidden = args.intermediate_size
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)
@@ -98,7 +99,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.blocks: list[TransformerBlock] = [b for b in self.layers if isinstance(b, TransformerBlock)]
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
 
