@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -45,9 +46,9 @@ def _free_port() -> int:
 class LiveServer:
     """uvicorn serving ``create_app(settings)`` in a background thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **app_kwargs: Any) -> None:
         self.port = _free_port()
-        self.app = create_app(settings)
+        self.app = create_app(settings, **app_kwargs)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -1,0 +1,56 @@
+"""API keys: with a keys file configured, /v1 needs a valid bearer token; probes stay open."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from engine.embedded import EmbeddedConfig, EmbeddedEngine
+from engine.model.args import ModelArgs
+from engine.model.llama import Transformer
+from engine.runner import ModelRunner
+from engine.tokenizer import Tokenizer
+from server.config import CostConfig, ExpertConfig, ServerConfig, Settings
+from server.serving import Expert
+from tests.conftest import LiveServer
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text("sk-good\n\nsk-other\n")
+    settings = Settings(server=ServerConfig(api_keys_file=keys), experts=[ExpertConfig(name="tiny")])
+
+    def tiny_experts(_: Settings) -> dict[str, Expert]:
+        # a random-init model with the real tokenizer: this test is about the gate, not the text
+        torch.manual_seed(0)
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
+        runner = ModelRunner(Transformer(args).eval(), 2, 128)
+        engine = EmbeddedEngine(runner, Tokenizer(model_path), EmbeddedConfig(2, 128, 64), "float32")
+        return {"tiny": Expert("tiny", engine, CostConfig(usd_per_hour=1.0))}
+
+    live = LiveServer(settings, expert_factory=tiny_experts)
+    live.start()
+    yield live
+    live.stop()
+
+
+def test_requests_need_a_valid_key(keyed_server: LiveServer) -> None:
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key=key, max_retries=0)
+
+    with pytest.raises(openai.AuthenticationError):
+        client("sk-wrong").models.list()
+    with pytest.raises(openai.AuthenticationError):
+        client("sk-wrong").chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    assert [m.id for m in client("sk-good").models.list().data] == ["tiny"]
+    r = client("sk-other").completions.create(model="tiny", prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    no_header = httpx.get(f"{keyed_server.url}/v1/models", timeout=10)
+    assert no_header.status_code == 401 and no_header.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{keyed_server.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{keyed_server.url}/metrics", timeout=10).status_code == 200
