@@ -56,14 +56,17 @@ async def test_sixteen_parallel_streams_match_single_requests(client, server) ->
     assert peak >= 8  # they really ran in one decode batch, not one after another
 
 
+# a request that would run for 1000 tokens unless its client goes away
+LONG_REQUEST = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": 1000,
+    "ignore_eos": True,
+}
+
+
 async def test_disconnect_mid_stream_frees_the_slot(server) -> None:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "max_tokens": 1000,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    body = {**LONG_REQUEST, "stream": True}
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -80,12 +83,7 @@ async def test_disconnect_mid_stream_frees_the_slot(server) -> None:
 
 
 async def test_disconnect_of_non_streaming_request_frees_the_slot(server) -> None:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "max_tokens": 1000,
-        "ignore_eos": True,
-    }
+    body = LONG_REQUEST
     async with httpx.AsyncClient(timeout=60) as http:
         task = asyncio.create_task(http.post(f"{server.url}/v1/chat/completions", json=body))
         assert await wait_until(lambda: server.engine_stats().num_running == 1, timeout=20)
