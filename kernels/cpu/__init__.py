@@ -1,0 +1,44 @@
+"""C++ CPU kernels, compiled on first use with the system compiler and cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).parent
+_LOADED: dict[str, ModuleType | None] = {}
+
+
+def _build_dir(source: Path) -> Path:
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout")).expanduser()
+    path = root / "extensions" / f"{source.stem}-{digest}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load(name: str) -> ModuleType | None:
+    """The compiled ``<name>.cpp`` module, or None (with a warning) where it cannot be built."""
+    if name not in _LOADED:
+        source = _HERE / f"{name}.cpp"
+        try:
+            from torch.utils import cpp_extension
+
+            log.info("loading the %s CPU kernel (compiled once, ~1 minute, then cached)", name)
+            _LOADED[name] = cpp_extension.load(
+                name=f"turnout_{name}",
+                sources=[str(source)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(_build_dir(source)),
+                verbose=False,
+            )
+        except Exception as exc:  # no compiler, no headers: fall back to the torch path
+            log.warning("could not build the %s CPU kernel (%s); using the slower torch path", name, exc)
+            _LOADED[name] = None
+    return _LOADED[name]
