@@ -49,10 +49,22 @@ REQUEST_TIMEOUT_S = 900.0
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a")
 COLUMNS = ("decode tok/s (1 stream)", "TTFT 512 (ms)", "8-stream tok/s", "16-stream tok/s")
 SUBJECTS = (
-    "a lighthouse keeper", "the first snow of winter", "a lost robot", "a city under the sea",
-    "an old violin", "a dragon who hates fire", "a night train", "a garden on Mars",
-    "a clockmaker's apprentice", "a library that never closes", "the last bookshop", "a talking river",
-    "a desert caravan", "a kite festival", "a mountain rescue dog", "a secret recipe",
+    "a lighthouse keeper",
+    "the first snow of winter",
+    "a lost robot",
+    "a city under the sea",
+    "an old violin",
+    "a dragon who hates fire",
+    "a night train",
+    "a garden on Mars",
+    "a clockmaker's apprentice",
+    "a library that never closes",
+    "the last bookshop",
+    "a talking river",
+    "a desert caravan",
+    "a kite festival",
+    "a mountain rescue dog",
+    "a secret recipe",
 )
 
 
@@ -102,10 +114,15 @@ class Ratio:
 # -- setup ------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description="turnout vs llama.cpp vs Hugging Face generate, on this CPU")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype of the turnout server (default: auto)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="generated tokens per stream (default 128; 32 with --quick)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the turnout server (default: auto)",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=None, help="generated tokens per stream (default 128; 32 with --quick)"
+    )
     p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
     p.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face generate")
     p.add_argument("--quick", action="store_true", help="smoke test: one repetition, 32 tokens")
@@ -113,8 +130,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     tokens = args.tokens or (32 if args.quick else 128)
     if tokens < 2:
         p.error("--tokens must be at least 2 (decode speed excludes the first token)")
-    return Config(dtype=args.dtype, tokens=tokens, reps=1 if args.quick else 3, warmups=1,
-                  skip_llamacpp=args.skip_llamacpp, skip_hf=args.skip_hf, quick=args.quick)
+    return Config(
+        dtype=args.dtype,
+        tokens=tokens,
+        reps=1 if args.quick else 3,
+        warmups=1,
+        skip_llamacpp=args.skip_llamacpp,
+        skip_hf=args.skip_hf,
+        quick=args.quick,
+    )
 
 
 def cpu_model() -> str:
@@ -128,8 +152,13 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def build_prompts(tokenizer_json: Path) -> Prompts:
@@ -180,8 +209,22 @@ def free_port() -> int:
 def server_command(port: int, dtype: str, max_len: int) -> list[str]:
     exe = Path(sys.executable).with_name("turnout")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
-    return [*base, "serve", "--host", HOST, "--port", str(port), "--dtype", dtype,
-            "--max-model-len", str(max_len), "--max-batch-size", str(max(CONCURRENCY)), "--log-level", "warning"]
+    return [
+        *base,
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_len),
+        "--max-batch-size",
+        str(max(CONCURRENCY)),
+        "--log-level",
+        "warning",
+    ]
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -255,9 +298,16 @@ class StreamResult:
 
 
 def completion_body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
-    return {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True},
-            "ignore_eos": True, "min_tokens": max_tokens}
+    return {
+        "model": SERVED_MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "min_tokens": max_tokens,
+    }
 
 
 async def stream_completion(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> StreamResult:
@@ -272,7 +322,7 @@ async def stream_completion(client: httpx.AsyncClient, prompt: list[int], max_to
             now = time.perf_counter()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             if "error" in chunk:
                 raise RuntimeError(f"stream error: {chunk['error']}")
             if chunk.get("choices"):
@@ -335,8 +385,12 @@ def import_llama_cpp() -> Any:
         return importlib.import_module("llama_cpp")
     except ImportError:
         pass
-    print(f"llama-cpp-python is not installed: installing it into {sys.prefix}.\n"
-          "It compiles llama.cpp from source, which takes about 8 minutes.", file=sys.stderr, flush=True)
+    print(
+        f"llama-cpp-python is not installed: installing it into {sys.prefix}.\n"
+        "It compiles llama.cpp from source, which takes about 8 minutes.",
+        file=sys.stderr,
+        flush=True,
+    )
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"pip install llama-cpp-python failed with exit code {proc.returncode}")
@@ -369,10 +423,18 @@ def llama_ttft_ms(llm: Any, prompt: list[int]) -> float:
 def bench_llama_cpp(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
     llama_cpp = import_llama_cpp()
     threads = os.cpu_count() or 1
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prompts.max_len(cfg.tokens), n_batch=PROMPT_LEN,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    row = Row("llama.cpp", details={"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "threads": threads,
-                                    "gguf": gguf.name})
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=prompts.max_len(cfg.tokens),
+        n_batch=PROMPT_LEN,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    row = Row(
+        "llama.cpp",
+        details={"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "threads": threads, "gguf": gguf.name},
+    )
     with tqdm(total=2 * (cfg.warmups + cfg.reps), desc="llama.cpp", unit="run") as bar:
         row.decode_tok_s = median_of(lambda: llama_decode_tok_s(llm, prompts.short_ids[0], cfg.tokens), cfg, bar)
         row.ttft_ms = median_of(lambda: llama_ttft_ms(llm, prompts.long_ids), cfg, bar)
@@ -383,8 +445,14 @@ def bench_llama_cpp(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
 # -- Hugging Face -----------------------------------------------------------------------------------
 def hf_generate_s(model: Any, ids: torch.Tensor, new_tokens: int) -> float:
     start = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+    )
     elapsed = time.perf_counter() - start
     if out.shape[1] - ids.shape[1] != new_tokens:
         raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, asked for {new_tokens}")
@@ -469,8 +537,12 @@ def compute_ratios(rows: list[Row]) -> list[Ratio]:
     return [
         Ratio("turnout decode / HF fp32 decode", decode, ">= 2.0x", None if decode is None else decode >= 2.0),
         Ratio("turnout TTFT / llama.cpp TTFT", ttft, "< 1.0x (turnout below)", None if ttft is None else ttft < 1.0),
-        Ratio(f"turnout {max(CONCURRENCY)}-stream / turnout 1-stream", scale, ">= 3.0x",
-              None if scale is None else scale >= 3.0),
+        Ratio(
+            f"turnout {max(CONCURRENCY)}-stream / turnout 1-stream",
+            scale,
+            ">= 3.0x",
+            None if scale is None else scale >= 3.0,
+        ),
     ]
 
 
@@ -527,8 +599,11 @@ def write_json(path: Path, cfg: Config, machine: dict[str, Any], rows: list[Row]
 
 def system_bars(ax: Any, rows: list[Row], column: int) -> None:
     """One bar per measured system for one column of the table."""
-    shown = [(r.system, r.cells()[column], COLORS[i % len(COLORS)]) for i, r in enumerate(rows)
-             if not r.skipped and r.cells()[column] is not None]
+    shown = [
+        (r.system, r.cells()[column], COLORS[i % len(COLORS)])
+        for i, r in enumerate(rows)
+        if not r.skipped and r.cells()[column] is not None
+    ]
     bars = ax.bar([s for s, _, _ in shown], [v for _, v, _ in shown], color=[c for _, _, c in shown])
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_title(COLUMNS[column] + (" (lower is better)" if column == 1 else ""), fontsize=10)
@@ -568,10 +643,11 @@ def write_chart(path: Path, rows: list[Row], machine: dict[str, Any]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"python {machine['python']}")
-    print(f"settings: turnout dtype {cfg.dtype}, {cfg.tokens} tokens, median of {cfg.reps} after {cfg.warmups} warm-up"
-          + (" (quick: a smoke test, not a measurement to compare)" if cfg.quick else ""))
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, python {machine['python']}")
+    print(
+        f"settings: turnout dtype {cfg.dtype}, {cfg.tokens} tokens, median of {cfg.reps} after {cfg.warmups} warm-up"
+        + (" (quick: a smoke test, not a measurement to compare)" if cfg.quick else "")
+    )
     rows = run_all(cfg)
     ratios = compute_ratios(rows)
     print()

@@ -33,7 +33,14 @@ class EmbeddedConfig:
 
 
 class EmbeddedEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EmbeddedConfig, dtype: str) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        config: EmbeddedConfig,
+        dtype: str,
+        features: dict[str, object] | None = None,
+    ) -> None:
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         args = runner.model.args
         self.info = ModelInfo(
@@ -46,6 +53,7 @@ class EmbeddedEngine:
                 "kv_cache": "full",
                 "speculative": None,
                 "max_batch_size": config.max_batch_size,
+                **(features or {}),
             },
         )
         self.scheduler = Scheduler(config.max_batch_size, runner.move_slot)

@@ -11,6 +11,7 @@ from engine import zoo
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.loader import convert_gguf, load_transformer
 from engine.model.linear import add_narrow_copies
+from engine.model.quantized import QuantSpec, load_quantized_transformer, weight_bytes
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
 
@@ -57,17 +58,26 @@ def resolve_model_path(model: str) -> Path:
     return zoo.pull(model)
 
 
-def build_embedded(model: str, dtype: str, config: EmbeddedConfig) -> EmbeddedEngine:
+def build_embedded(
+    model: str, dtype: str, config: EmbeddedConfig, quantization: QuantSpec | None = None
+) -> EmbeddedEngine:
     path = resolve_model_path(model)
     compute, narrow = resolve_dtype(dtype)
-    transformer = load_transformer(path, compute)
+    if quantization is None:
+        transformer = load_transformer(path, compute)
+    else:
+        compute = torch.float32 if compute == torch.float16 else compute  # norms/attention stay wide
+        transformer = load_quantized_transformer(path, quantization, compute)
     label = _name(compute)
     if narrow is not None:
         added = add_narrow_copies(transformer, narrow, NARROW_ROWS)
-        label += f" ({_name(narrow)} weight copy for decode batches <= {NARROW_ROWS}, {added / 1e6:.0f} MB)"
-    log.info("loaded %s from %s: %s", model, path, label)
+        if added:
+            label += f" ({_name(narrow)} weight copy for decode batches <= {NARROW_ROWS}, {added / 1e6:.0f} MB)"
+    held = weight_bytes(transformer)
+    features: dict[str, object] = {"quantization": quantization.tag if quantization else "none", "weight_bytes": held}
+    log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, features["quantization"], held / 1e6)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
-    return EmbeddedEngine(runner, Tokenizer(path), config, label)
+    return EmbeddedEngine(runner, Tokenizer(path), config, label, features)
 
 
 def _name(dtype: torch.dtype) -> str:

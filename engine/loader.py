@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -47,23 +48,38 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     partial.rename(out)
 
 
-def _fuse_hf_state(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Map Hugging Face Llama names onto the engine's fused layout (wqkv, w13)."""
-    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    out["output.weight"] = hf["model.embed_tokens.weight"] if args.tie_embeddings else hf["lm_head.weight"]
+# engine tensor (per layer) <- the Hugging Face tensors concatenated into it
+_LAYER_SOURCES: dict[str, tuple[str, ...]] = {
+    "attention.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attention.wo.weight": ("self_attn.o_proj.weight",),
+    "feed_forward.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight",),
+    "attention_norm.weight": ("input_layernorm.weight",),
+    "ffn_norm.weight": ("post_attention_layernorm.weight",),
+}
+
+
+def fused_state(
+    hf: Mapping[str, torch.Tensor], args: ModelArgs, only: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Map Hugging Face Llama names onto the engine's fused layout (wqkv, w13).
+
+    ``only`` limits which engine tensors are built, so a lazy ``hf`` mapping reads no others.
+    """
+    head = "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
+    sources: dict[str, tuple[str, ...]] = {
+        "tok_embeddings.weight": ("model.embed_tokens.weight",),
+        "norm.weight": ("model.norm.weight",),
+        "output.weight": (head,),
+    }
     for i in range(args.n_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        out[q + "attention.wqkv.weight"] = torch.cat(
-            [hf[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
-        )
-        out[q + "attention.wo.weight"] = hf[p + "self_attn.o_proj.weight"]
-        out[q + "feed_forward.w13.weight"] = torch.cat(
-            [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0
-        )
-        out[q + "feed_forward.w2.weight"] = hf[p + "mlp.down_proj.weight"]
-        out[q + "attention_norm.weight"] = hf[p + "input_layernorm.weight"]
-        out[q + "ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-    return out
+        for name, parts in _LAYER_SOURCES.items():
+            sources[f"layers.{i}.{name}"] = tuple(f"model.layers.{i}.{part}" for part in parts)
+    return {
+        name: hf[parts[0]] if len(parts) == 1 else torch.cat([hf[p] for p in parts])
+        for name, parts in sources.items()
+        if only is None or name in only
+    }
 
 
 def read_args(model_path: Path) -> ModelArgs:
@@ -74,7 +90,7 @@ def load_transformer(model_path: Path, dtype: torch.dtype) -> Transformer:
     """Build the model on the meta device and assign the cached weights (no random init)."""
     args = read_args(model_path)
     hf = load_file(model_path / "model.safetensors")
-    state = {k: v.to(dtype) for k, v in _fuse_hf_state(hf, args).items()}
+    state = {k: v.to(dtype) for k, v in fused_state(hf, args).items()}
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, assign=True, strict=True)

@@ -150,3 +150,18 @@ def dequantize_cpu(q: NF4Weight) -> Tensor:
         return dequantize(q)
     w = ext.nf4_dequantize(q.codes, q.absmax, q.chunk_scale, q.offset, CODE_BOOK, q.block_size)
     return w[:, : q.in_features]
+
+
+def rows(q: NF4Weight, ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dequantize rows ``ids`` (an embedding lookup on a tied nf4 head)."""
+    flat = ids.reshape(-1)
+    codes = unpack_nibbles(q.codes[flat]).long()  # [T, Kp]
+    if q.chunk_scale is None:
+        block_scales = q.absmax[flat]
+    else:
+        blocks = q.absmax.shape[1]
+        index = flat[:, None] * blocks + torch.arange(blocks)
+        block_scales = q.absmax[flat].float() * q.chunk_scale[index // SCALE_CHUNK] + q.offset
+    scales = block_scales.repeat_interleave(q.block_size, dim=1)
+    values = CODE_BOOK[codes] * scales
+    return values[:, : q.in_features].reshape(*ids.shape, q.in_features).to(dtype)

@@ -28,7 +28,10 @@ ExpertFactory = Callable[[Settings], dict[str, Expert]]
 class AppState:
     def __init__(self) -> None:
         self.experts: dict[str, Expert] = {}
-        self.metrics = Metrics(lambda: {n: e.engine.stats() for n, e in self.experts.items()})
+        self.metrics = Metrics(
+            lambda: {n: e.engine.stats() for n, e in self.experts.items()},
+            lambda: {n: e.engine.info for n, e in self.experts.items()},
+        )
         self.serving = OpenAIServing(self.experts, self.metrics)
         self.load_error: str | None = None
         self.api_keys: frozenset[str] = frozenset()

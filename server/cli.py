@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "model": args.model,
         "dtype": args.dtype,
+        "quantization": args.quantization,
         "max_batch_size": args.max_batch_size,
         "max_model_len": args.max_model_len,
     }
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--model", default=None, help="model of the first expert: zoo name, .gguf or directory")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--quantization", default=None, choices=["none", "int4", "nf4"])
     serve.add_argument("--max-batch-size", type=int, default=None)
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -9,6 +9,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from engine.model.quantized import QuantSpec
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -24,18 +26,36 @@ class KVCacheConfig(_Strict):
     policy: Literal["full"] = "full"
 
 
+class QuantizationOptions(_Strict):
+    group_size: int = Field(default=64, ge=8)  # int4 group (32/64/128/256) or nf4 block
+    double_quant: bool = False  # nf4: int8 block scales
+    quantize_embeddings: bool = True  # the tied embedding/LM head too (else it stays float)
+
+
 class ExpertConfig(_Strict):
     name: str = Field(min_length=1)
     engine: Literal["embedded"] = "embedded"
     model: str = "smollm2-135m-instruct"  # zoo name, GGUF file, or converted HF directory
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none"] = "none"
+    quantization: Literal["none", "int4", "nf4"] = "none"
+    quantization_options: QuantizationOptions = Field(default_factory=QuantizationOptions)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     speculative: None = None
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_model_len: int = Field(default=4096, ge=16)
     max_prefill_tokens: int = Field(default=1024, ge=16)
     cost: CostConfig = Field(default_factory=lambda: CostConfig(usd_per_hour=0.10))
+
+    @model_validator(mode="after")
+    def _quantization_is_buildable(self) -> ExpertConfig:
+        if self.quantization != "none":
+            self.quant_spec()  # raises ValueError on an unsupported group size
+        return self
+
+    def quant_spec(self) -> QuantSpec | None:
+        if self.quantization == "none":
+            return None
+        return QuantSpec(self.quantization, **self.quantization_options.model_dump())
 
 
 class ServerConfig(_Strict):

@@ -10,7 +10,7 @@ from server.serving import Expert
 
 def build_expert(cfg: ExpertConfig) -> Expert:
     config = EmbeddedConfig(cfg.max_batch_size, cfg.max_model_len, cfg.max_prefill_tokens)
-    return Expert(cfg.name, build_embedded(cfg.model, cfg.dtype, config), cfg.cost)
+    return Expert(cfg.name, build_embedded(cfg.model, cfg.dtype, config, cfg.quant_spec()), cfg.cost)
 
 
 def build_experts(settings: Settings) -> dict[str, Expert]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.base import EngineStats, RequestStats
+from engine.base import EngineStats, ModelInfo, RequestStats
 
 # Millisecond resolution at the low end: a small model answers in milliseconds.
 LATENCY_BUCKETS = (
@@ -46,10 +46,31 @@ LABEL = ["model_name"]
 class EngineStatsCollector(Collector):
     """Reads each expert's live gauges at scrape time, so the engine never touches Prometheus."""
 
-    def __init__(self, sources: Callable[[], dict[str, EngineStats]]) -> None:
-        self._sources = sources
+    def __init__(
+        self, sources: Callable[[], dict[str, EngineStats]], infos: Callable[[], dict[str, ModelInfo]]
+    ) -> None:
+        self._sources, self._infos = sources, infos
 
     def collect(self) -> Iterable[Metric]:
+        yield from self._config()
+        yield from self._live()
+
+    def _config(self) -> Iterable[Metric]:
+        """What each expert runs (quantization, KV policy, draft), so dashboards can compare them."""
+        config = InfoMetricFamily(
+            "turnout:engine_config", "Engine configuration", labels=[*LABEL, "quantization", "kv_policy", "draft"]
+        )
+        weights = GaugeMetricFamily("turnout:engine_weight_bytes", "Bytes of model weights held", labels=LABEL)
+        for name, info in self._infos().items():
+            f = info.features
+            draft = f.get("speculative") or "none"
+            labels = [name, str(f.get("quantization", "none")), str(f.get("kv_cache", "full")), str(draft)]
+            config.add_metric(labels, {})
+            if isinstance(f.get("weight_bytes"), int):
+                weights.add_metric([name], float(f["weight_bytes"]))  # type: ignore[arg-type]
+        return [config, weights]
+
+    def _live(self) -> Iterable[Metric]:
         running = GaugeMetricFamily("turnout:num_requests_running", "Requests in the decode batch", labels=LABEL)
         waiting = GaugeMetricFamily("turnout:num_requests_waiting", "Requests waiting for a slot", labels=LABEL)
         kv = GaugeMetricFamily("turnout:kv_cache_usage_perc", "Fraction of KV cache in use (0-1)", labels=LABEL)
@@ -61,7 +82,9 @@ class EngineStatsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], dict[str, EngineStats]]) -> None:
+    def __init__(
+        self, engine_stats: Callable[[], dict[str, EngineStats]], engine_infos: Callable[[], dict[str, ModelInfo]]
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(
@@ -86,7 +109,7 @@ class Metrics:
             "turnout:request_success_total", "Finished requests", [*LABEL, "finished_reason"], registry=r
         )
         self.cost = Counter("turnout:request_cost_usd_total", "Cost of served requests in USD", LABEL, registry=r)
-        r.register(EngineStatsCollector(engine_stats))
+        r.register(EngineStatsCollector(engine_stats, engine_infos))
 
     def record(self, expert: str, stats: RequestStats, finish_reason: str, cost_usd: float) -> None:
         """One engine request (one choice) finished; prompt tokens count once per request."""

@@ -107,7 +107,7 @@ class Transformer(nn.Module):
         """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position."""
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.args.max_seq_len}")
-        dtype = self.output.weight.dtype
+        dtype = self.norm.weight.dtype
         for layer in self.blocks:
             layer.attention.kv_cache = KVCache(n_slots, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
         self.rope_cos, self.rope_sin = rope_tables(self.args, dtype)

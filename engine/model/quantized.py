@@ -1,0 +1,221 @@
+"""Quantized linears and embeddings, swapped in at load time (gpt-fast's two phases).
+
+Phase one quantizes the float weights once into the portable reference layout and caches it on
+disk next to the converted model; phase two builds the model on the meta device and swaps every
+``Linear`` for an ``Int4Linear`` or ``NF4Linear`` made from the cache, so a restart never
+re-quantizes. The tied embedding/LM head is quantized too unless ``quantize_embeddings`` is off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from engine.loader import fused_state, load_transformer, read_args
+from engine.model.linear import Linear
+from engine.model.llama import Transformer
+from kernels import int4, nf4
+
+log = logging.getLogger(__name__)
+
+METHODS = ("int4", "nf4")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str  # int4 | nf4
+    group_size: int = 64  # int4 group / nf4 block
+    double_quant: bool = False  # nf4 only
+    quantize_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization must be one of none, {', '.join(METHODS)}; got {self.method!r}")
+        if self.method == "int4":
+            int4.check_group_size(self.group_size)
+        else:
+            nf4.check_block_size(self.group_size)
+
+    @property
+    def tag(self) -> str:
+        dq = "-dq" if self.double_quant and self.method == "nf4" else ""
+        emb = "" if self.quantize_embeddings else "-fullemb"
+        return f"{self.method}-g{self.group_size}{dq}{emb}"
+
+    def quantize(self, w: Tensor) -> int4.Int4Weight | nf4.NF4Weight:
+        if self.method == "int4":
+            return int4.quantize(w, self.group_size)
+        return nf4.quantize(w, self.group_size, self.double_quant)
+
+
+class Int4Linear(nn.Module):
+    """int4 weight-only linear on PyTorch's packed CPU kernel (bf16 activations inside)."""
+
+    def __init__(self, q: int4.Int4Weight) -> None:
+        super().__init__()
+        self.weight_q = int4.to_cpu_layout(q)
+        self.in_features, self.out_features = q.in_features, q.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int4.matmul_cpu(x, self.weight_q)
+
+    def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        return int4.cpu_rows(self.weight_q, ids, dtype)
+
+    def nbytes(self) -> int:
+        return self.weight_q.nbytes()
+
+
+class NF4Linear(nn.Module):
+    """nf4 weight-only linear on the fused code-book CPU kernel."""
+
+    def __init__(self, q: nf4.NF4Weight) -> None:
+        super().__init__()
+        self.weight_q = q
+        self.in_features, self.out_features = q.in_features, q.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nf4.matmul_cpu(x, self.weight_q)
+
+    def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        return nf4.rows(self.weight_q, ids, dtype)
+
+    def nbytes(self) -> int:
+        return self.weight_q.nbytes()
+
+
+QuantizedLinear = Int4Linear | NF4Linear
+
+
+class TiedQuantizedEmbedding(nn.Module):
+    """Token embedding read from the quantized LM head it is tied to (one copy of the weights)."""
+
+    def __init__(self, head: QuantizedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head, self.dtype = [head], dtype  # a list: the head is owned by the model, not by us
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head[0].rows(ids, self.dtype)
+
+
+def make_linear(q: int4.Int4Weight | nf4.NF4Weight) -> QuantizedLinear:
+    return Int4Linear(q) if isinstance(q, int4.Int4Weight) else NF4Linear(q)
+
+
+# --- phase one: quantize once and cache in the portable reference layout ---------------------
+
+
+def _linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear)]
+    return names if spec.quantize_embeddings else [n for n in names if n != "output"]
+
+
+def _to_tensors(name: str, q: int4.Int4Weight | nf4.NF4Weight) -> dict[str, Tensor]:
+    if isinstance(q, int4.Int4Weight):
+        return {f"{name}.codes": q.codes, f"{name}.scales": q.scales, f"{name}.zeros": q.zeros}
+    out = {f"{name}.codes": q.codes, f"{name}.absmax": q.absmax}
+    if q.chunk_scale is not None:
+        out[f"{name}.chunk_scale"] = q.chunk_scale
+        out[f"{name}.offset"] = torch.tensor([q.offset])
+    return out
+
+
+def _from_tensors(
+    name: str, t: dict[str, Tensor], spec: QuantSpec, in_features: int
+) -> int4.Int4Weight | nf4.NF4Weight:
+    if spec.method == "int4":
+        return int4.Int4Weight(
+            t[f"{name}.codes"], t[f"{name}.scales"], t[f"{name}.zeros"], spec.group_size, in_features
+        )
+    chunk = t.get(f"{name}.chunk_scale")
+    offset = float(t[f"{name}.offset"].item()) if chunk is not None else 0.0
+    return nf4.NF4Weight(t[f"{name}.codes"], t[f"{name}.absmax"], chunk, offset, spec.group_size, in_features)
+
+
+def quantize_to_cache(model: Transformer, spec: QuantSpec, path: Path) -> None:
+    """Quantize every linear of a float model into ``path`` (safetensors, written atomically)."""
+    tensors: dict[str, Tensor] = {}
+    for name in tqdm(_linear_names(model, spec), desc=f"quantizing ({spec.tag})", unit="linear"):
+        linear = model.get_submodule(name)
+        assert isinstance(linear, Linear)
+        tensors.update(_to_tensors(name, spec.quantize(linear.weight.detach())))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial), metadata={"spec": json.dumps(spec.__dict__)})
+    partial.rename(path)
+
+
+# --- phase two: build on the meta device and swap the quantized linears in ---------------------
+
+
+def swap_in(model: Transformer, tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> None:
+    for name in _linear_names(model, spec):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, attr)
+        setattr(parent, attr, make_linear(_from_tensors(name, tensors, spec, linear.in_features)))
+    if spec.quantize_embeddings and model.args.tie_embeddings:
+        assert isinstance(model.output, Int4Linear | NF4Linear)
+        model.tok_embeddings = TiedQuantizedEmbedding(model.output, dtype)  # type: ignore[assignment]
+
+
+def _float_names(model: Transformer) -> set[str]:
+    """Engine parameter names still on the meta device after the swap (norms, maybe the embedding)."""
+    return {n for n, p in model.named_parameters() if p.device.type == "meta"}
+
+
+class _LazyState(dict[str, Tensor]):
+    """Reads checkpoint tensors on first access, so the float linears are never loaded."""
+
+    def __init__(self, model_path: Path) -> None:
+        super().__init__()
+        self._file = safe_open(str(model_path / "model.safetensors"), framework="pt")
+
+    def __missing__(self, key: str) -> Tensor:
+        self[key] = self._file.get_tensor(key)
+        return self[key]
+
+
+def load_quantized_transformer(model_path: Path, spec: QuantSpec, dtype: torch.dtype) -> Transformer:
+    """The model with quantized linears, quantizing into the on-disk cache the first time only."""
+    cache = model_path / "quantized" / f"{spec.tag}.safetensors"
+    if not cache.exists():
+        quantize_to_cache(load_transformer(model_path, torch.float32), spec, cache)
+    args = read_args(model_path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    swap_in(model, load_file(str(cache)), spec, dtype)
+    hf_state = fused_state(_LazyState(model_path), args, only=_float_names(model))
+    model.load_state_dict({k: v.to(dtype) for k, v in hf_state.items()}, assign=True, strict=False)
+    if args.tie_embeddings and not spec.quantize_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise RuntimeError(f"{model_path} did not provide {missing}")
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds (quantized payloads, scales, float tensors), counted once."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Int4Linear | NF4Linear):
+            total += module.nbytes()
+    for t in model.parameters():  # buffers are caches (KV, RoPE), not weights
+        if t.device.type != "meta" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for module in model.modules():
+        narrow = getattr(module, "narrow_weight", None)
+        if isinstance(narrow, Tensor):
+            total += narrow.numel() * narrow.element_size()
+    return total
