@@ -1,9 +1,12 @@
 """Speed of turnout against llama.cpp and Hugging Face ``generate``: one model, one machine, one run.
 
-    .venv/bin/python benchmarks/speed.py [--dtype auto] [--tokens 128] [--skip-llamacpp] [--skip-hf] [--quick]
+    .venv/bin/python benchmarks/speed.py [--dtype auto] [--quantization none,int4,nf4] [--tokens 128]
+                                         [--skip-llamacpp] [--skip-hf] [--quick]
 
-Systems: turnout (its HTTP server, started here on a free loopback port), llama.cpp through
-``llama-cpp-python`` on the same GGUF, and ``transformers`` ``generate`` in float32 and bfloat16.
+Systems: turnout (its HTTP server, started here on a free loopback port) once per quantization,
+llama.cpp through ``llama-cpp-python`` on the same GGUF (Q4_1), and ``transformers`` ``generate``
+in float32 and bfloat16. The memory-bandwidth floor of each row is the time to read its weights
+once per token at this machine's measured read bandwidth.
 Metrics: single-stream decode tokens/s (first token excluded), time to first token for a 512-token
 prompt, and total tokens/s with 8 and 16 concurrent streams (turnout only). Results go to
 ``benchmarks/results/speed.json`` and ``benchmarks/results/speed.png``.
@@ -71,6 +74,7 @@ SUBJECTS = (
 @dataclass(frozen=True)
 class Config:
     dtype: str
+    quantizations: tuple[str, ...]
     tokens: int
     reps: int
     warmups: int
@@ -123,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument(
         "--tokens", type=int, default=None, help="generated tokens per stream (default 128; 32 with --quick)"
     )
+    p.add_argument(
+        "--quantization",
+        default="none,int4,nf4",
+        help="comma-separated turnout quantizations to run, each its own server (default: none,int4,nf4)",
+    )
     p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
     p.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face generate")
     p.add_argument("--quick", action="store_true", help="smoke test: one repetition, 32 tokens")
@@ -130,8 +139,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     tokens = args.tokens or (32 if args.quick else 128)
     if tokens < 2:
         p.error("--tokens must be at least 2 (decode speed excludes the first token)")
+    quantizations = tuple(q.strip() for q in args.quantization.split(",") if q.strip())
+    if not quantizations or any(q not in ("none", "int4", "nf4") for q in quantizations):
+        p.error("--quantization takes a comma-separated list of none, int4, nf4")
     return Config(
         dtype=args.dtype,
+        quantizations=quantizations,
         tokens=tokens,
         reps=1 if args.quick else 3,
         warmups=1,
@@ -206,7 +219,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(port: int, dtype: str, max_len: int) -> list[str]:
+def server_command(port: int, dtype: str, max_len: int, quantization: str) -> list[str]:
     exe = Path(sys.executable).with_name("turnout")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
     return [
@@ -218,6 +231,8 @@ def server_command(port: int, dtype: str, max_len: int) -> list[str]:
         str(port),
         "--dtype",
         dtype,
+        "--quantization",
+        quantization,
         "--max-model-len",
         str(max_len),
         "--max-batch-size",
@@ -258,13 +273,14 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def turnout_server(dtype: str, max_len: int) -> Iterator[str]:
+def turnout_server(dtype: str, max_len: int, quantization: str) -> Iterator[str]:
     """A turnout server on a free loopback port, stopped on exit; yields its base URL."""
     port = free_port()
     fd, name = tempfile.mkstemp(prefix="turnout-bench-", suffix=".log")
     log = Path(name)
     with os.fdopen(fd, "wb") as sink:
-        proc = subprocess.Popen(server_command(port, dtype, max_len), stdout=sink, stderr=subprocess.STDOUT)
+        command = server_command(port, dtype, max_len, quantization)
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     failed = True
     try:
         url = f"http://{HOST}:{port}"
@@ -344,8 +360,12 @@ async def concurrent_tok_s(client: httpx.AsyncClient, prompts: list[list[int]], 
     return made / wall
 
 
-async def measure_turnout(url: str, cfg: Config, prompts: Prompts) -> Row:
-    row = Row("turnout")
+def turnout_label(quantization: str) -> str:
+    return "turnout" if quantization == "none" else f"turnout {quantization}"
+
+
+async def measure_turnout(url: str, cfg: Config, prompts: Prompts, quantization: str) -> Row:
+    row = Row(turnout_label(quantization))
     steps = 2 * (cfg.warmups + cfg.reps) + len(CONCURRENCY) * cfg.reps
     limits = httpx.Limits(max_connections=max(CONCURRENCY) + 4, max_keepalive_connections=max(CONCURRENCY) + 4)
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
@@ -361,7 +381,8 @@ async def measure_turnout(url: str, cfg: Config, prompts: Prompts) -> Row:
             last["ttft"] = await stream_completion(client, prompts.long_ids, 1)
             return last["ttft"].ttft_s * 1e3
 
-        with tqdm(total=steps, desc="turnout", unit="run") as bar:
+        row.details["weight_bytes"] = card.get("turnout", {}).get("weight_bytes")
+        with tqdm(total=steps, desc=row.system, unit="run") as bar:
             row.decode_tok_s = await amedian_of(decode, cfg, bar)
             row.ttft_ms = await amedian_of(ttft, cfg, bar)
             for n in CONCURRENCY:
@@ -373,9 +394,20 @@ async def measure_turnout(url: str, cfg: Config, prompts: Prompts) -> Row:
     return row
 
 
-def bench_turnout(cfg: Config, prompts: Prompts) -> Row:
-    with turnout_server(cfg.dtype, prompts.max_len(cfg.tokens)) as url:
-        return asyncio.run(measure_turnout(url, cfg, prompts))
+def bench_turnout(cfg: Config, prompts: Prompts, quantization: str) -> Row:
+    with turnout_server(cfg.dtype, prompts.max_len(cfg.tokens), quantization) as url:
+        return asyncio.run(measure_turnout(url, cfg, prompts, quantization))
+
+
+def read_bandwidth_gb_s() -> float:
+    """Memory read bandwidth with all threads: summing a 1 GB tensor that no cache holds (best of 5)."""
+    big = torch.ones(256 * 1024 * 1024)  # 1 GiB of float32
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - start)
+    return big.numel() * big.element_size() / best / 1e9
 
 
 # -- llama.cpp --------------------------------------------------------------------------------------
@@ -433,7 +465,12 @@ def bench_llama_cpp(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
     )
     row = Row(
         "llama.cpp",
-        details={"llama_cpp_python": getattr(llama_cpp, "__version__", "?"), "threads": threads, "gguf": gguf.name},
+        details={
+            "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+            "threads": threads,
+            "gguf": gguf.name,
+            "weight_bytes": gguf.stat().st_size,  # Q4_1 tensors plus a small header and vocabulary
+        },
     )
     with tqdm(total=2 * (cfg.warmups + cfg.reps), desc="llama.cpp", unit="run") as bar:
         row.decode_tok_s = median_of(lambda: llama_decode_tok_s(llm, prompts.short_ids[0], cfg.tokens), cfg, bar)
@@ -485,7 +522,11 @@ def bench_hf(cfg: Config, prompts: Prompts, hf_dir: Path, dtype: torch.dtype, la
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(os.cpu_count() or 1)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
-    row = Row(label, details={"transformers": transformers.__version__, "threads": torch.get_num_threads()})
+    held = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights count once
+    row = Row(
+        label,
+        details={"transformers": transformers.__version__, "threads": torch.get_num_threads(), "weight_bytes": held},
+    )
     try:
         measure_hf(model, cfg, prompts, row)
     finally:
@@ -509,7 +550,7 @@ def run_all(cfg: Config) -> list[Row]:
     hf_dir = zoo.pull(entry.name)
     gguf = zoo.gguf_path(entry)
     prompts = build_prompts(hf_dir / "tokenizer.json")
-    rows = [run_system("turnout", lambda: bench_turnout(cfg, prompts))]
+    rows = [run_system(turnout_label(q), partial(bench_turnout, cfg, prompts, q)) for q in cfg.quantizations]
     if cfg.skip_llamacpp:
         rows.append(Row("llama.cpp", skipped="--skip-llamacpp"))
     else:
@@ -530,11 +571,18 @@ def ratio(num: float | None, den: float | None) -> float | None:
 
 def compute_ratios(rows: list[Row]) -> list[Ratio]:
     by = {r.system: r for r in rows}
-    t, llama, hf = by["turnout"], by["llama.cpp"], by["HF generate fp32"]
+    missing = Row("missing")
+    t, llama, hf = by.get("turnout", missing), by.get("llama.cpp", missing), by.get("HF generate fp32", missing)
+    i4, n4 = by.get("turnout int4", missing), by.get("turnout nf4", missing)
     decode = ratio(t.decode_tok_s, hf.decode_tok_s)
     ttft = ratio(t.ttft_ms, llama.ttft_ms)
     scale = ratio(t.streams_tok_s.get(max(CONCURRENCY)), t.decode_tok_s)
+    i4_decode, i4_ttft = ratio(i4.decode_tok_s, llama.decode_tok_s), ratio(i4.ttft_ms, llama.ttft_ms)
+    n4_decode = ratio(n4.decode_tok_s, llama.decode_tok_s)
     return [
+        Ratio("turnout int4 decode / llama.cpp decode", i4_decode, ">= 1.2x", _met(i4_decode, lambda v: v >= 1.2)),
+        Ratio("turnout int4 TTFT / llama.cpp TTFT", i4_ttft, "<= 0.5x", _met(i4_ttft, lambda v: v <= 0.5)),
+        Ratio("turnout nf4 decode / llama.cpp decode", n4_decode, ">= 0.5x", _met(n4_decode, lambda v: v >= 0.5)),
         Ratio("turnout decode / HF fp32 decode", decode, ">= 2.0x", None if decode is None else decode >= 2.0),
         Ratio("turnout TTFT / llama.cpp TTFT", ttft, "< 1.0x (turnout below)", None if ttft is None else ttft < 1.0),
         Ratio(
@@ -544,6 +592,24 @@ def compute_ratios(rows: list[Row]) -> list[Ratio]:
             None if scale is None else scale >= 3.0,
         ),
     ]
+
+
+def _met(value: float | None, test: Callable[[float], bool]) -> bool | None:
+    return None if value is None else test(value)
+
+
+def bandwidth_lines(rows: list[Row], gb_s: float) -> str:
+    """How close each system's decode is to reading its weights once per token at ``gb_s``."""
+    lines = [f"memory read bandwidth: {gb_s:.1f} GB/s (all threads)"]
+    for r in rows:
+        held = r.details.get("weight_bytes")
+        if r.skipped or not held:
+            continue
+        floor = gb_s * 1e9 / held
+        r.details["bandwidth_floor_tok_s"] = floor
+        got = f"{r.decode_tok_s / floor:.0%} of it" if r.decode_tok_s else "n/a"
+        lines.append(f"- {r.system}: {held / 1e6:,.1f} MB of weights -> at most {floor:,.0f} tok/s; decode is {got}")
+    return "\n".join(lines)
 
 
 def fmt(value: float | None) -> str:
@@ -654,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows))
     print()
     print(ratio_lines(ratios))
+    print()
+    print(bandwidth_lines(rows, read_bandwidth_gb_s()))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS_DIR / "speed.json", cfg, machine, rows, ratios)
     charted = write_chart(RESULTS_DIR / "speed.png", rows, machine)

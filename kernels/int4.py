@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu
+
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's packed CPU kernel accepts
 CPU_ROW_MULTIPLE = 64  # the kernel wants N % 16 == 0; 64 also whole-blocks every ISA layout
 
@@ -124,14 +126,22 @@ def to_cpu_layout(q: Int4Weight) -> Int4CPUWeight:
     return Int4CPUWeight(packed, scales_and_zeros, q.group_size, q.in_features, n)
 
 
+PACKED_MAX_ROWS = 32  # wider inputs (prefill) are faster as one float32 GEMM on the dequantized weight
+
+
 def matmul_cpu(x: Tensor, w: Int4CPUWeight) -> Tensor:
-    """``x [..., K] @ W.T`` with PyTorch's packed int4 CPU kernel; returns ``x``'s dtype."""
+    """``x [..., K] @ W.T``: PyTorch's packed int4 kernel for decode-sized inputs (bf16 activations),
+    a float32 GEMM on the weight dequantized from the same packed copy for wide ones."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    rows = x.numel() // shape[-1]
     kp = w.packed.shape[1] * 2
-    if kp != shape[-1]:
-        x2 = F.pad(x2, (0, kp - shape[-1]))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.packed, w.group_size, w.scales_and_zeros)
+    if rows > PACKED_MAX_ROWS and (wt := dequantize_cpu_t(w)) is not None:
+        y = x.reshape(rows, shape[-1]).float() @ wt[: shape[-1]]
+    else:
+        x2 = x.reshape(rows, shape[-1]).to(torch.bfloat16)
+        if kp != shape[-1]:
+            x2 = F.pad(x2, (0, kp - shape[-1]))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.packed, w.group_size, w.scales_and_zeros)
     if y.shape[-1] != w.out_features:
         y = y[:, : w.out_features]
     return y.view(*shape[:-1], w.out_features).to(x.dtype)
@@ -164,6 +174,15 @@ def cpu_block_n() -> int | None:
     if not _BLOCK_N:
         _BLOCK_N.append(_probe_block_n())
     return _BLOCK_N[0]
+
+
+def dequantize_cpu_t(w: Int4CPUWeight) -> Tensor | None:
+    """float32 ``W^T [Kp, Np]`` from the packed CPU layout, or None where the C++ kernel is unavailable."""
+    block_n = cpu_block_n()
+    ext = cpu.load("int4")
+    if ext is None or block_n is None:
+        return None
+    return ext.int4_dequantize_t(w.packed, w.scales_and_zeros, w.group_size, block_n)
 
 
 def cpu_rows(w: Int4CPUWeight, ids: Tensor, dtype: torch.dtype) -> Tensor:

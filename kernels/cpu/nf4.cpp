@@ -9,7 +9,8 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;  // inputs with more rows are dequantized once and use GEMM
+constexpr int64_t kMaxRows = 8;        // rows one pass of the fused kernel handles
+constexpr int64_t kFusedMaxRows = 16;  // inputs with more rows are dequantized once and use GEMM
 
 // The scale of block b of row n: plain float32, or int8 with one float32 per 256 blocks plus an offset.
 struct BlockScales {
@@ -120,10 +121,24 @@ torch::Tensor dequantize_rows(const torch::Tensor& codes, const BlockScales& sca
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* out = w.data_ptr<float>();
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+#ifdef __AVX2__
+    const __m256 lut_lo = _mm256_loadu_ps(lut), lut_hi = _mm256_loadu_ps(lut + 8);
+#endif
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t k = 0; k < kp; ++k) {
-        const uint8_t byte = c[n * (kp / 2) + k / 2];
-        out[n * kp + k] = lut[(k & 1) ? (byte >> 4) : (byte & 15)] * scales.at(n, k / block);
+      const uint8_t* row = c + n * (kp / 2);
+      for (int64_t b = 0; b < kp / block; ++b) {
+        const float s = scales.at(n, b);
+#ifdef __AVX2__
+        const __m256 sv = _mm256_set1_ps(s);
+        for (int64_t k = b * block; k < (b + 1) * block; k += 8) {
+          _mm256_storeu_ps(out + n * kp + k, _mm256_mul_ps(lookup8(row + k / 2, lut_lo, lut_hi), sv));
+        }
+#else
+        for (int64_t k = b * block; k < (b + 1) * block; ++k) {
+          const uint8_t byte = row[k / 2];
+          out[n * kp + k] = lut[(k & 1) ? (byte >> 4) : (byte & 15)] * s;
+        }
+#endif
       }
     }
   });
@@ -144,7 +159,7 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor abs
   const float* table = lut.data_ptr<float>();
   const int64_t m_rows = x.size(0), n_rows = codes.size(0), kp = x.size(1);
   if (m_rows == 0) return torch::empty({0, n_rows}, torch::kFloat);
-  if (m_rows > kMaxRows) {
+  if (m_rows > kFusedMaxRows) {
     return torch::matmul(x, dequantize_rows(codes, scales, table, block).t());
   }
   auto out = torch::empty({m_rows, n_rows}, torch::kFloat);
@@ -153,7 +168,10 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor abs
   float* op = out.data_ptr<float>();
   using Gemv = void (*)(const float*, int64_t, const uint8_t*, const float*, const BlockScales&, int64_t, int64_t, float*);
   static constexpr Gemv kernels[kMaxRows] = {gemv<1>, gemv<2>, gemv<3>, gemv<4>, gemv<5>, gemv<6>, gemv<7>, gemv<8>};
-  kernels[m_rows - 1](xp, kp, c, table, scales, n_rows, block, op);
+  for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows) {  // a pass per eight rows re-reads the 4-bit weight
+    const int64_t rows = std::min(kMaxRows, m_rows - m0);
+    kernels[rows - 1](xp + m0 * kp, kp, c, table, scales, n_rows, block, op + m0 * n_rows);
+  }
   return out;
 }
 
