@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,6 +11,7 @@ from torch import Tensor, nn
 from engine.model.args import ModelArgs
 from engine.model.kv_cache import AttentionBatch, KVCache
 from engine.model.linear import Linear
+from kernels import decode as fused_decode
 
 
 class RMSNorm(nn.Module):
@@ -18,6 +21,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if (ext := fused_decode.fused(x.dtype)) is not None and x.is_contiguous():
+            return ext.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -30,11 +35,14 @@ def rope_tables(args: ModelArgs, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, S, H, D]; cos/sin: [B, S, 1, D]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+@dataclass
+class Rotary:
+    """RoPE for one forward pass: the full tables, and the rows for this batch's positions."""
+
+    cos_table: Tensor  # [max_seq_len, D]
+    sin_table: Tensor
+    cos: Tensor | None = None  # [B, S, 1, D]; None where the fused decode kernels rotate
+    sin: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -46,14 +54,18 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, batch: AttentionBatch) -> Tensor:
+        assert self.kv_cache is not None, "setup_caches() must run before forward()"
+        if rotary.cos is None or rotary.sin is None:
+            return self._decode_fused(x, rotary, batch, self.kv_cache)
         bsz, seq, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         qk, v = self.wqkv(x).split([q_size + kv_size, kv_size], dim=-1)
-        qk = apply_rope(qk.view(bsz, seq, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+        qk = fused_decode.rotate_half(
+            qk.view(bsz, seq, self.n_heads + self.n_kv_heads, self.head_dim), rotary.cos, rotary.sin
+        )
         q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)  # one rotation for queries and keys
         v = v.view(bsz, seq, self.n_kv_heads, self.head_dim)
-        assert self.kv_cache is not None, "setup_caches() must run before forward()"
         keys, values = self.kv_cache.update(batch, k, v)  # [B, kv_heads, L, D]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
@@ -64,6 +76,19 @@ class Attention(nn.Module):
             enable_gqa=True,
         )  # [B, H, S, D]
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, q_size))
+
+    def _decode_fused(self, x: Tensor, rotary: Rotary, batch: AttentionBatch, cache: KVCache) -> Tensor:
+        """One token per sequence through the C++ kernels: rotate, store, attend."""
+        ext = fused_decode.fused(x.dtype)
+        assert ext is not None
+        bsz = x.shape[0]
+        slots, positions = batch.slot_index.reshape(-1).contiguous(), batch.positions.reshape(-1).contiguous()
+        qkv = self.wqkv(x).reshape(bsz, -1).contiguous()
+        q = ext.rope_store(
+            qkv, rotary.cos_table, rotary.sin_table, positions, slots, cache.k, cache.v, self.n_heads, self.n_kv_heads
+        )
+        out = ext.decode_attention(q, cache.k, cache.v, slots, positions, fused_decode.attention_scale(self.head_dim))
+        return self.wo(out.view(bsz, 1, -1))
 
 
 class FeedForward(nn.Module):
@@ -86,8 +111,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, batch)
+    def forward(self, x: Tensor, rotary: Rotary, batch: AttentionBatch) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rotary, batch)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -119,11 +144,13 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, batch: AttentionBatch, last_only: bool = False) -> Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
-        cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, S, 1, D]
-        sin = self.rope_sin[batch.positions].unsqueeze(2)
+        rotary = Rotary(self.rope_cos, self.rope_sin)
+        if tokens.shape[1] > 1 or fused_decode.fused(self.rope_cos.dtype) is None:
+            rotary.cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, S, 1, D]
+            rotary.sin = self.rope_sin[batch.positions].unsqueeze(2)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, batch)
+            x = layer(x, rotary, batch)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

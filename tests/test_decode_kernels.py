@@ -1,0 +1,78 @@
+"""The fused decode kernels against their plain-torch twins, and the model with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.args import ModelArgs
+from engine.model.kv_cache import AttentionBatch
+from engine.model.llama import Transformer
+from kernels import decode
+
+ext = decode.fused(torch.float32)
+pytestmark = pytest.mark.skipif(ext is None, reason="the decode CPU kernels could not be built")
+
+
+def fresh(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 64), (5, 2, 200), (2, 9)])
+def test_rms_norm_matches_torch(shape: tuple[int, ...]) -> None:
+    x, w = fresh(*shape, seed=1), fresh(shape[-1], seed=2)
+    torch.testing.assert_close(ext.rms_norm(x, w, 1e-5), decode.rms_norm_reference(x, w, 1e-5))
+
+
+def caches(slots: int, kv_heads: int, length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return fresh(slots, kv_heads, length, dim, seed=3), fresh(slots, kv_heads, length, dim, seed=4)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 16)])
+def test_rope_store_matches_torch(heads: int, kv_heads: int, dim: int) -> None:
+    positions, slots = torch.tensor([0, 17, 63]), torch.tensor([2, 0, 1])
+    qkv = fresh(3, (heads + 2 * kv_heads) * dim, seed=5)
+    angles = torch.outer(torch.arange(64).float(), torch.rand(dim // 2, generator=torch.Generator().manual_seed(6)))
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    k1, v1 = caches(3, kv_heads, 64, dim)
+    k2, v2 = k1.clone(), v1.clone()
+    q = ext.rope_store(qkv, cos, sin, positions, slots, k1, v1, heads, kv_heads)
+    q_ref = decode.rope_store_reference(qkv, cos, sin, positions, slots, k2, v2, heads, kv_heads)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k1, k2)
+    torch.testing.assert_close(v1, v2)
+
+
+def test_rope_store_refuses_a_position_past_the_cache() -> None:
+    k, v = caches(1, 1, 8, 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ext.rope_store(fresh(1, 48), fresh(16, 16), fresh(16, 16), torch.tensor([8]), torch.tensor([0]), k, v, 1, 1)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+@pytest.mark.parametrize("positions", [[0], [5, 300, 41], [4095, 0]])
+def test_decode_attention_matches_torch(heads: int, kv_heads: int, positions: list[int]) -> None:
+    k, v = caches(4, kv_heads, 4096, 64)
+    q = fresh(len(positions), heads, 64, seed=7)
+    slots, pos = torch.tensor([3, 1, 0][: len(positions)]), torch.tensor(positions)
+    got = ext.decode_attention(q, k, v, slots, pos, decode.attention_scale(64))
+    torch.testing.assert_close(got, decode.decode_attention_reference(q, k, v, slots, pos), atol=1e-5, rtol=1e-4)
+
+
+def test_model_decode_is_the_same_with_and_without_the_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, intermediate_size=96, max_seq_len=64)
+    model = Transformer(args).eval()
+    prompt = torch.randint(0, 300, (1, 12))
+
+    def decode_logits() -> torch.Tensor:
+        model.setup_caches(3, 64)
+        with torch.inference_mode():
+            for slot in range(3):  # three sequences of different lengths in slots 0..2
+                model(prompt[:, : 6 + slot], AttentionBatch.build(slot, torch.arange(6 + slot)[None]))
+            step = torch.tensor([[5], [7], [9]])
+            return model(step, AttentionBatch.build(0, torch.tensor([[6], [7], [8]])))
+
+    fused = decode_logits()
+    monkeypatch.setattr(decode, "fused", lambda dtype: None)
+    torch.testing.assert_close(fused, decode_logits(), atol=1e-5, rtol=1e-5)
