@@ -28,9 +28,10 @@ from tqdm import tqdm
 
 from engine.factory import resolve_model_path
 from engine.loader import load_transformer
+from engine.model.footprint import weight_bytes
 from engine.model.kv_cache import AttentionBatch
 from engine.model.llama import Transformer
-from engine.model.quantized import QuantSpec, load_quantized_transformer, weight_bytes
+from engine.model.quantized import QuantSpec, load_quantized_transformer
 from engine.tokenizer import Tokenizer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -10,8 +10,9 @@ import torch
 from engine import zoo
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.loader import convert_gguf, load_transformer
+from engine.model.footprint import decode_read_bytes, weight_bytes
 from engine.model.linear import add_narrow_copies
-from engine.model.quantized import QuantSpec, load_quantized_transformer, weight_bytes
+from engine.model.quantized import QuantSpec, load_quantized_transformer
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
 
@@ -74,7 +75,11 @@ def build_embedded(
         if added:
             label += f" ({_name(narrow)} weight copy for decode batches <= {NARROW_ROWS}, {added / 1e6:.0f} MB)"
     held = weight_bytes(transformer)
-    features: dict[str, object] = {"quantization": quantization.tag if quantization else "none", "weight_bytes": held}
+    features: dict[str, object] = {
+        "quantization": quantization.tag if quantization else "none",
+        "weight_bytes": held,
+        "decode_read_bytes": decode_read_bytes(transformer),
+    }
     log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, features["quantization"], held / 1e6)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, features)

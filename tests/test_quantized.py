@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from engine.loader import load_transformer
 from engine.model import quantized
+from engine.model.footprint import weight_bytes
 from engine.model.kv_cache import AttentionBatch
 from engine.model.linear import Linear
 from engine.model.llama import Transformer
-from engine.model.quantized import Int4Linear, NF4Linear, QuantSpec, load_quantized_transformer, weight_bytes
+from engine.model.quantized import Int4Linear, NF4Linear, QuantSpec, load_quantized_transformer
 from engine.tokenizer import Tokenizer
 from server.config import ExpertConfig, Settings
 from tests.conftest import LiveServer

@@ -201,21 +201,3 @@ def load_quantized_transformer(model_path: Path, spec: QuantSpec, dtype: torch.d
     if missing:
         raise RuntimeError(f"{model_path} did not provide {missing}")
     return model.eval()
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every weight the model holds (quantized payloads, scales, float tensors), counted once."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        if isinstance(module, Int4Linear | NF4Linear):
-            total += module.nbytes()
-    for t in model.parameters():  # buffers are caches (KV, RoPE), not weights
-        if t.device.type != "meta" and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    for module in model.modules():
-        narrow = getattr(module, "narrow_weight", None)
-        if isinstance(narrow, Tensor):
-            total += narrow.numel() * narrow.element_size()
-    return total

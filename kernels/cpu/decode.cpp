@@ -110,8 +110,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   float* op = out.data_ptr<float>();
   int64_t longest = 1;
   for (int64_t b = 0; b < b_count; ++b) longest = std::max(longest, pos[b] + 1);
-  const int64_t grain = std::max<int64_t>(1, 4096 / longest);  // short caches: stay on one thread
-  at::parallel_for(0, b_count * n_heads, grain, [&](int64_t begin, int64_t end) {
+  // split across threads only when there is enough work to pay for waking them
+  const int64_t tasks = b_count * n_heads, threads = at::get_num_threads();
+  const int64_t grain = tasks * longest < 2048 ? tasks : std::max<int64_t>(1, (tasks + threads - 1) / threads);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(longest);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_heads, h = task % n_heads, len = pos[b] + 1;
