@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from engine.model.quantized import QuantSpec
+from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec
 
 
 class _Strict(BaseModel):
@@ -27,7 +27,8 @@ class KVCacheConfig(_Strict):
 
 
 class QuantizationOptions(_Strict):
-    group_size: int = Field(default=64, ge=8)  # int4 group (32/64/128/256) or nf4 block
+    # int4 group (32/64/128/256; default 32) or nf4 block (default 64)
+    group_size: int | None = Field(default=None, ge=8)
     double_quant: bool = False  # nf4: int8 block scales
     quantize_embeddings: bool = True  # the tied embedding/LM head too (else it stays float)
 
@@ -55,7 +56,9 @@ class ExpertConfig(_Strict):
     def quant_spec(self) -> QuantSpec | None:
         if self.quantization == "none":
             return None
-        return QuantSpec(self.quantization, **self.quantization_options.model_dump())
+        options = self.quantization_options.model_dump()
+        options["group_size"] = options["group_size"] or DEFAULT_GROUP_SIZE[self.quantization]
+        return QuantSpec(self.quantization, **options)
 
 
 class ServerConfig(_Strict):

@@ -96,7 +96,7 @@ def test_int4_engine_matches_its_reference_dequantization(model_copy: Path, text
 
 def test_quantized_weights_take_under_a_third_of_bf16(model_copy: Path, model_path: Path) -> None:
     bf16_bytes = weight_bytes(load_transformer(model_path, torch.float32)) // 2
-    for spec in (QuantSpec("int4", 64), QuantSpec("nf4", 64, double_quant=True)):
+    for spec in (QuantSpec("int4", 32), QuantSpec("nf4", 64, double_quant=True)):
         assert weight_bytes(load_quantized_transformer(model_copy, spec, torch.float32)) < 0.33 * bf16_bytes
     kept = weight_bytes(
         load_quantized_transformer(model_copy, QuantSpec("int4", 64, quantize_embeddings=False), torch.float32)
@@ -108,6 +108,7 @@ def test_unsupported_group_sizes_are_refused_in_config() -> None:
     with pytest.raises(ValueError, match="group size"):
         ExpertConfig(name="x", quantization="int4", quantization_options={"group_size": 48})
     assert ExpertConfig(name="x", quantization="nf4").quant_spec() == QuantSpec("nf4", 64)
+    assert ExpertConfig(name="x", quantization="int4").quant_spec() == QuantSpec("int4", 32)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +135,9 @@ def test_int4_server_answers_and_reports_its_quantization(int4_server: LiveServe
     )
     assert "Paris" in (reply.choices[0].message.content or "")
     card = client.models.list().data[0].model_dump()
-    assert card["turnout"]["quantization"] == "int4-g64"
+    assert card["turnout"]["quantization"] == "int4-g32"
     assert 0 < card["turnout"]["weight_bytes"] < 100e6
     metrics = httpx.get(f"{int4_server.url}/metrics").text
-    labels = 'draft="none",kv_policy="full",model_name="smollm2-int4",quantization="int4-g64"'
+    labels = 'draft="none",kv_policy="full",model_name="smollm2-int4",quantization="int4-g32"'
     assert f"turnout:engine_config_info{{{labels}}} 1.0" in metrics
     assert 'turnout:engine_weight_bytes{model_name="smollm2-int4"}' in metrics
