@@ -55,6 +55,28 @@ class TokenLogprob:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding of one request: drafts proposed and how many stood."""
+
+    steps: int = 0  # verification passes in which the request had drafts
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts that stood at position i
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.steps += 1
+        self.draft_tokens += proposed
+        self.accepted_tokens += accepted
+        self.accepted_per_position.extend([0] * (proposed - len(self.accepted_per_position)))
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+@dataclass
 class RequestStats:
     arrival_time: float
     prompt_tokens: int
@@ -64,6 +86,7 @@ class RequestStats:
     token_times: list[float] = field(default_factory=list)
     completion_tokens: int = 0
     engine_seconds: float = 0.0  # this request's share of forward-pass wall time
+    speculation: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
     @property
     def queue_s(self) -> float:

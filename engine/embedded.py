@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.base import EngineStats, GenerationRequest, ModelInfo, RequestOutput, SamplingParams
+from engine.base import EngineStats, GenerationRequest, ModelInfo, RequestOutput, SamplingParams, TokenLogprob
 from engine.runner import ModelRunner
 from engine.sampler import make_generator, sample, token_logprobs
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.speculative.speculator import SpeculativeConfig, Speculator
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class EmbeddedConfig:
     max_batch_size: int = 16
     max_model_len: int = 4096
     max_prefill_tokens: int = 1024  # prompt tokens prefilled per engine step (chunked prefill)
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.max_prefill_tokens < 1:
@@ -51,12 +53,13 @@ class EmbeddedEngine:
             features={
                 "quantization": "none",
                 "kv_cache": "full",
-                "speculative": None,
+                "speculative": config.speculative.draft if config.speculative else None,
                 "max_batch_size": config.max_batch_size,
                 **(features or {}),
             },
         )
         self.scheduler = Scheduler(config.max_batch_size, runner.move_slot)
+        self.speculator = Speculator(config.speculative) if config.speculative else None
         self._stop_ids = sorted(tokenizer.stop_token_ids)
         self._wake = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -183,7 +186,7 @@ class EmbeddedEngine:
                 self.scheduler.prefill_done(seq)
                 self._emit([seq], logits.unsqueeze(0))
         seqs = list(self.scheduler.decoding)
-        if seqs:
+        if seqs and not (self.speculator and self._speculate(self.speculator, seqs)):
             t0 = time.perf_counter()
             logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
             share = (time.perf_counter() - t0) / len(seqs)
@@ -192,21 +195,68 @@ class EmbeddedEngine:
                 s.stats.engine_seconds += share
             self._emit(seqs, logits)
 
+    def _speculate(self, speculator: Speculator, seqs: list[Sequence]) -> bool:
+        """One verification pass over drafted tokens; False (nothing done) when nobody drafts."""
+        if len(seqs) > speculator.config.max_batch_size:
+            return False  # at high load a wider forward costs more than the drafts save
+        drafts = [self._drafts(speculator, s) for s in seqs]
+        if not any(drafts):
+            return False
+        width, last = 1 + max(map(len, drafts)), self.config.max_model_len - 1
+        rows = [[s.token_ids[-1], *d] + [(d or s.token_ids)[-1]] * (width - 1 - len(d)) for s, d in zip(seqs, drafts)]
+        positions = [[min(len(s.token_ids) - 1 + i, last) for i in range(width)] for s in seqs]  # padding: unused
+        t0 = time.perf_counter()
+        logits = self.runner.verify(rows, positions)  # [B, W, V]
+        share = (time.perf_counter() - t0) / len(seqs)
+        verdicts = []
+        for s, d, row_logits in zip(seqs, drafts, logits):
+            self._mask_stop_tokens(s, row_logits)
+            assert s.speculation is not None
+            emitted = speculator.judge(s.speculation, d, row_logits, s.request.params, s.generator)
+            if d:
+                s.stats.speculation.record(len(d), len(emitted) - 1)
+            s.stats.engine_seconds += share
+            s.num_computed = len(s.token_ids) + len(emitted) - 1  # the last token and the drafts that stood
+            verdicts.append(emitted)
+        now = time.monotonic()
+        for s, emitted, row_logits in zip(seqs, verdicts, logits):  # only now: removal moves slots
+            for i, token in enumerate(emitted):
+                lp = token_logprobs(row_logits[i : i + 1], [token], [s.request.params.logprobs])[0]
+                if self._deliver_token(s, token, lp, now):
+                    break
+        return True
+
+    def _drafts(self, speculator: Speculator, s: Sequence) -> list[int]:
+        if s.speculation is None:
+            s.speculation = speculator.new_state()
+        room = min(s.request.params.max_tokens - s.num_generated, self.config.max_model_len - len(s.token_ids)) - 1
+        return speculator.propose(s.speculation, s.token_ids, room)
+
+    def _mask_stop_tokens(self, s: Sequence, rows: torch.Tensor) -> None:
+        """No EOS where the request ignores it or has not reached ``min_tokens`` (row i = i-th new token)."""
+        p = s.request.params
+        for i in range(rows.shape[0]):
+            if p.ignore_eos or s.num_generated + i < p.min_tokens:
+                rows[i, self._stop_ids] = float("-inf")
+
+    def _deliver_token(self, s: Sequence, token: int, lp: TokenLogprob | None, now: float) -> bool:
+        """Append one token, send its delta; True when the sequence finished (and left the batch)."""
+        s.append(token, token in self.tokenizer.stop_token_ids, now, self.config.max_model_len)
+        out = s.take_output(token, lp)
+        if s.finish_reason:
+            self.scheduler.remove(s)  # before the client hears it is done
+        s.sink(out)
+        return s.finish_reason is not None
+
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, hand out the deltas, and retire finished sequences."""
         for row, s in enumerate(seqs):
-            p = s.request.params
-            if p.ignore_eos or s.num_generated < p.min_tokens:
-                logits[row, self._stop_ids] = float("-inf")
+            self._mask_stop_tokens(s, logits[row : row + 1])
         tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         logprobs = token_logprobs(logits, tokens, [s.request.params.logprobs for s in seqs])
         now = time.monotonic()
         for s, token, lp in zip(seqs, tokens, logprobs):
-            s.append(token, token in self.tokenizer.stop_token_ids, now, self.config.max_model_len)
-            out = s.take_output(token, lp)
-            if s.finish_reason:
-                self.scheduler.remove(s)  # before the client hears it is done
-            s.sink(out)
+            self._deliver_token(s, token, lp, now)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:

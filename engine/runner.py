@@ -30,6 +30,13 @@ class ModelRunner:
         return self.model(ids, AttentionBatch.build(0, pos))[:, -1]
 
     @torch.inference_mode()
+    def verify(self, tokens: list[list[int]], positions: list[list[int]]) -> Tensor:
+        """Several tokens for each of slots ``0..n-1`` (a token and its drafts) -> logits ``[n, W, V]``."""
+        ids = torch.tensor(tokens, dtype=torch.long)
+        pos = torch.tensor(positions, dtype=torch.long)
+        return self.model(ids, AttentionBatch.build(0, pos))
+
+    @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
         for cache in self.model.kv_caches:
             cache.copy_slot(src, dst, length)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.base import GenerationRequest, RequestOutput, RequestStats, TokenLogprob
+from engine.speculative.speculator import SpeculationState
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -24,6 +25,7 @@ class Sequence:
     text: str = ""
     sent_chars: int = 0
     finish_reason: str | None = None
+    speculation: SpeculationState | None = None  # the drafter's state, when the engine speculates
     stats: RequestStats = field(init=False)
 
     def __post_init__(self) -> None:

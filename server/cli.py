@@ -20,6 +20,8 @@ def _serve(args: argparse.Namespace) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "quantization": args.quantization,
+        "speculative_draft": args.speculative_draft,
+        "num_draft_tokens": args.num_draft_tokens,
         "max_batch_size": args.max_batch_size,
         "max_model_len": args.max_model_len,
     }
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="model of the first expert: zoo name, .gguf or directory")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--quantization", default=None, choices=["none", "int4", "nf4"])
+    serve.add_argument(
+        "--speculative-draft", default=None, choices=["none", "ngram"], help="drafter of the first expert"
+    )
+    serve.add_argument("--num-draft-tokens", type=int, default=None, help="most tokens drafted per step")
     serve.add_argument("--max-batch-size", type=int, default=None)
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

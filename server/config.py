@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec
+from engine.speculative.speculator import SpeculativeConfig
 
 
 class _Strict(BaseModel):
@@ -33,6 +34,15 @@ class QuantizationOptions(_Strict):
     quantize_embeddings: bool = True  # the tied embedding/LM head too (else it stays float)
 
 
+class SpeculativeSettings(_Strict):
+    draft: Literal["ngram"] = "ngram"  # prompt lookup; a draft model arrives with smollm2-small
+    num_draft_tokens: int = Field(default=4, ge=1, le=16)
+    max_batch_size: int = Field(default=4, ge=1)  # decode batches larger than this do not speculate
+
+    def engine_config(self) -> SpeculativeConfig:
+        return SpeculativeConfig(self.draft, self.num_draft_tokens, self.max_batch_size)
+
+
 class ExpertConfig(_Strict):
     name: str = Field(min_length=1)
     engine: Literal["embedded"] = "embedded"
@@ -41,7 +51,7 @@ class ExpertConfig(_Strict):
     quantization: Literal["none", "int4", "nf4"] = "none"
     quantization_options: QuantizationOptions = Field(default_factory=QuantizationOptions)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
-    speculative: None = None
+    speculative: SpeculativeSettings | None = None
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_model_len: int = Field(default=4096, ge=16)
     max_prefill_tokens: int = Field(default=1024, ge=16)
@@ -111,6 +121,14 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     """Command-line flags: ``host``/``port`` go to the server, the rest to the first expert."""
     server = {k: v for k, v in overrides.items() if k in ("host", "port") and v is not None}
     expert = {k: v for k, v in overrides.items() if k not in ("host", "port") and v is not None}
+    draft, k = expert.pop("speculative_draft", None), expert.pop("num_draft_tokens", None)
+    if draft == "none":
+        expert["speculative"] = None
+    elif draft is not None or k is not None:
+        current = settings.experts[0].speculative or SpeculativeSettings()
+        expert["speculative"] = current.model_copy(
+            update={k_: v for k_, v in (("draft", draft), ("num_draft_tokens", k)) if v is not None}
+        ).model_dump()
     new_server = ServerConfig.model_validate({**settings.server.model_dump(), **server})
     first = ExpertConfig.model_validate({**settings.experts[0].model_dump(), **expert})
     return settings.model_copy(update={"server": new_server, "experts": [first, *settings.experts[1:]]})

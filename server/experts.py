@@ -9,7 +9,8 @@ from server.serving import Expert
 
 
 def build_expert(cfg: ExpertConfig) -> Expert:
-    config = EmbeddedConfig(cfg.max_batch_size, cfg.max_model_len, cfg.max_prefill_tokens)
+    speculative = cfg.speculative.engine_config() if cfg.speculative else None
+    config = EmbeddedConfig(cfg.max_batch_size, cfg.max_model_len, cfg.max_prefill_tokens, speculative)
     return Expert(cfg.name, build_embedded(cfg.model, cfg.dtype, config, cfg.quant_spec()), cfg.cost)
 
 

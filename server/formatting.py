@@ -33,9 +33,20 @@ class ChoiceState:
     cost_usd: float = 0.0
 
 
-def build_usage(choices: list[ChoiceState], prompt_tokens: int, activated_params: int) -> Usage:
+def build_usage(
+    choices: list[ChoiceState], prompt_tokens: int, activated_params: int, speculative: bool = False
+) -> Usage:
     stats = [c.stats for c in choices if c.stats is not None]
     completion = sum(s.completion_tokens for s in stats)
+    drafted = sum(s.speculation.draft_tokens for s in stats)
+    accepted = sum(s.speculation.accepted_tokens for s in stats)
+    spec: dict[str, Any] = {}
+    if speculative:
+        spec = {
+            "spec_draft_tokens": drafted,
+            "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        }
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
@@ -46,6 +57,7 @@ def build_usage(choices: list[ChoiceState], prompt_tokens: int, activated_params
         ttft_ms=round(min((s.ttft_s for s in stats), default=0.0) * 1e3, 3),
         decode_ms=round(max((s.decode_s for s in stats), default=0.0) * 1e3, 3),
         tokens_per_second=round(sum(s.tokens_per_second for s in stats), 3),
+        **spec,
     )
 
 

@@ -109,6 +109,21 @@ class Metrics:
             "turnout:request_success_total", "Finished requests", [*LABEL, "finished_reason"], registry=r
         )
         self.cost = Counter("turnout:request_cost_usd_total", "Cost of served requests in USD", LABEL, registry=r)
+        self.spec_drafts = Counter(
+            "turnout:spec_decode_num_drafts_total", "Verification passes that checked drafts", LABEL, registry=r
+        )
+        self.spec_draft_tokens = Counter(
+            "turnout:spec_decode_num_draft_tokens_total", "Draft tokens proposed", LABEL, registry=r
+        )
+        self.spec_accepted = Counter(
+            "turnout:spec_decode_num_accepted_tokens_total", "Draft tokens accepted", LABEL, registry=r
+        )
+        self.spec_accepted_per_pos = Counter(
+            "turnout:spec_decode_num_accepted_tokens_per_pos_total",
+            "Draft tokens accepted at each draft position (0 = first)",
+            [*LABEL, "position"],
+            registry=r,
+        )
         r.register(EngineStatsCollector(engine_stats, engine_infos))
 
     def record(self, expert: str, stats: RequestStats, finish_reason: str, cost_usd: float) -> None:
@@ -121,6 +136,13 @@ class Metrics:
         self.generation_tokens.labels(expert).inc(stats.completion_tokens)
         self.success.labels(expert, finish_reason).inc()
         self.cost.labels(expert).inc(cost_usd)
+        spec = stats.speculation
+        if spec.steps:
+            self.spec_drafts.labels(expert).inc(spec.steps)
+            self.spec_draft_tokens.labels(expert).inc(spec.draft_tokens)
+            self.spec_accepted.labels(expert).inc(spec.accepted_tokens)
+            for position, accepted in enumerate(spec.accepted_per_position):
+                self.spec_accepted_per_pos.labels(expert, str(position)).inc(accepted)
 
     def record_prompt(self, expert: str, prompt_tokens: int) -> None:
         self.prompt_tokens.labels(expert).inc(prompt_tokens)

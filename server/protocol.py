@@ -130,6 +130,10 @@ class Usage(BaseModel):
     ttft_ms: float
     decode_ms: float
     tokens_per_second: float
+    # speculative decoding (present when the expert speculates): drafts proposed and accepted
+    spec_draft_tokens: int | None = None
+    spec_accepted_tokens: int | None = None
+    spec_acceptance_rate: float | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -191,7 +191,9 @@ class OpenAIServing:
 
     def _usage(self, job: Job, states: list[ChoiceState]) -> dict[str, Any]:
         info = job.expert.engine.info
-        return build_usage(states, job.prompt_tokens, info.activated_params_per_token).model_dump()
+        speculative = bool(info.features.get("speculative"))
+        usage = build_usage(states, job.prompt_tokens, info.activated_params_per_token, speculative)
+        return usage.model_dump(exclude_none=True)
 
     def _logprobs(self, job: Job, state: ChoiceState, items: list[Any], offset: int) -> dict[str, Any] | None:
         if job.choices[state.index][1].logprobs is None:

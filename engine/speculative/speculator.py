@@ -1,0 +1,76 @@
+"""The engine's side of speculative decoding: who drafts how many tokens, and what stands.
+
+One verification pass feeds each sequence ``[last token, d1 .. dk]`` at its next positions; the
+target's logits at those positions decide which drafts stand. Nothing needs rolling back in the
+static KV cache: entries past a sequence's length are never read before they are rewritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.base import SamplingParams
+from engine.sampler import filter_logits
+from engine.speculative.accept import accept_greedy, accept_sampled
+from engine.speculative.ngram import NGramIndex
+
+DRAFTERS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    draft: str = "ngram"  # "ngram": prompt lookup (model drafters arrive with smollm2-small)
+    num_draft_tokens: int = 4  # the most a sequence drafts per step (adaptive below that)
+    max_batch_size: int = 4  # more sequences decoding together: plain decode, speculation costs more
+    max_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        if self.draft not in DRAFTERS:
+            raise ValueError(f"speculative draft must be one of {DRAFTERS}, got {self.draft!r}")
+        if not 1 <= self.num_draft_tokens <= 16:
+            raise ValueError("num_draft_tokens must be between 1 and 16")
+        if self.max_batch_size < 1 or self.max_ngram < 1:
+            raise ValueError("max_batch_size and max_ngram must be positive")
+
+
+@dataclass
+class SpeculationState:
+    """Per sequence: its n-gram index and its current draft length."""
+
+    index: NGramIndex
+    k: int
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+
+    def new_state(self) -> SpeculationState:
+        return SpeculationState(NGramIndex(self.config.max_ngram), self.config.num_draft_tokens)
+
+    def propose(self, state: SpeculationState, tokens: list[int], room: int) -> list[int]:
+        """Drafts for one sequence; ``room`` is how many tokens it may still emit minus one."""
+        return state.index.propose(tokens, min(state.k, room))
+
+    def judge(
+        self,
+        state: SpeculationState,
+        drafts: list[int],
+        logits: Tensor,
+        params: SamplingParams,
+        generator: torch.Generator,
+    ) -> list[int]:
+        """Tokens to emit given the target's float32 ``logits [len(drafts) + 1, V]``; adapts k."""
+        rows = logits[: len(drafts) + 1].float()
+        if params.greedy:
+            emitted = accept_greedy(rows.argmax(-1).tolist(), drafts)
+        else:
+            probs = torch.stack([filter_logits(row, params).softmax(-1) for row in rows])
+            emitted = accept_sampled(probs, drafts, None, generator)
+        accepted = len(emitted) - 1
+        # grow while everything stands, otherwise draft one more than what stood last time
+        state.k = min(self.config.num_draft_tokens, accepted + 1 if accepted < len(drafts) else state.k + 1)
+        return emitted
