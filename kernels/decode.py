@@ -16,6 +16,10 @@ from torch import Tensor
 
 from kernels import cpu
 
+# Forward passes with at most this many new tokens per sequence (decode, a token plus its drafts)
+# use the fused kernels; longer ones (prefill) use torch's attention.
+MAX_TOKENS_PER_ROW = 17
+
 
 def fused(dtype: torch.dtype) -> ModuleType | None:
     """The compiled decode kernels for ``dtype`` inputs, or None (other dtypes, no compiler)."""
@@ -55,7 +59,7 @@ def rope_store_reference(
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
-    """``q [B, H, D]``, one token per sequence, over cache positions ``0..positions[b]`` -> ``[B, H * D]``."""
+    """``q [T, H, D]``, a query per new token, over its slot's cache positions ``0..positions[t]`` -> ``[T, H * D]``."""
     rows = []
     for b in range(q.shape[0]):
         length = int(positions[b]) + 1

@@ -37,7 +37,7 @@ class QuantizationOptions(_Strict):
 class SpeculativeSettings(_Strict):
     draft: Literal["ngram"] = "ngram"  # prompt lookup; a draft model arrives with smollm2-small
     num_draft_tokens: int = Field(default=4, ge=1, le=16)
-    max_batch_size: int = Field(default=4, ge=1)  # decode batches larger than this do not speculate
+    max_batch_size: int = Field(default=2, ge=1)  # decode batches larger than this do not speculate
 
     def engine_config(self) -> SpeculativeConfig:
         return SpeculativeConfig(self.draft, self.num_draft_tokens, self.max_batch_size)

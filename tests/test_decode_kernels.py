@@ -7,8 +7,10 @@ import torch
 
 from engine.model.args import ModelArgs
 from engine.model.kv_cache import AttentionBatch
+from engine.model.linear import Linear
 from engine.model.llama import Transformer
-from kernels import decode
+from engine.model.quantized import make_linear
+from kernels import decode, int4
 
 ext = decode.fused(torch.float32)
 pytestmark = pytest.mark.skipif(ext is None, reason="the decode CPU kernels could not be built")
@@ -76,3 +78,30 @@ def test_model_decode_is_the_same_with_and_without_the_fused_kernels(monkeypatch
     fused = decode_logits()
     monkeypatch.setattr(decode, "fused", lambda dtype: None)
     torch.testing.assert_close(fused, decode_logits(), atol=1e-5, rtol=1e-5)
+
+
+def int4_model(args: ModelArgs) -> Transformer:
+    """A random model whose linears are int4 (the packed kernel computes each row the same at any M)."""
+    model = Transformer(args).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear):
+            parent, _, attr = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, attr, make_linear(int4.quantize(module.weight.detach(), 32)))
+    return model
+
+
+def test_verifying_drafts_gives_bit_identical_logits_to_decoding_them_one_by_one() -> None:
+    torch.manual_seed(1)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, intermediate_size=96, max_seq_len=64)
+    model = int4_model(args)
+    prompt, drafts = torch.randint(0, 300, (1, 10)), torch.randint(0, 300, (1, 4))
+    model.setup_caches(2, 64)
+    with torch.inference_mode():
+        for slot in range(2):
+            model(prompt, AttentionBatch.build(slot, torch.arange(10)[None]))
+        one_by_one = [
+            model(drafts[:, i : i + 1], AttentionBatch.build(0, torch.tensor([[10 + i]])))[0, 0] for i in range(4)
+        ]
+        together = model(drafts, AttentionBatch.build(1, torch.arange(10, 14)[None]))[0]  # the other slot
+    assert torch.equal(torch.stack(one_by_one), together)

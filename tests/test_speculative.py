@@ -104,7 +104,7 @@ def engines(model_path: Path):  # type: ignore[no-untyped-def]
     def make(spec: SpeculativeConfig | None) -> EmbeddedEngine:
         return build_embedded(str(model_path), "float32", EmbeddedConfig(4, 1024, speculative=spec))
 
-    plain, spec = make(None), make(SpeculativeConfig("ngram", num_draft_tokens=4))
+    plain, spec = make(None), make(SpeculativeConfig("ngram", num_draft_tokens=4, max_batch_size=4))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(plain.start())
     loop.run_until_complete(spec.start())
@@ -136,6 +136,25 @@ def test_greedy_output_is_identical_with_speculation(engines) -> None:  # type: 
     assert got == want and got_text == want_text
     assert last.stats.speculation.accepted_tokens > 0  # drafts did stand, this was not plain decoding
     assert last.stats.speculation.steps < len(got)
+
+
+def test_int4_greedy_output_is_identical_with_speculation(model_path: Path) -> None:
+    from engine.model.quantized import QuantSpec
+
+    async def both() -> tuple[list[int], list[int]]:
+        outs = []
+        for spec in (None, SpeculativeConfig("ngram", num_draft_tokens=5)):
+            engine = build_embedded(
+                str(model_path), "auto", EmbeddedConfig(2, 512, speculative=spec), QuantSpec("int4", 32)
+            )
+            await engine.start()
+            prompt = engine.tokenize_chat([{"role": "user", "content": REPETITIVE}])
+            outs.append((await generate(engine, "i", prompt, SamplingParams(max_tokens=64, temperature=0)))[0])
+            await engine.stop()
+        return outs[0], outs[1]
+
+    plain, spec = asyncio.run(both())
+    assert spec == plain
 
 
 def test_batched_speculation_keeps_every_sequence_identical(engines) -> None:  # type: ignore[no-untyped-def]

@@ -78,17 +78,22 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, q_size))
 
     def _decode_fused(self, x: Tensor, rotary: Rotary, batch: AttentionBatch, cache: KVCache) -> Tensor:
-        """One token per sequence through the C++ kernels: rotate, store, attend."""
+        """A few tokens per sequence (decode, or a token and its drafts) through the C++ kernels.
+
+        Every token is rotated, stored, and then attends to its own slot's cache up to its own
+        position, with the same arithmetic whether it arrives alone or with drafts: verifying
+        drafts gives bit-for-bit the logits plain decoding would have.
+        """
         ext = fused_decode.fused(x.dtype)
         assert ext is not None
-        bsz = x.shape[0]
+        bsz, seq, _ = x.shape
         slots, positions = batch.slot_index.reshape(-1).contiguous(), batch.positions.reshape(-1).contiguous()
-        qkv = self.wqkv(x).reshape(bsz, -1).contiguous()
+        qkv = self.wqkv(x).reshape(bsz * seq, -1).contiguous()
         q = ext.rope_store(
             qkv, rotary.cos_table, rotary.sin_table, positions, slots, cache.k, cache.v, self.n_heads, self.n_kv_heads
         )
         out = ext.decode_attention(q, cache.k, cache.v, slots, positions, fused_decode.attention_scale(self.head_dim))
-        return self.wo(out.view(bsz, 1, -1))
+        return self.wo(out.view(bsz, seq, -1))
 
 
 class FeedForward(nn.Module):
@@ -145,7 +150,7 @@ class Transformer(nn.Module):
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
         rotary = Rotary(self.rope_cos, self.rope_sin)
-        if tokens.shape[1] > 1 or fused_decode.fused(self.rope_cos.dtype) is None:
+        if tokens.shape[1] > fused_decode.MAX_TOKENS_PER_ROW or fused_decode.fused(self.rope_cos.dtype) is None:
             rotary.cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, S, 1, D]
             rotary.sin = self.rope_sin[batch.positions].unsqueeze(2)
         x = self.tok_embeddings(tokens)

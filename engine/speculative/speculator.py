@@ -24,7 +24,9 @@ DRAFTERS = ("ngram",)
 class SpeculativeConfig:
     draft: str = "ngram"  # "ngram": prompt lookup (model drafters arrive with smollm2-small)
     num_draft_tokens: int = 4  # the most a sequence drafts per step (adaptive below that)
-    max_batch_size: int = 4  # more sequences decoding together: plain decode, speculation costs more
+    # more sequences decoding together: plain decode. A verification pass multiplies the rows each
+    # linear sees, and on CPU that cost grows with the rows once there are more than a few.
+    max_batch_size: int = 2
     max_ngram: int = 3
 
     def __post_init__(self) -> None:
@@ -38,10 +40,16 @@ class SpeculativeConfig:
 
 @dataclass
 class SpeculationState:
-    """Per sequence: its n-gram index and its current draft length."""
+    """Per sequence: its n-gram index, its draft length, and how well its drafts have fared."""
 
     index: NGramIndex
     k: int
+    acceptance: float = 0.5  # moving average of the share of drafts that stood
+    pause: int = 0  # steps left without drafting after a run of poor acceptance
+
+
+BACK_OFF_BELOW = 0.3  # a sequence whose drafts stand less often than this stops drafting for a while
+BACK_OFF_STEPS = 8
 
 
 class Speculator:
@@ -53,6 +61,9 @@ class Speculator:
 
     def propose(self, state: SpeculationState, tokens: list[int], room: int) -> list[int]:
         """Drafts for one sequence; ``room`` is how many tokens it may still emit minus one."""
+        if state.pause > 0:  # verification costs more rows than it saves when drafts keep failing
+            state.pause -= 1
+            return []
         return state.index.propose(tokens, min(state.k, room))
 
     def judge(
@@ -70,7 +81,13 @@ class Speculator:
         else:
             probs = torch.stack([filter_logits(row, params).softmax(-1) for row in rows])
             emitted = accept_sampled(probs, drafts, None, generator)
-        accepted = len(emitted) - 1
-        # grow while everything stands, otherwise draft one more than what stood last time
-        state.k = min(self.config.num_draft_tokens, accepted + 1 if accepted < len(drafts) else state.k + 1)
+        if drafts:
+            self._adapt(state, len(drafts), len(emitted) - 1)
         return emitted
+
+    def _adapt(self, state: SpeculationState, proposed: int, accepted: int) -> None:
+        # grow while everything stands, otherwise draft one more than what stood last time
+        state.k = min(self.config.num_draft_tokens, accepted + 1 if accepted < proposed else state.k + 1)
+        state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / proposed
+        if state.acceptance < BACK_OFF_BELOW:
+            state.pause, state.acceptance = BACK_OFF_STEPS, 0.5  # try again later, with a fresh estimate

@@ -97,8 +97,9 @@ torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   return q;
 }
 
-// One new token per sequence: q [B, H, Dh] attends over cache positions 0..positions[b] of
-// slots[b] (grouped-query: head h reads kv head h / (H / KV)). Returns [B, H * Dh].
+// One query per new token: q [T, H, Dh] attends over cache positions 0..positions[t] of slots[t]
+// (grouped-query: head h reads kv head h / (H / KV)); a token and its drafts are several entries
+// of the same slot, each computed exactly as if it came alone. Returns [T, H * Dh].
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                                torch::Tensor positions, double scale) {
   check_float(q, "decode_attention: q");

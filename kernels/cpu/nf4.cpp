@@ -10,7 +10,7 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;        // rows one pass of the fused kernel handles
-constexpr int64_t kFusedMaxRows = 16;  // inputs with more rows are dequantized once and use GEMM
+constexpr int64_t kFusedMaxRows = 32;  // matches the int4 path; rows are computed independently  // inputs with more rows are dequantized once and use GEMM
 
 // The scale of block b of row n: plain float32, or int8 with one float32 per 256 blocks plus an offset.
 struct BlockScales {

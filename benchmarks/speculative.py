@@ -1,0 +1,171 @@
+"""Speculative decoding vs plain decoding in the same engine (a benchmark, not a test).
+
+    .venv/bin/python benchmarks/speculative.py [--quantization int4] [--draft ngram] [--k 4] [--tokens 128]
+
+The project's chat prompt set (benchmarks/prompts/chat.json), greedy, the embedded engine
+in-process (no HTTP), one engine with speculation and one without on the same weights. For 1, 4
+and 16 concurrent streams: total decode tokens/s of each and the speedup; for speculation, the
+acceptance rate (accepted / drafted tokens), the mean tokens emitted per verification pass, and
+whether every output equals the plain engine's. Writes benchmarks/results/speculative.json/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from engine.base import GenerationRequest, RequestStats, SamplingParams
+from engine.embedded import EmbeddedConfig, EmbeddedEngine
+from engine.factory import build_embedded
+from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec
+from engine.speculative.speculator import SpeculativeConfig
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+STREAMS = (1, 4, 16)
+
+
+def prompts() -> list[str]:
+    return list(json.loads((HERE / "prompts" / "chat.json").read_text()))
+
+
+async def one(engine: EmbeddedEngine, rid: str, ids: list[int], tokens: int) -> tuple[list[int], RequestStats]:
+    params = SamplingParams(max_tokens=tokens, temperature=0)
+    out_ids: list[int] = []
+    stats = None
+    async for out in engine.generate(GenerationRequest(rid, ids, params)):
+        out_ids += out.token_ids
+        stats = out.stats or stats
+    assert stats is not None
+    return out_ids, stats
+
+
+async def run_set(
+    engine: EmbeddedEngine, chats: list[list[int]], streams: int, tokens: int, tag: str
+) -> dict[str, Any]:
+    """Every prompt once, ``streams`` at a time; total generated tokens over wall time."""
+    outputs: list[list[int]] = [[] for _ in chats]
+    stats: list[RequestStats] = []
+    queue = list(enumerate(chats))
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        while queue:
+            i, ids = queue.pop(0)
+            outputs[i], s = await one(engine, f"{tag}-{i}", ids, tokens)
+            stats.append(s)
+
+    await asyncio.gather(*(worker() for _ in range(streams)))
+    wall = time.perf_counter() - start
+    drafted = sum(s.speculation.draft_tokens for s in stats)
+    accepted = sum(s.speculation.accepted_tokens for s in stats)
+    passes = sum(s.speculation.steps for s in stats)
+    return {
+        "tok_s": sum(len(o) for o in outputs) / wall,
+        "outputs": outputs,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_emitted_per_pass": (accepted + passes) / passes if passes else None,
+        "drafted": drafted,
+        "accepted": accepted,
+    }
+
+
+async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    quant = None if args.quantization == "none" else QuantSpec(args.quantization, DEFAULT_GROUP_SIZE[args.quantization])
+    spec = SpeculativeConfig(args.draft, args.k, max_batch_size=args.max_spec_batch)
+    plain = build_embedded(args.model, "auto", EmbeddedConfig(16, 1024), quant)
+    fast = build_embedded(args.model, "auto", EmbeddedConfig(16, 1024, speculative=spec), quant)
+    chats = [plain.tokenize_chat([{"role": "user", "content": p}]) for p in prompts()]
+    rows = []
+    await plain.start()
+    await fast.start()
+    try:
+        for streams in tqdm(STREAMS, desc="streams", unit="setting"):
+            base = await run_set(plain, chats, streams, args.tokens, f"plain{streams}")
+            sped = await run_set(fast, chats, streams, args.tokens, f"spec{streams}")
+            rows.append(
+                {
+                    "streams": streams,
+                    "plain_tok_s": base["tok_s"],
+                    "spec_tok_s": sped["tok_s"],
+                    "speedup": sped["tok_s"] / base["tok_s"],
+                    "acceptance_rate": sped["acceptance_rate"],
+                    "mean_emitted_per_pass": sped["mean_emitted_per_pass"],
+                    "identical_outputs": sped["outputs"] == base["outputs"],
+                    "drafted": sped["drafted"],
+                    "accepted": sped["accepted"],
+                }
+            )
+    finally:
+        await plain.stop()
+        await fast.stop()
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def f(v: float | None, pattern: str) -> str:
+        return "n/a" if v is None else pattern.format(v)
+
+    lines = [
+        "| streams | plain tok/s | speculative tok/s | speedup | acceptance | tokens per pass | identical |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['streams']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{f(r['acceptance_rate'], '{:.0%}')} | {f(r['mean_emitted_per_pass'], '{:.2f}')} | "
+            f"{'yes' if r['identical_outputs'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["plain_tok_s"] for r in rows], width=0.4, label="plain")
+    ax.bar([i + 0.2 for i in x], [r["spec_tok_s"] for r in rows], width=0.4, label="speculative")
+    ax.set_xticks(list(x), [str(r["streams"]) for r in rows])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("total decode tok/s")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--quantization", default="int4", choices=["none", "int4", "nf4"])
+    p.add_argument("--draft", default="ngram")
+    p.add_argument("--k", type=int, default=4, help="most tokens drafted per step")
+    p.add_argument("--max-spec-batch", type=int, default=2, help="larger decode batches do not speculate")
+    p.add_argument("--tokens", type=int, default=128)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    rows = asyncio.run(measure(args))
+    title = f"{args.model} {args.quantization}, draft {args.draft} k<={args.k}, {len(prompts())} chat prompts, greedy"
+    print(title)
+    print(table(rows))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "speculative.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
+    plot(rows, RESULTS_DIR / "speculative.png", title)
+    return 0 if all(r["identical_outputs"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
