@@ -22,13 +22,10 @@ GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's packed CPU kernel accepts
 CPU_ROW_MULTIPLE = 64  # the kernel wants N % 16 == 0; 64 also whole-blocks every ISA layout
 
 
-@dataclass(frozen=True)
-class Int4Weight:
-    codes: Tensor  # uint8 [N, Kp // 2]
-    scales: Tensor  # [N, Kp // group]
-    zeros: Tensor  # [N, Kp // group]
-    group_size: int
-    in_features: int  # K before padding
+class PackedRows:
+    """Shape of a weight stored as two 4-bit codes per byte, ``codes [N, Kp // 2]``."""
+
+    codes: Tensor
 
     @property
     def out_features(self) -> int:
@@ -37,6 +34,15 @@ class Int4Weight:
     @property
     def padded_in_features(self) -> int:
         return self.codes.shape[1] * 2
+
+
+@dataclass(frozen=True)
+class Int4Weight(PackedRows):
+    codes: Tensor  # uint8 [N, Kp // 2]
+    scales: Tensor  # [N, Kp // group]
+    zeros: Tensor  # [N, Kp // group]
+    group_size: int
+    in_features: int  # K before padding
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))

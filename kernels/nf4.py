@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import cpu
-from kernels.int4 import pack_nibbles, padded_width, unpack_nibbles
+from kernels.int4 import PackedRows, pack_nibbles, padded_width, unpack_nibbles
 
 # The NF4 code book: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA, Appendix E).
 CODE_BOOK = torch.tensor(
@@ -33,21 +33,13 @@ SCALE_CHUNK = 256  # block scales per float32 chunk scale under double quantizat
 
 
 @dataclass(frozen=True)
-class NF4Weight:
+class NF4Weight(PackedRows):
     codes: Tensor  # uint8 [N, Kp // 2]
     absmax: Tensor  # float32 [N, Kp // block], or int8 under double quantization
     chunk_scale: Tensor | None  # float32 [ceil(N * Kp / block / 256)] under double quantization
     offset: float
     block_size: int
     in_features: int
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
-
-    @property
-    def padded_in_features(self) -> int:
-        return self.codes.shape[1] * 2
 
     @property
     def double_quant(self) -> bool:

@@ -100,3 +100,10 @@ def test_narrow_weight_copy_serves_only_small_batches() -> None:
     assert narrow.dtype == torch.float32
     assert not torch.equal(narrow, exact[:2])  # the bf16 copy really was used ...
     torch.testing.assert_close(narrow, exact[:2], atol=0.1, rtol=0.02)  # ... and agrees to bf16 precision
+
+
+def test_the_example_config_is_valid_and_matches_the_defaults() -> None:
+    example = Path(__file__).resolve().parent.parent / "turnout.example.yaml"
+    settings = load_settings(example)
+    assert settings.experts[0].quant_spec() is None and settings.experts[0].speculative is None
+    assert settings.model_dump() == load_settings(None).model_dump()
