@@ -22,12 +22,25 @@ def _build_dir(source: Path) -> Path:
     return path
 
 
+def _put_ninja_on_path() -> None:
+    """The build runs ``ninja``; the pip-installed one lives next to the interpreter, maybe off PATH."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+
+
 def load(name: str) -> ModuleType | None:
     """The compiled ``<name>.cpp`` module, or None (with a warning) where it cannot be built."""
     if name not in _LOADED:
         source = _HERE / f"{name}.cpp"
         try:
             from torch.utils import cpp_extension
+
+            _put_ninja_on_path()
 
             log.info("loading the %s CPU kernel (compiled once, ~1 minute, then cached)", name)
             _LOADED[name] = cpp_extension.load(
