@@ -33,6 +33,27 @@ ZOO: dict[str, ZooEntry] = {
     ),
 }
 ALIASES = {"smollm2-135m": "smollm2-135m-instruct"}
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass(frozen=True)
+class DistilledEntry:
+    """A model the project trains itself: its own weights in assets/, the rest shared with ``base``."""
+
+    name: str
+    base: str  # zoo model whose token embedding (tied LM head) and tokenizer it shares
+    assets: Path  # config.json + model.safetensors holding only the weights it does not share
+    description: str
+
+
+DISTILLED: dict[str, DistilledEntry] = {
+    "smollm2-small": DistilledEntry(
+        name="smollm2-small",
+        base="smollm2-135m-instruct",
+        assets=ASSETS / "smollm2-small",
+        description="6 of SmolLM2-135M's 30 layers, KL-distilled from it (turnout distill; assets/smollm2-small)",
+    ),
+}
 
 
 def cache_root() -> Path:
@@ -108,12 +129,36 @@ def pull(name: str) -> Path:
     """Fetch and convert a zoo model; returns the converted directory (a no-op when cached)."""
     from engine.loader import convert_gguf  # heavy imports only when converting
 
+    if name in DISTILLED:
+        return assemble(DISTILLED[name])
     entry = resolve(name)
     out = converted_dir(entry)
     if is_converted(out):
         return out
     gguf = fetch_gguf(entry)
     convert_gguf(gguf, out)
+    return out
+
+
+def assemble(entry: DistilledEntry) -> Path:
+    """The distilled model as a converted directory: its own weights plus the base's embedding and tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    own = entry.assets / "model.safetensors"
+    if not own.exists():
+        raise FileNotFoundError(f"{entry.name}: {own} is missing; build it with `turnout distill`")
+    out = cache_root() / "models" / entry.name
+    if is_converted(out) and out.joinpath("model.safetensors").stat().st_mtime >= own.stat().st_mtime:
+        return out
+    base = pull(entry.base)
+    state = load_file(own)
+    state["model.embed_tokens.weight"] = load_file(base / "model.safetensors")["model.embed_tokens.weight"]
+    out.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, out / f.name)
+    shutil.copy2(entry.assets / "config.json", out / "config.json")
+    save_file(state, str(out / "model.safetensors"))
     return out
 
 

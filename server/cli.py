@@ -8,6 +8,18 @@ import sys
 from pathlib import Path
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from engine import zoo
+    from engine.distill.train import DistillConfig, distill
+
+    cfg = DistillConfig(keep_layers=args.keep_layers, steps=args.steps, minutes=args.minutes, seed=args.seed)
+    teacher = zoo.pull("smollm2-135m-instruct")
+    work = zoo.cache_root() / "distill" / f"smollm2-small-{cfg.keep_layers}l-seed{cfg.seed}"
+    out = distill(teacher, work, args.out, cfg)
+    print(f"wrote {out} (checkpoints in {work})")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -82,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
+
+    distill = sub.add_parser("distill", help="build smollm2-small from smollm2-135m-instruct (resumable)")
+    distill.add_argument("--out", type=Path, default=Path("assets/smollm2-small"), help="where its weights go")
+    distill.add_argument("--keep-layers", type=int, default=6)
+    distill.add_argument("--steps", type=int, default=400)
+    distill.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.set_defaults(func=_distill)
 
     models = sub.add_parser("models", help="fetch or list cached models")
     msub = models.add_subparsers(dest="models_command", required=True)
