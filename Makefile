@@ -32,6 +32,8 @@ lint: $(STAMP)
 
 bench: pull
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/speculative.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
