@@ -33,6 +33,7 @@ from engine.model.kv_cache import AttentionBatch
 from engine.model.llama import Transformer
 from engine.model.quantized import QuantSpec, load_quantized_transformer
 from engine.tokenizer import Tokenizer
+from kernels import nf4
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONFIGS: list[tuple[str, QuantSpec | None]] = [
@@ -93,7 +94,7 @@ def bits_per_weight(spec: QuantSpec | None) -> float:
         return 32.0
     if spec.method == "int4":
         return 4 + 2 * 16 / spec.group_size  # bf16 scale and zero per group
-    return 4 + (8 / spec.group_size + 32 / (spec.group_size * 256) if spec.double_quant else 32 / spec.group_size)
+    return nf4.bits_per_weight(spec.group_size, spec.double_quant)
 
 
 def measure(path: Path, ids: list[int], window: int) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ row's last value, which leaves that group's range unchanged, and padded inputs a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +163,8 @@ def _blocked_layout(block_n: int, n: int, k: int, packed: Tensor) -> Tensor:
     return torch.cat([lo, hi], dim=1).reshape(n, k)
 
 
-def _probe_block_n() -> int | None:
+@functools.cache
+def cpu_block_n() -> int | None:
     """Which blocked layout this build of the CPU kernel writes (it depends on the ISA), or None."""
     n, k = 128, 64
     codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
@@ -171,15 +173,6 @@ def _probe_block_n() -> int | None:
         if torch.equal(_blocked_layout(block_n, n, k, packed).int(), codes):
             return block_n
     return None
-
-
-_BLOCK_N: list[int | None] = []
-
-
-def cpu_block_n() -> int | None:
-    if not _BLOCK_N:
-        _BLOCK_N.append(_probe_block_n())
-    return _BLOCK_N[0]
 
 
 def dequantize_cpu_t(w: Int4CPUWeight) -> Tensor | None:
