@@ -53,6 +53,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size())
 
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 

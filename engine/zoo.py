@@ -53,6 +53,12 @@ DISTILLED: dict[str, DistilledEntry] = {
         assets=ASSETS / "smollm2-small",
         description="6 of SmolLM2-135M's 30 layers, KL-distilled from it (turnout distill; assets/smollm2-small)",
     ),
+    "tiny-scratch": DistilledEntry(
+        name="tiny-scratch",
+        base="smollm2-135m-instruct",
+        assets=ASSETS / "tiny-scratch",
+        description="8-layer d=256 Llama trained from random init, never quantized (engine/distill/scratch.py)",
+    ),
 }
 
 
@@ -141,7 +147,8 @@ def pull(name: str) -> Path:
 
 
 def assemble(entry: DistilledEntry) -> Path:
-    """The distilled model as a converted directory: its own weights plus the base's embedding and tokenizer."""
+    """The model as a converted directory: its own weights, the base's tokenizer, and the base's
+    embedding unless it has its own."""
     from safetensors.torch import load_file, save_file
 
     own = entry.assets / "model.safetensors"
@@ -152,7 +159,8 @@ def assemble(entry: DistilledEntry) -> Path:
         return out
     base = pull(entry.base)
     state = load_file(own)
-    state["model.embed_tokens.weight"] = load_file(base / "model.safetensors")["model.embed_tokens.weight"]
+    if "model.embed_tokens.weight" not in state:  # shared with the base
+        state["model.embed_tokens.weight"] = load_file(base / "model.safetensors")["model.embed_tokens.weight"]
     out.mkdir(parents=True, exist_ok=True)
     for f in base.iterdir():
         if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "chat_template")):

@@ -22,10 +22,19 @@ HELD_OUT_TOKENS = 60_000
 PROMPTS = Path(__file__).with_name("prompts.json")
 
 
+def _documentation(tokenizer: Tokenizer) -> list[int]:
+    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    return tokenizer.encode(text)
+
+
 def documentation_tokens(tokenizer: Tokenizer) -> list[int]:
     """The training part of the documentation text (everything after the held-out head)."""
-    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-    return tokenizer.encode(text)[HELD_OUT_TOKENS:]
+    return _documentation(tokenizer)[HELD_OUT_TOKENS:]
+
+
+def heldout_tokens(tokenizer: Tokenizer) -> list[int]:
+    """The held-out head of the documentation text (never trained on)."""
+    return _documentation(tokenizer)[:HELD_OUT_TOKENS]
 
 
 def chat_tokens(model_path: Path, out: Path, max_tokens: int, seed: int) -> list[list[int]]:
