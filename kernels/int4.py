@@ -99,6 +99,13 @@ def dequantize(q: Int4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     return w.view(n, kp)[:, : q.in_features].to(dtype)
 
 
+def rows(q: Int4Weight, ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dequantize rows ``ids`` (an embedding lookup on a tied int4 head) -> ``[*ids.shape, K]``."""
+    flat = ids.reshape(-1)
+    sub = Int4Weight(q.codes[flat], q.scales[flat], q.zeros[flat], q.group_size, q.in_features)
+    return dequantize(sub, dtype).view(*ids.shape, q.in_features)
+
+
 def matmul_reference(x: Tensor, q: Int4Weight) -> Tensor:
     """The oracle: ``x @ dequantize(q).T`` in float32."""
     return (x.float() @ dequantize(q).T).to(x.dtype)

@@ -32,6 +32,9 @@ class QuantizationOptions(_Strict):
     group_size: int | None = Field(default=None, ge=8)
     double_quant: bool = False  # nf4: int8 block scales
     quantize_embeddings: bool = True  # the tied embedding/LM head too (else it stays float)
+    # decode-sized matmuls: int8 activations per block of 32 (integer dot products, as llama.cpp
+    # does on CPUs) or float (bf16 into PyTorch's int4 kernel, float32 into the nf4 kernel)
+    activations: Literal["int8", "float"] = "int8"
 
 
 class SpeculativeSettings(_Strict):

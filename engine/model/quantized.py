@@ -22,11 +22,16 @@ from tqdm import tqdm
 from engine.loader import fused_state, load_transformer, read_args
 from engine.model.linear import Linear
 from engine.model.llama import Transformer
-from kernels import int4, nf4
+from kernels import a8, int4, nf4
 
 log = logging.getLogger(__name__)
 
 METHODS = ("int4", "nf4")
+ACTIVATIONS = ("int8", "float")
+# Inputs of up to this many rows (decode, speculative verify) take the int8-activation kernel;
+# wider ones (prefill) dequantize the weight once into a float32 GEMM. benchmarks/quality.py
+# raises it to score every position with the decode arithmetic.
+A8_MAX_ROWS = 32
 # int4 g32 keeps SmolLM2-135M within 6% of its float perplexity where g64 loses 46%
 # (benchmarks/quality.py); nf4 uses QLoRA's block of 64.
 DEFAULT_GROUP_SIZE = {"int4": 32, "nf4": 64}
@@ -38,10 +43,13 @@ class QuantSpec:
     group_size: int = 64  # int4 group / nf4 block
     double_quant: bool = False  # nf4 only
     quantize_embeddings: bool = True
+    activations: str = "int8"  # decode-sized matmuls: int8 activations (integer dot products) or float
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"quantization must be one of none, {', '.join(METHODS)}; got {self.method!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {self.activations!r}")
         if self.method == "int4":
             int4.check_group_size(self.group_size)
         else:
@@ -59,33 +67,61 @@ class QuantSpec:
         return nf4.quantize(w, self.group_size, self.double_quant)
 
 
-class Int4Linear(nn.Module):
-    """int4 weight-only linear on PyTorch's packed CPU kernel (bf16 activations inside)."""
+def _a8_usable(x: Tensor, block: int) -> bool:
+    rows = x.numel() // x.shape[-1]
+    return 0 < rows <= A8_MAX_ROWS and block % a8.BLOCK == 0
 
-    def __init__(self, q: int4.Int4Weight) -> None:
+
+class Int4Linear(nn.Module):
+    """int4 weight-only linear. With int8 activations (and the C++ kernel built) it keeps the
+    reference layout: decode-sized inputs run ``kernels/cpu/a8.cpp``, wide ones one float32 GEMM
+    on the weight dequantized in C++. Otherwise it runs PyTorch's packed kernel (bf16 activations)."""
+
+    def __init__(self, q: int4.Int4Weight, activations: str = "int8") -> None:
         super().__init__()
-        self.weight_q = int4.to_cpu_layout(q)
         self.in_features, self.out_features = q.in_features, q.out_features
+        self.weight_a8 = q if activations == "int8" and a8.available() else None
+        self.weight_q = None if self.weight_a8 is not None else int4.to_cpu_layout(q)
 
     def forward(self, x: Tensor) -> Tensor:
-        return int4.matmul_cpu(x, self.weight_q)
+        q = self.weight_a8
+        if q is None:
+            assert self.weight_q is not None
+            return int4.matmul_cpu(x, self.weight_q)
+        if _a8_usable(x, q.group_size) and (y := a8.int4_mm(x, q)) is not None:
+            return y
+        w = a8.int4_dequantize(q)
+        assert w is not None
+        y = x.reshape(-1, x.shape[-1]).float() @ w[:, : x.shape[-1]].T
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.weight_a8 is not None:
+            return int4.rows(self.weight_a8, ids, dtype)
+        assert self.weight_q is not None
         return int4.cpu_rows(self.weight_q, ids, dtype)
 
     def nbytes(self) -> int:
-        return self.weight_q.nbytes()
+        weight = self.weight_a8 if self.weight_a8 is not None else self.weight_q
+        assert weight is not None
+        return weight.nbytes()
 
 
 class NF4Linear(nn.Module):
-    """nf4 weight-only linear on the fused code-book CPU kernel."""
+    """nf4 weight-only linear: decode-sized inputs on the int8-activation kernel (or, with float
+    activations, the fused code-book kernel), wide ones one GEMM on the dequantized weight."""
 
-    def __init__(self, q: nf4.NF4Weight) -> None:
+    def __init__(self, q: nf4.NF4Weight, activations: str = "int8") -> None:
         super().__init__()
         self.weight_q = q
+        self.int8_activations = activations == "int8"
         self.in_features, self.out_features = q.in_features, q.out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int8_activations and _a8_usable(x, self.weight_q.block_size):
+            y = a8.nf4_mm(x, self.weight_q)
+            if y is not None:
+                return y
         return nf4.matmul_cpu(x, self.weight_q)
 
     def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -109,8 +145,8 @@ class TiedQuantizedEmbedding(nn.Module):
         return self.head[0].rows(ids, self.dtype)
 
 
-def make_linear(q: int4.Int4Weight | nf4.NF4Weight) -> QuantizedLinear:
-    return Int4Linear(q) if isinstance(q, int4.Int4Weight) else NF4Linear(q)
+def make_linear(q: int4.Int4Weight | nf4.NF4Weight, activations: str = "int8") -> QuantizedLinear:
+    return Int4Linear(q, activations) if isinstance(q, int4.Int4Weight) else NF4Linear(q, activations)
 
 
 # --- phase one: quantize once and cache in the portable reference layout ---------------------
@@ -164,7 +200,7 @@ def swap_in(model: Transformer, tensors: dict[str, Tensor], spec: QuantSpec, dty
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, attr)
-        setattr(parent, attr, make_linear(_from_tensors(name, tensors, spec, linear.in_features)))
+        setattr(parent, attr, make_linear(_from_tensors(name, tensors, spec, linear.in_features), spec.activations))
     if spec.quantize_embeddings and model.args.tie_embeddings:
         assert isinstance(model.output, Int4Linear | NF4Linear)
         model.tok_embeddings = TiedQuantizedEmbedding(model.output, dtype)  # type: ignore[assignment]

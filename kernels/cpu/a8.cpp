@@ -1,0 +1,300 @@
+// 4-bit weight linears for decode-sized inputs with the activations quantized to int8 on the fly
+// (per block of 32, absmax scale), so the inner product runs on integer multiply-adds: 32
+// weights per maddubs instead of 8 per float FMA. The weights stay in turnout's reference layout
+// (codes [N, Kp/2], the even column in the low nibble). Per block of 32 the activations are
+// stored reordered (the 16 even columns, then the 16 odd ones) so the low nibbles of 16 code
+// bytes line up with the first half and the high nibbles with the second, with no shuffles.
+//   int4: w = (q - 8) s + z  ->  sum_k w x = s * sum_b d_b ((q - 8) . xq_b) + z * sum_k x
+//   (centred codes, so the activation rounding error meets |q - 8| <= 8, not q <= 15; the zero
+//   term uses the exact sum of x)
+//   nf4:  w = NF4[q] a       ->  a / 127 * sum_b d_b (lut8[q] . xq_b), lut8 = round(127 NF4)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int kRowsPerPass = 4;
+
+struct Activations {
+  std::vector<int8_t> q;    // [M, Kp], reordered within each block of 32
+  std::vector<float> d;     // [M, Kp / 32] block scales
+  std::vector<float> sum;        // [M, Kp / 32] exact block sums of x
+  std::vector<float> group_sum;  // [M, Kp / group] exact group sums of x (the int4 zero term)
+  int64_t kp = 0, blocks = 0;
+};
+
+Activations quantize_activations(const torch::Tensor& x, int64_t kp) {
+  const int64_t rows = x.size(0), k = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  Activations a;
+  a.kp = kp;
+  a.blocks = kp / kBlock;
+  a.q.assign(rows * kp, 0);
+  a.d.assign(rows * a.blocks, 0.f);
+  a.sum.assign(rows * a.blocks, 0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      float v[kBlock], amax = 0.f, sum = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int64_t col = b * kBlock + j;
+        v[j] = col < k ? xp[m * k + col] : 0.f;
+        amax = std::max(amax, std::fabs(v[j]));
+        sum += v[j];
+      }
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* out = a.q.data() + m * kp + b * kBlock;
+      for (int64_t j = 0; j < kBlock; ++j) out[(j & 1) * 16 + j / 2] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+      a.d[m * a.blocks + b] = d;
+      a.sum[m * a.blocks + b] = sum;
+    }
+  }
+  return a;
+}
+
+void add_group_sums(Activations& a, int64_t rows, int64_t group) {
+  const int64_t per_group = group / kBlock, groups = a.kp / group;
+  a.group_sum.assign(rows * groups, 0.f);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t b = 0; b < a.blocks; ++b) a.group_sum[m * groups + b / per_group] += a.sum[m * a.blocks + b];
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The scale of nf4 block b of row n: float32, or int8 with one float32 per 256 blocks plus an offset.
+struct NF4Scales {
+  const float* absmax = nullptr;
+  const int8_t* qabsmax = nullptr;
+  const float* chunk_scale = nullptr;
+  float offset = 0.f;
+  int64_t blocks_per_row = 0;
+  float at(int64_t n, int64_t b) const {
+    const int64_t i = n * blocks_per_row + b;
+    if (absmax) return absmax[i];
+    return static_cast<float>(qabsmax[i]) * chunk_scale[i / 256] + offset;
+  }
+};
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_hadd_ps(h, h);
+  return _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
+// 32 codes of one block as bytes, in the reordered column order (low nibbles, then high).
+inline __m256i nibbles(const uint8_t* codes) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15));
+}
+
+// Eight int32 partial sums of (unsigned w) . (signed x) over one block.
+inline __m256i dot_block(__m256i w_unsigned, __m256i x_signed) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x_signed), _mm256_set1_epi16(1));
+}
+
+template <int M>
+void int4_row(const Activations& a, const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+              int64_t group, int64_t m0, float* out, int64_t out_stride) {
+  const int64_t per_group = group / kBlock, groups = a.kp / group;
+  const __m256i eight = _mm256_set1_epi8(8);
+  __m256 acc[2][M];  // even and odd blocks: two FMA chains
+  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 sv = _mm256_set1_ps(bf16_to_float(scales[g]));
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      const __m256i w = _mm256_sub_epi8(nibbles(codes + b * (kBlock / 2)), eight);  // centred codes, -8..7
+      const __m256i w_abs = _mm256_sign_epi8(w, w);
+      for (int m = 0; m < M; ++m) {
+        const int64_t row = m0 + m;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.kp + b * kBlock));
+        const __m256 scale = _mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * a.blocks + b]));
+        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(w_abs, _mm256_sign_epi8(x, w))), scale, acc[b & 1][m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    const float* gsum = a.group_sum.data() + (m0 + m) * groups;
+    float offset = 0.f;
+    for (int64_t g = 0; g < groups; ++g) offset += bf16_to_float(zeros[g]) * gsum[g];
+    out[m * out_stride] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) + offset;
+  }
+}
+
+template <int M>
+void nf4_row(const Activations& a, const uint8_t* codes, const NF4Scales& scales, int64_t n, int64_t block,
+             __m256i lut, int64_t m0, float* out, int64_t out_stride) {
+  const int64_t per_block = block / kBlock;
+  __m256 acc[2][M];
+  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+  for (int64_t nb = 0; nb < a.kp / block; ++nb) {
+    const __m256 sv = _mm256_set1_ps(scales.at(n, nb) / 127.f);
+    for (int64_t b = nb * per_block; b < (nb + 1) * per_block; ++b) {
+      const __m256i w = _mm256_shuffle_epi8(lut, nibbles(codes + b * (kBlock / 2)));
+      const __m256i w_abs = _mm256_sign_epi8(w, w);
+      for (int m = 0; m < M; ++m) {
+        const int64_t row = m0 + m;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.kp + b * kBlock));
+        const __m256 scale = _mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * a.blocks + b]));
+        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(w_abs, _mm256_sign_epi8(x, w))), scale, acc[b & 1][m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m * out_stride] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+}
+#else
+// Portable twins of the two row kernels (same arithmetic, one weight at a time).
+inline int code_at(const uint8_t* codes, int64_t b, int64_t j) {
+  const uint8_t byte = codes[b * (kBlock / 2) + j % 16];
+  return j < 16 ? (byte & 15) : (byte >> 4);
+}
+
+template <int M>
+void int4_row(const Activations& a, const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
+              int64_t group, int64_t m0, float* out, int64_t out_stride) {
+  const int64_t per_group = group / kBlock;
+  for (int m = 0; m < M; ++m) {
+    const int64_t row = m0 + m;
+    float acc = 0.f;
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      const float s = bf16_to_float(scales[b / per_group]), z = bf16_to_float(zeros[b / per_group]);
+      int32_t dot = 0;
+      for (int64_t j = 0; j < kBlock; ++j) dot += (code_at(codes, b, j) - 8) * a.q[row * a.kp + b * kBlock + j];
+      acc += s * a.d[row * a.blocks + b] * dot + z * a.sum[row * a.blocks + b];
+    }
+    out[m * out_stride] = acc;
+  }
+}
+
+template <int M>
+void nf4_row(const Activations& a, const uint8_t* codes, const NF4Scales& scales, int64_t n, int64_t block,
+             const int8_t* lut, int64_t m0, float* out, int64_t out_stride) {
+  for (int m = 0; m < M; ++m) {
+    const int64_t row = m0 + m;
+    float acc = 0.f;
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      int32_t dot = 0;
+      for (int64_t j = 0; j < kBlock; ++j) dot += lut[code_at(codes, b, j)] * a.q[row * a.kp + b * kBlock + j];
+      acc += scales.at(n, b * kBlock / block) / 127.f * a.d[row * a.blocks + b] * dot;
+    }
+    out[m * out_stride] = acc;
+  }
+}
+#endif
+
+// Runs row_fn<M>(m0, n) over all input rows (passes of up to 4) and output rows (in parallel).
+template <typename F>
+void for_rows(int64_t rows, int64_t n_rows, F&& row_fn) {
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+      const int64_t left = std::min<int64_t>(kRowsPerPass, rows - m0);
+      for (int64_t n = begin; n < end; ++n) {
+        switch (left) {
+          case 1: row_fn(std::integral_constant<int, 1>{}, m0, n); break;
+          case 2: row_fn(std::integral_constant<int, 2>{}, m0, n); break;
+          case 3: row_fn(std::integral_constant<int, 3>{}, m0, n); break;
+          default: row_fn(std::integral_constant<int, 4>{}, m0, n); break;
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const torch::Tensor& x, const torch::Tensor& codes, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "a8: x must be contiguous float32 [M, K]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kByte && codes.is_contiguous(), "a8: codes must be uint8 [N, Kp/2]");
+  TORCH_CHECK(group % kBlock == 0, "a8: the group / block size must be a multiple of 32");
+  TORCH_CHECK(x.size(1) <= codes.size(1) * 2, "a8: x is wider than the weight");
+}
+
+torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                      const torch::Tensor& zeros, int64_t group) {
+  check_inputs(x, codes, group);
+  TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && zeros.scalar_type() == torch::kBFloat16, "a8: int4 scales and zeros must be bf16");
+  const int64_t n_rows = codes.size(0), kp = codes.size(1) * 2, rows = x.size(0), groups = kp / group;
+  Activations a = quantize_activations(x, kp);
+  add_group_sums(a, rows, group);
+  auto out = torch::empty({rows, n_rows}, torch::kFloat);
+  float* o = out.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const auto* z = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::BFloat16>());
+  for_rows(rows, n_rows, [&](auto M, int64_t m0, int64_t n) {
+    int4_row<decltype(M)::value>(a, c + n * (kp / 2), s + n * groups, z + n * groups, group, m0, o + m0 * n_rows + n, n_rows);
+  });
+  return out;
+}
+
+torch::Tensor nf4_mm(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
+                     const c10::optional<torch::Tensor>& chunk_scale, double offset, int64_t block,
+                     const torch::Tensor& lut8) {
+  check_inputs(x, codes, block);
+  TORCH_CHECK(lut8.numel() == 16 && lut8.scalar_type() == torch::kChar, "a8: the nf4 code book must be 16 int8 values");
+  NF4Scales scales;
+  scales.blocks_per_row = absmax.size(1);
+  if (absmax.scalar_type() == torch::kFloat) {
+    scales.absmax = absmax.data_ptr<float>();
+  } else {
+    TORCH_CHECK(absmax.scalar_type() == torch::kChar && chunk_scale.has_value(), "a8: int8 nf4 scales need their chunk scales");
+    scales.qabsmax = absmax.data_ptr<int8_t>();
+    scales.chunk_scale = chunk_scale->data_ptr<float>();
+    scales.offset = static_cast<float>(offset);
+  }
+  const int64_t n_rows = codes.size(0), kp = codes.size(1) * 2, rows = x.size(0);
+  const Activations a = quantize_activations(x, kp);
+  auto out = torch::empty({rows, n_rows}, torch::kFloat);
+  float* o = out.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+#ifdef __AVX2__
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut8.data_ptr<int8_t>())));
+#else
+  const int8_t* lut = lut8.data_ptr<int8_t>();
+#endif
+  for_rows(rows, n_rows, [&](auto M, int64_t m0, int64_t n) {
+    nf4_row<decltype(M)::value>(a, c + n * (kp / 2), scales, n, block, lut, m0, o + m0 * n_rows + n, n_rows);
+  });
+  return out;
+}
+
+// float32 W [N, Kp] from the int4 reference layout (for wide inputs, which take one GEMM).
+torch::Tensor int4_dequantize(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zeros,
+                              int64_t group) {
+  const int64_t n_rows = codes.size(0), kp = codes.size(1) * 2, groups = kp / group;
+  auto w = torch::empty({n_rows, kp}, torch::kFloat);
+  float* wp = w.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const auto* z = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = bf16_to_float(s[n * groups + g]), base = bf16_to_float(z[n * groups + g]) - 8.f * sc;
+        for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
+          const uint8_t byte = c[n * (kp / 2) + k / 2];
+          wp[n * kp + k] = (byte & 15) * sc + base;
+          wp[n * kp + k + 1] = (byte >> 4) * sc + base;
+        }
+      }
+    }
+  });
+  return w;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "x [M, K] @ W.T for int4 W, int8 activations (float32 out)");
+  m.def("nf4_mm", &nf4_mm, "x [M, K] @ W.T for nf4 W, int8 activations (float32 out)");
+  m.def("int4_dequantize", &int4_dequantize, "float32 W [N, Kp] from the int4 reference layout");
+}
