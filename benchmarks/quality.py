@@ -5,9 +5,10 @@
 Text: CPython's ``pydoc_data.topics`` (documentation that ships with the interpreter), topics in
 sorted order, the first ``--tokens`` tokens, scored in non-overlapping windows. Configurations:
 float32, int4 (g32, g64, g128), nf4 (block 64, with and without double quantization), and int4
-g64 with the embedding/LM head left in float. Weight bytes are counted from the tensors held;
-the bf16 reference is two bytes per parameter. Decode cost is the model's forward time for one
-token (no server). Writes benchmarks/results/quality.json and quality.png.
+g64 with the embedding/LM head left in float, all with float activations; then int4 g32 / g128
+and nf4 with the int8 activations of the decode kernel at every position. Weight bytes are counted
+from the tensors held; the bf16 reference is two bytes per parameter. Decode cost is the model's
+forward time for one token (no server). Writes benchmarks/results/quality.json and quality.png.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import platform
 import pydoc_data.topics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from tqdm import tqdm
 
 from engine.factory import resolve_model_path
 from engine.loader import load_transformer
+from engine.model import quantized
 from engine.model.footprint import weight_bytes
 from engine.model.kv_cache import AttentionBatch
 from engine.model.llama import Transformer
@@ -36,14 +40,20 @@ from engine.tokenizer import Tokenizer
 from kernels import nf4
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FLOAT = "float"
+# Rows with float activations score the weights alone; "int8 act." rows score every position with
+# the int8-activation decode kernel (what a served int4/nf4 model decodes with by default).
 CONFIGS: list[tuple[str, QuantSpec | None]] = [
     ("float32", None),
-    ("int4 g32", QuantSpec("int4", 32)),
-    ("int4 g64", QuantSpec("int4", 64)),
-    ("int4 g128", QuantSpec("int4", 128)),
-    ("nf4", QuantSpec("nf4", 64)),
-    ("nf4 double-quant", QuantSpec("nf4", 64, double_quant=True)),
-    ("int4 g64, float embeddings", QuantSpec("int4", 64, quantize_embeddings=False)),
+    ("int4 g32", QuantSpec("int4", 32, activations=FLOAT)),
+    ("int4 g64", QuantSpec("int4", 64, activations=FLOAT)),
+    ("int4 g128", QuantSpec("int4", 128, activations=FLOAT)),
+    ("nf4", QuantSpec("nf4", 64, activations=FLOAT)),
+    ("nf4 double-quant", QuantSpec("nf4", 64, double_quant=True, activations=FLOAT)),
+    ("int4 g64, float embeddings", QuantSpec("int4", 64, quantize_embeddings=False, activations=FLOAT)),
+    ("int4 g32, int8 act.", QuantSpec("int4", 32)),
+    ("int4 g128, int8 act.", QuantSpec("int4", 128)),
+    ("nf4, int8 act.", QuantSpec("nf4", 64)),
 ]
 
 
@@ -97,10 +107,24 @@ def bits_per_weight(spec: QuantSpec | None) -> float:
     return nf4.bits_per_weight(spec.group_size, spec.double_quant)
 
 
+@contextmanager
+def int8_activations_everywhere(spec: QuantSpec | None) -> Iterator[None]:
+    """Route every input, not only decode-sized ones, through the int8-activation kernel."""
+    saved = quantized.A8_MAX_ROWS
+    if spec is not None and spec.activations == "int8":
+        quantized.A8_MAX_ROWS = 1 << 30
+    try:
+        yield
+    finally:
+        quantized.A8_MAX_ROWS = saved
+
+
 def measure(path: Path, ids: list[int], window: int) -> list[dict[str, Any]]:
     rows = []
     for label, spec in tqdm(CONFIGS, desc="configurations", unit="config"):
         model = load(path, spec)
+        with int8_activations_everywhere(spec):
+            ppl = perplexity(model, ids, window, label)
         params = sum(p.numel() for p in load_transformer(path, torch.float32).parameters()) if spec is None else None
         rows.append(
             {
@@ -109,7 +133,7 @@ def measure(path: Path, ids: list[int], window: int) -> list[dict[str, Any]]:
                 "bits_per_weight_linears": bits_per_weight(spec),
                 "weight_bytes": weight_bytes(model),
                 "params": params,
-                "perplexity": perplexity(model, ids, window, label),
+                "perplexity": ppl,
                 "decode_ms": decode_ms(model),
             }
         )

@@ -1,6 +1,7 @@
 """Speed of turnout against llama.cpp and Hugging Face ``generate``: one model, one machine, one run.
 
-    .venv/bin/python benchmarks/speed.py [--dtype auto] [--quantization none,int4,nf4] [--tokens 128]
+    .venv/bin/python benchmarks/speed.py [--dtype auto] [--quantization none,int4,nf4,int4:float,nf4:float]
+                                         [--tokens 128]
                                          [--skip-llamacpp] [--skip-hf] [--quick]
 
 Systems: turnout (its HTTP server, started here on a free loopback port) once per quantization,
@@ -129,8 +130,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     p.add_argument(
         "--quantization",
-        default="none,int4,nf4",
-        help="comma-separated turnout quantizations to run, each its own server (default: none,int4,nf4)",
+        default="none,int4,nf4,int4:float,nf4:float",
+        help="comma-separated turnout quantizations to run, each its own server; ':float' keeps float "
+        "decode activations (default: none,int4,nf4,int4:float,nf4:float)",
     )
     p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
     p.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face generate")
@@ -140,8 +142,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if tokens < 2:
         p.error("--tokens must be at least 2 (decode speed excludes the first token)")
     quantizations = tuple(q.strip() for q in args.quantization.split(",") if q.strip())
-    if not quantizations or any(q not in ("none", "int4", "nf4") for q in quantizations):
-        p.error("--quantization takes a comma-separated list of none, int4, nf4")
+    known = ("none", "int4", "nf4", "int4:float", "nf4:float")
+    if not quantizations or any(q not in known for q in quantizations):
+        p.error(f"--quantization takes a comma-separated list of {', '.join(known)}")
     return Config(
         dtype=args.dtype,
         quantizations=quantizations,
@@ -220,8 +223,11 @@ def free_port() -> int:
 
 
 def server_command(port: int, dtype: str, max_len: int, quantization: str) -> list[str]:
+    """``quantization`` is none, int4 or nf4, optionally ``:float`` for float decode activations."""
     exe = Path(sys.executable).with_name("turnout")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    method, _, activations = quantization.partition(":")
+    extra = ["--activations", activations] if activations else []
     return [
         *base,
         "serve",
@@ -232,7 +238,8 @@ def server_command(port: int, dtype: str, max_len: int, quantization: str) -> li
         "--dtype",
         dtype,
         "--quantization",
-        quantization,
+        method,
+        *extra,
         "--max-model-len",
         str(max_len),
         "--max-batch-size",
@@ -361,7 +368,10 @@ async def concurrent_tok_s(client: httpx.AsyncClient, prompts: list[list[int]], 
 
 
 def turnout_label(quantization: str) -> str:
-    return "turnout" if quantization == "none" else f"turnout {quantization}"
+    if quantization == "none":
+        return "turnout"
+    method, _, activations = quantization.partition(":")
+    return f"turnout {method} ({activations or 'int8'} activations)"
 
 
 async def measure_turnout(url: str, cfg: Config, prompts: Prompts, quantization: str) -> Row:
@@ -574,7 +584,7 @@ def compute_ratios(rows: list[Row]) -> list[Ratio]:
     by = {r.system: r for r in rows}
     missing = Row("missing")
     t, llama, hf = by.get("turnout", missing), by.get("llama.cpp", missing), by.get("HF generate fp32", missing)
-    i4, n4 = by.get("turnout int4", missing), by.get("turnout nf4", missing)
+    i4, n4 = by.get(turnout_label("int4"), missing), by.get(turnout_label("nf4"), missing)
     decode = ratio(t.decode_tok_s, hf.decode_tok_s)
     ttft = ratio(t.ttft_ms, llama.ttft_ms)
     scale = ratio(t.streams_tok_s.get(max(CONCURRENCY)), t.decode_tok_s)

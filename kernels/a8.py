@@ -68,8 +68,18 @@ def available() -> bool:
     return cpu.load("a8") is not None
 
 
+# Decode calls these ~120 times per token, so they skip every conversion that is not needed.
 def _rows(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).float().contiguous()
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+def _shaped(y: Tensor, x: Tensor) -> Tensor:
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], y.shape[-1])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def int4_mm(x: Tensor, q: int4.Int4Weight) -> Tensor | None:
@@ -77,8 +87,7 @@ def int4_mm(x: Tensor, q: int4.Int4Weight) -> Tensor | None:
     ext = cpu.load("a8")
     if ext is None:
         return None
-    y = ext.int4_mm(_rows(x), q.codes, q.scales, q.zeros, q.group_size)
-    return y.view(*x.shape[:-1], q.out_features).to(x.dtype)
+    return _shaped(ext.int4_mm(_rows(x), q.codes, q.scales, q.zeros, q.group_size), x)
 
 
 def nf4_mm(x: Tensor, q: nf4.NF4Weight) -> Tensor | None:
@@ -86,8 +95,7 @@ def nf4_mm(x: Tensor, q: nf4.NF4Weight) -> Tensor | None:
     ext = cpu.load("a8")
     if ext is None:
         return None
-    y = ext.nf4_mm(_rows(x), q.codes, q.absmax, q.chunk_scale, q.offset, q.block_size, LUT8)
-    return y.view(*x.shape[:-1], q.out_features).to(x.dtype)
+    return _shaped(ext.nf4_mm(_rows(x), q.codes, q.absmax, q.chunk_scale, q.offset, q.block_size, LUT8), x)
 
 
 def int4_dequantize(q: int4.Int4Weight) -> Tensor | None:

@@ -75,19 +75,57 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
+# Range search: each group tries its min/max shrunk towards zero by these factors and keeps the one
+# with the least squared error (1.0, plain min/max, is always a candidate, so it never does worse).
+CLIP_STEP, CLIP_STEPS = 0.02, 10
+CLIP_RATIOS = tuple(1.0 - CLIP_STEP * i for i in range(CLIP_STEPS))
+_SEARCH_ROWS = 4096  # rows per chunk of the search (bounds its memory)
+
+
+def _grid(lo: Tensor, hi: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """16 evenly spaced levels from ``lo`` to ``hi``: the stored (rounded) scale and zero."""
+    scales = ((hi - lo) / 15).clamp(min=1e-8).to(dtype)
+    zeros = (lo + 8 * scales.float()).to(dtype)
+    return scales, zeros
+
+
+def _codes(groups: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    # quantize against the stored (rounded) scale and zero so dequantization sees the same numbers
+    return ((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).round().clamp(0, 15)
+
+
+def _search(groups: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    best: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    for ratio in CLIP_RATIOS:
+        scales, zeros = _grid(lo * ratio, hi * ratio, dtype)
+        codes = _codes(groups, scales, zeros)
+        err = ((codes - 8) * scales.float()[..., None] + zeros.float()[..., None] - groups).square().sum(-1)
+        if best is None:
+            best = (err, codes, scales, zeros)
+            continue
+        better = err < best[0]
+        best = (
+            torch.where(better, err, best[0]),
+            torch.where(better[..., None], codes, best[1]),
+            torch.where(better, scales, best[2]),
+            torch.where(better, zeros, best[3]),
+        )
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
 def quantize(w: Tensor, group_size: int = 64, dtype: torch.dtype = torch.bfloat16) -> Int4Weight:
-    """Reference quantizer: per group, min/max -> 16 evenly spaced levels."""
+    """Reference quantizer: per group, 16 evenly spaced levels over its range (min/max, or a range
+    shrunk towards zero where that lowers the group's squared error; see ``CLIP_RATIOS``)."""
     check_group_size(group_size)
     if w.ndim != 2 or w.numel() == 0:
         raise ValueError(f"int4 quantizes a non-empty 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     kp = padded_width(k, group_size)
     groups = pad_columns(w.float(), kp).view(n, kp // group_size, group_size)
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-8).to(dtype)
-    zeros = (lo + 8 * scales.float()).to(dtype)
-    # quantize against the stored (rounded) scale and zero so dequantization sees the same numbers
-    codes = ((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).round().clamp(0, 15)
+    parts = [_search(groups[i : i + _SEARCH_ROWS], dtype) for i in range(0, n, _SEARCH_ROWS)]
+    codes, scales, zeros = (torch.cat(p) for p in zip(*parts, strict=True))
     return Int4Weight(pack_nibbles(codes.view(n, kp)), scales, zeros, group_size, k)
 
 

@@ -231,8 +231,10 @@ def _quantize_kernel(
     GROUP: tl.constexpr,
     FORMAT: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    N_RATIOS: tl.constexpr,
+    CLIP_STEP: tl.constexpr,
 ):
-    """One group per program column: int4 min/max levels, or nf4 absmax + nearest code."""
+    """One group per program column: int4 levels over the searched range, or nf4 absmax + nearest code."""
     pid_n, g = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = g * GROUP + tl.arange(0, GROUP)
@@ -241,12 +243,24 @@ def _quantize_kernel(
     src = tl.minimum(rk, K - 1) if FORMAT == 0 else rk
     w = tl.load(w_ptr + rn[:, None] * K + src[None, :], mask=n_mask[:, None] & (src[None, :] < K), other=0.0)
     w = w.to(tl.float32)
-    if FORMAT == 0:
+    if FORMAT == 0:  # the reference's range search: min/max shrunk towards zero, least squared error
         lo, hi = tl.min(w, axis=1), tl.max(w, axis=1)
-        scale = tl.maximum((hi - lo) / 15.0, 1e-8).to(s_ptr.dtype.element_ty)
-        zero = (lo + 8.0 * scale.to(tl.float32)).to(z_ptr.dtype.element_ty)
-        codes = (w - zero.to(tl.float32)[:, None]) / scale.to(tl.float32)[:, None] + 8.0
-        codes = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(codes), 0.0), 15.0).to(tl.uint8)
+        for i in tl.static_range(N_RATIOS):
+            ratio = 1.0 - CLIP_STEP * i
+            s_i = tl.maximum((hi * ratio - lo * ratio) / 15.0, 1e-8).to(s_ptr.dtype.element_ty)
+            z_i = (lo * ratio + 8.0 * s_i.to(tl.float32)).to(z_ptr.dtype.element_ty)
+            c_i = (w - z_i.to(tl.float32)[:, None]) / s_i.to(tl.float32)[:, None] + 8.0
+            c_i = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(c_i), 0.0), 15.0)
+            diff = (c_i - 8.0) * s_i.to(tl.float32)[:, None] + z_i.to(tl.float32)[:, None] - w
+            err = tl.sum(diff * diff, axis=1)
+            if i == 0:
+                best, scale, zero, codes_f = err, s_i, z_i, c_i
+            else:
+                better = err < best
+                best = tl.where(better, err, best)
+                scale, zero = tl.where(better, s_i, scale), tl.where(better, z_i, zero)
+                codes_f = tl.where(better[:, None], c_i, codes_f)
+        codes = codes_f.to(tl.uint8)
         tl.store(z_ptr + rn * n_groups + g, zero, mask=n_mask)
     else:
         scale = tl.maximum(tl.max(tl.abs(w), axis=1), 1e-12)
@@ -354,7 +368,19 @@ def _quantize_into(w: Tensor, group: int, fmt: int, scale_dtype: torch.dtype) ->
     mids = ((nf4.CODE_BOOK[1:] + nf4.CODE_BOOK[:-1]) / 2).to(w.device)
     grid = (triton.cdiv(n, 16), n_groups)
     _quantize_kernel[grid](
-        w.contiguous(), codes, scales, zeros, mids, n, k, n_groups, GROUP=group, FORMAT=fmt, BLOCK_N=16
+        w.contiguous(),
+        codes,
+        scales,
+        zeros,
+        mids,
+        n,
+        k,
+        n_groups,
+        GROUP=group,
+        FORMAT=fmt,
+        BLOCK_N=16,
+        N_RATIOS=int4.CLIP_STEPS,
+        CLIP_STEP=int4.CLIP_STEP,
     )
     return codes, scales, zeros
 

@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "quantization": args.quantization,
+        "activations": args.activations,
         "speculative_draft": args.speculative_draft,
         "num_draft_tokens": args.num_draft_tokens,
         "max_batch_size": args.max_batch_size,
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="model of the first expert: zoo name, .gguf or directory")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--quantization", default=None, choices=["none", "int4", "nf4"])
+    serve.add_argument(
+        "--activations", default=None, choices=["int8", "float"], help="decode activations of a quantized model"
+    )
     serve.add_argument(
         "--speculative-draft", default=None, choices=["none", "ngram"], help="drafter of the first expert"
     )

@@ -125,6 +125,10 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     server = {k: v for k, v in overrides.items() if k in ("host", "port") and v is not None}
     expert = {k: v for k, v in overrides.items() if k not in ("host", "port") and v is not None}
     draft, k = expert.pop("speculative_draft", None), expert.pop("num_draft_tokens", None)
+    activations = expert.pop("activations", None)
+    if activations is not None:
+        options = settings.experts[0].quantization_options.model_copy(update={"activations": activations})
+        expert["quantization_options"] = options.model_dump()
     if draft == "none":
         expert["speculative"] = None
     elif draft is not None or k is not None:

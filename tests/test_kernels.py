@@ -32,10 +32,25 @@ def test_int4_round_trip_is_within_half_a_step(shape: tuple[int, int], group: in
     q = int4.quantize(w, group)
     assert q.codes.shape == (shape[0], int4.padded_width(shape[1], group) // 2)
     assert q.scales.shape == (shape[0], int4.padded_width(shape[1], group) // group)
+    assert_int4_round_trip(w, q)
+
+
+def assert_int4_round_trip(w: torch.Tensor, q: int4.Int4Weight) -> None:
+    """Inside each group's chosen range the error is at most half a step; the range search never
+    does worse than plain min/max levels."""
+    group, k = q.group_size, w.shape[1]
     err = (int4.dequantize(q) - w).abs()
-    steps = q.scales.float().repeat_interleave(group, dim=1)[:, : shape[1]]
-    zeros = q.zeros.float().abs().repeat_interleave(group, dim=1)[:, : shape[1]]
-    assert (err <= steps / 2 + zeros * 2**-7 + 1e-6).all()  # bf16 scale/zero rounding moves the ends
+    steps = q.scales.float().repeat_interleave(group, dim=1)[:, :k]
+    zeros = q.zeros.float().repeat_interleave(group, dim=1)[:, :k]
+    inside = (w >= zeros - 8 * steps) & (w <= zeros + 7 * steps)
+    assert (err[inside] <= steps[inside] / 2 + 1e-6).all()
+    groups = int4.pad_columns(w.float(), q.padded_in_features).view(w.shape[0], -1, group)
+    plain_s, plain_z = int4._grid(groups.amin(-1), groups.amax(-1), torch.bfloat16)
+    plain_codes = int4._codes(groups, plain_s, plain_z)
+    plain = ((plain_codes - 8) * plain_s.float()[..., None] + plain_z.float()[..., None] - groups).square().sum(-1)
+    codes = int4.unpack_nibbles(q.codes).float().view_as(groups)
+    chosen = ((codes - 8) * q.scales.float()[..., None] + q.zeros.float()[..., None] - groups).square().sum(-1)
+    assert (chosen <= plain).all()
 
 
 def test_int4_represents_a_four_bit_grid_exactly() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from engine.loader import load_transformer
 from engine.model import quantized
@@ -72,6 +72,22 @@ def test_int4_is_quantized_once_then_loaded_from_the_cache(
     monkeypatch.setattr(quantized, "quantize_to_cache", must_not_run)
     second = load_quantized_transformer(model_copy, spec, torch.float32)
     torch.testing.assert_close(logits(second, text_ids), logits(first, text_ids))
+
+
+def test_a_cache_from_another_quantizer_version_is_quantized_again(
+    model_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = QuantSpec("int4", 128)
+    load_quantized_transformer(model_copy, spec, torch.float32)
+    cache = model_copy / "quantized" / f"{spec.tag}.safetensors"
+    save_file(load_file(str(cache)), str(cache), metadata={"spec": "{}"})  # as version 1 wrote it
+    calls: list[Path] = []
+    real = quantized.quantize_to_cache
+    monkeypatch.setattr(quantized, "quantize_to_cache", lambda m, s, p: (calls.append(p), real(m, s, p)))
+    load_quantized_transformer(model_copy, spec, torch.float32)
+    assert calls == [cache]
+    load_quantized_transformer(model_copy, spec, torch.float32)  # now current: read, not re-quantized
+    assert calls == [cache]
 
 
 def test_nf4_engine_matches_its_reference_dequantization(model_copy: Path, text_ids: list[int]) -> None:

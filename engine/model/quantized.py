@@ -32,6 +32,9 @@ ACTIVATIONS = ("int8", "float")
 # wider ones (prefill) dequantize the weight once into a float32 GEMM. benchmarks/quality.py
 # raises it to score every position with the decode arithmetic.
 A8_MAX_ROWS = 32
+# Written into every quantized cache; a cache from another quantizer version is re-quantized.
+# 2: int4 searches each group's range (kernels.int4.CLIP_RATIOS) instead of plain min/max.
+QUANTIZER_VERSION = "2"
 # int4 g32 keeps SmolLM2-135M within 6% of its float perplexity where g64 loses 46%
 # (benchmarks/quality.py); nf4 uses QLoRA's block of 64.
 DEFAULT_GROUP_SIZE = {"int4": 32, "nf4": 64}
@@ -188,7 +191,7 @@ def quantize_to_cache(model: Transformer, spec: QuantSpec, path: Path) -> None:
         tensors.update(_to_tensors(name, spec.quantize(linear.weight.detach())))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata={"spec": json.dumps(spec.__dict__)})
+    save_file(tensors, str(partial), metadata={"spec": json.dumps(spec.__dict__), "quantizer": QUANTIZER_VERSION})
     partial.rename(path)
 
 
@@ -223,10 +226,21 @@ class _LazyState(dict[str, Tensor]):
         return self[key]
 
 
+def _is_current(cache: Path) -> bool:
+    if not cache.exists():
+        return False
+    with safe_open(str(cache), framework="pt") as f:
+        version = (f.metadata() or {}).get("quantizer")
+    if version != QUANTIZER_VERSION:
+        log.info("%s was written by quantizer version %s; quantizing again", cache, version)
+        return False
+    return True
+
+
 def load_quantized_transformer(model_path: Path, spec: QuantSpec, dtype: torch.dtype) -> Transformer:
     """The model with quantized linears, quantizing into the on-disk cache the first time only."""
     cache = model_path / "quantized" / f"{spec.tag}.safetensors"
-    if not cache.exists():
+    if not _is_current(cache):
         quantize_to_cache(load_transformer(model_path, torch.float32), spec, cache)
     args = read_args(model_path)
     with torch.device("meta"):

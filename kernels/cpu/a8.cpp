@@ -104,31 +104,48 @@ inline __m256i dot_block(__m256i w_unsigned, __m256i x_signed) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x_signed), _mm256_set1_epi16(1));
 }
 
+// acc[m] += scale * d[m, b] * (w . x[m, block b]) for one block of the M input rows.
+template <int M>
+inline void block_step(const Activations& a, int64_t m0, int64_t b, __m256i w, float scale, __m256 (&acc)[M]) {
+  const __m256i w_abs = _mm256_sign_epi8(w, w);
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int m = 0; m < M; ++m) {
+    const int64_t row = m0 + m;
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.kp + b * kBlock));
+    const __m256 dot = _mm256_cvtepi32_ps(dot_block(w_abs, _mm256_sign_epi8(x, w)));
+    acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * a.blocks + b])), acc[m]);
+  }
+}
+
+// Blocks in pairs into two sets of accumulators (two FMA chains, both kept in registers).
+template <int M, typename Block>
+inline void sweep(const Activations& a, int64_t m0, Block&& block, __m256 (&sum)[M]) {
+  __m256 even[M], odd[M];
+  for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < a.blocks; b += 2) {
+    block(b, even);
+    block(b + 1, odd);
+  }
+  if (b < a.blocks) block(b, even);
+  for (int m = 0; m < M; ++m) sum[m] = _mm256_add_ps(even[m], odd[m]);
+}
+
 template <int M>
 void int4_row(const Activations& a, const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
               int64_t group, int64_t m0, float* out, int64_t out_stride) {
   const int64_t per_group = group / kBlock, groups = a.kp / group;
   const __m256i eight = _mm256_set1_epi8(8);
-  __m256 acc[2][M];  // even and odd blocks: two FMA chains
-  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 sv = _mm256_set1_ps(bf16_to_float(scales[g]));
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      const __m256i w = _mm256_sub_epi8(nibbles(codes + b * (kBlock / 2)), eight);  // centred codes, -8..7
-      const __m256i w_abs = _mm256_sign_epi8(w, w);
-      for (int m = 0; m < M; ++m) {
-        const int64_t row = m0 + m;
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.kp + b * kBlock));
-        const __m256 scale = _mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * a.blocks + b]));
-        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(w_abs, _mm256_sign_epi8(x, w))), scale, acc[b & 1][m]);
-      }
-    }
-  }
+  __m256 acc[M];
+  sweep<M>(a, m0, [&](int64_t b, __m256 (&part)[M]) {
+    const __m256i w = _mm256_sub_epi8(nibbles(codes + b * (kBlock / 2)), eight);  // centred codes, -8..7
+    block_step<M>(a, m0, b, w, bf16_to_float(scales[b / per_group]), part);
+  }, acc);
   for (int m = 0; m < M; ++m) {
     const float* gsum = a.group_sum.data() + (m0 + m) * groups;
     float offset = 0.f;
     for (int64_t g = 0; g < groups; ++g) offset += bf16_to_float(zeros[g]) * gsum[g];
-    out[m * out_stride] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) + offset;
+    out[m * out_stride] = hsum(acc[m]) + offset;
   }
 }
 
@@ -136,22 +153,12 @@ template <int M>
 void nf4_row(const Activations& a, const uint8_t* codes, const NF4Scales& scales, int64_t n, int64_t block,
              __m256i lut, int64_t m0, float* out, int64_t out_stride) {
   const int64_t per_block = block / kBlock;
-  __m256 acc[2][M];
-  for (int m = 0; m < M; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
-  for (int64_t nb = 0; nb < a.kp / block; ++nb) {
-    const __m256 sv = _mm256_set1_ps(scales.at(n, nb) / 127.f);
-    for (int64_t b = nb * per_block; b < (nb + 1) * per_block; ++b) {
-      const __m256i w = _mm256_shuffle_epi8(lut, nibbles(codes + b * (kBlock / 2)));
-      const __m256i w_abs = _mm256_sign_epi8(w, w);
-      for (int m = 0; m < M; ++m) {
-        const int64_t row = m0 + m;
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.kp + b * kBlock));
-        const __m256 scale = _mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * a.blocks + b]));
-        acc[b & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(w_abs, _mm256_sign_epi8(x, w))), scale, acc[b & 1][m]);
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m) out[m * out_stride] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+  __m256 acc[M];
+  sweep<M>(a, m0, [&](int64_t b, __m256 (&part)[M]) {
+    const __m256i w = _mm256_shuffle_epi8(lut, nibbles(codes + b * (kBlock / 2)));
+    block_step<M>(a, m0, b, w, scales.at(n, b / per_block) / 127.f, part);
+  }, acc);
+  for (int m = 0; m < M; ++m) out[m * out_stride] = hsum(acc[m]);
 }
 #else
 // Portable twins of the two row kernels (same arithmetic, one weight at a time).
@@ -280,11 +287,28 @@ torch::Tensor int4_dequantize(const torch::Tensor& codes, const torch::Tensor& s
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t g = 0; g < groups; ++g) {
         const float sc = bf16_to_float(s[n * groups + g]), base = bf16_to_float(z[n * groups + g]) - 8.f * sc;
-        for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
-          const uint8_t byte = c[n * (kp / 2) + k / 2];
-          wp[n * kp + k] = (byte & 15) * sc + base;
-          wp[n * kp + k + 1] = (byte >> 4) * sc + base;
+        const uint8_t* src = c + n * (kp / 2) + g * (group / 2);
+        float* dst = wp + n * kp + g * group;
+#ifdef __AVX2__
+        const __m256 sv = _mm256_set1_ps(sc), bv = _mm256_set1_ps(base);
+        const __m128i mask = _mm_set1_epi8(15);
+        for (int64_t j = 0; j < group / 2; j += 16, dst += 32) {  // 16 bytes -> 32 weights in column order
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+          const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+          const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+          const __m128i parts[4] = {first, _mm_srli_si128(first, 8), second, _mm_srli_si128(second, 8)};
+          for (int p = 0; p < 4; ++p) {
+            const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
+            _mm256_storeu_ps(dst + 8 * p, _mm256_fmadd_ps(v, sv, bv));
+          }
         }
+#else
+        for (int64_t k = 0; k < group; k += 2) {
+          const uint8_t byte = src[k / 2];
+          dst[k] = (byte & 15) * sc + base;
+          dst[k + 1] = (byte >> 4) * sc + base;
+        }
+#endif
       }
     }
   });
