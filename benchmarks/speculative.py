@@ -6,7 +6,8 @@ The project's chat prompt set (benchmarks/prompts/chat.json), greedy, the embedd
 in-process (no HTTP), one engine with speculation and one without on the same weights. For 1, 4
 and 16 concurrent streams: total decode tokens/s of each and the speedup; for speculation, the
 acceptance rate (accepted / drafted tokens), the mean tokens emitted per verification pass, and
-whether every output equals the plain engine's. Writes benchmarks/results/speculative.json/.png.
+whether every output equals the plain engine's. Writes benchmarks/results/speculative.json/.png
+(speculative-<draft>.json/.png for a draft model).
 """
 
 from __future__ import annotations
@@ -162,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     print(title)
     print(table(rows))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "speculative.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
-    plot(rows, RESULTS_DIR / "speculative.png", title)
+    stem = "speculative" if args.draft == "ngram" else f"speculative-{Path(args.draft).name}"
+    (RESULTS_DIR / f"{stem}.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
+    plot(rows, RESULTS_DIR / f"{stem}.png", title)
     return 0 if all(r["identical_outputs"] for r in rows) else 1
 
 

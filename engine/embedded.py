@@ -16,7 +16,8 @@ from engine.runner import ModelRunner
 from engine.sampler import make_generator, sample, token_logprobs
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.speculative.speculator import SpeculativeConfig, Speculator
+from engine.speculative.draft_model import ModelDrafter
+from engine.speculative.speculator import SpeculationState, SpeculativeConfig, Speculator
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ class EmbeddedEngine:
         config: EmbeddedConfig,
         dtype: str,
         features: dict[str, object] | None = None,
+        draft: ModelDrafter | None = None,
     ) -> None:
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        self.draft = draft
         args = runner.model.args
         self.info = ModelInfo(
             max_model_len=config.max_model_len,
@@ -58,8 +61,8 @@ class EmbeddedEngine:
                 **(features or {}),
             },
         )
-        self.scheduler = Scheduler(config.max_batch_size, runner.move_slot)
-        self.speculator = Speculator(config.speculative) if config.speculative else None
+        self.scheduler = Scheduler(config.max_batch_size, self._move_slot)
+        self.speculator = Speculator(config.speculative, draft) if config.speculative else None
         self._stop_ids = sorted(tokenizer.stop_token_ids)
         self._wake = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -68,6 +71,11 @@ class EmbeddedEngine:
         self._running = False
         self._ready = False
         self._failed: str | None = None
+
+    def _move_slot(self, src: int, dst: int, length: int) -> None:
+        self.runner.move_slot(src, dst, length)
+        if self.draft is not None:  # the draft's cache holds at most what the target's does
+            self.draft.move_slot(src, dst, length)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -199,24 +207,31 @@ class EmbeddedEngine:
         """One verification pass over drafted tokens; False (nothing done) when nobody drafts."""
         if len(seqs) > speculator.config.max_batch_size:
             return False  # at high load a wider forward costs more than the drafts save
-        drafts = [self._drafts(speculator, s) for s in seqs]
+        t0 = time.perf_counter()
+        states = [self._speculation_state(speculator, s) for s in seqs]
+        rooms = [
+            min(s.request.params.max_tokens - s.num_generated, self.config.max_model_len - len(s.token_ids)) - 1
+            for s in seqs
+        ]
+        drafts, draft_probs = speculator.propose(
+            states, [s.token_ids for s in seqs], rooms, [s.request.params for s in seqs], [s.generator for s in seqs]
+        )
         if not any(drafts):
             return False
         width, last = 1 + max(map(len, drafts)), self.config.max_model_len - 1
         rows = [[s.token_ids[-1], *d] + [(d or s.token_ids)[-1]] * (width - 1 - len(d)) for s, d in zip(seqs, drafts)]
         positions = [[min(len(s.token_ids) - 1 + i, last) for i in range(width)] for s in seqs]  # padding: unused
-        t0 = time.perf_counter()
         logits = self.runner.verify(rows, positions)  # [B, W, V]
         share = (time.perf_counter() - t0) / len(seqs)
         verdicts = []
-        for s, d, row_logits in zip(seqs, drafts, logits):
+        for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
             self._mask_stop_tokens(s, row_logits)
-            assert s.speculation is not None
-            emitted = speculator.judge(s.speculation, d, row_logits, s.request.params, s.generator)
+            params, length = s.request.params, len(s.token_ids)
+            emitted = speculator.judge(state, d, row_logits, params, s.generator, q, length)
             if d:
                 s.stats.speculation.record(len(d), len(emitted) - 1)
             s.stats.engine_seconds += share
-            s.num_computed = len(s.token_ids) + len(emitted) - 1  # the last token and the drafts that stood
+            s.num_computed = length + len(emitted) - 1  # the last token and the drafts that stood
             verdicts.append(emitted)
         now = time.monotonic()
         for s, emitted, row_logits in zip(seqs, verdicts, logits):  # only now: removal moves slots
@@ -226,11 +241,10 @@ class EmbeddedEngine:
                     break
         return True
 
-    def _drafts(self, speculator: Speculator, s: Sequence) -> list[int]:
+    def _speculation_state(self, speculator: Speculator, s: Sequence) -> SpeculationState:
         if s.speculation is None:
             s.speculation = speculator.new_state()
-        room = min(s.request.params.max_tokens - s.num_generated, self.config.max_model_len - len(s.token_ids)) - 1
-        return speculator.propose(s.speculation, s.token_ids, room)
+        return s.speculation
 
     def _mask_stop_tokens(self, s: Sequence, rows: torch.Tensor) -> None:
         """No EOS where the request ignores it or has not reached ``min_tokens`` (row i = i-th new token)."""

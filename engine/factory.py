@@ -9,11 +9,14 @@ import torch
 
 from engine import zoo
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.loader import convert_gguf, load_transformer
+from engine.loader import convert_gguf, load_transformer, read_args
 from engine.model.footprint import decode_read_bytes, weight_bytes
 from engine.model.linear import add_narrow_copies
+from engine.model.llama import Transformer
 from engine.model.quantized import QuantSpec, load_quantized_transformer
 from engine.runner import ModelRunner
+from engine.speculative.draft_model import ModelDrafter
+from engine.speculative.speculator import NGRAM
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -59,9 +62,8 @@ def resolve_model_path(model: str) -> Path:
     return zoo.pull(model)
 
 
-def build_embedded(
-    model: str, dtype: str, config: EmbeddedConfig, quantization: QuantSpec | None = None
-) -> EmbeddedEngine:
+def load_engine_model(model: str, dtype: str, quantization: QuantSpec | None = None) -> tuple[Path, Transformer, str]:
+    """(its directory, the model as the engine runs it, a description of its dtypes)."""
     path = resolve_model_path(model)
     compute, narrow = resolve_dtype(dtype)
     if quantization is None:
@@ -74,6 +76,13 @@ def build_embedded(
         added = add_narrow_copies(transformer, narrow, NARROW_ROWS)
         if added:
             label += f" ({_name(narrow)} weight copy for decode batches <= {NARROW_ROWS}, {added / 1e6:.0f} MB)"
+    return path, transformer, label
+
+
+def build_embedded(
+    model: str, dtype: str, config: EmbeddedConfig, quantization: QuantSpec | None = None
+) -> EmbeddedEngine:
+    path, transformer, label = load_engine_model(model, dtype, quantization)
     held = weight_bytes(transformer)
     features: dict[str, object] = {
         "quantization": quantization.tag if quantization else "none",
@@ -81,8 +90,23 @@ def build_embedded(
         "decode_read_bytes": decode_read_bytes(transformer),
     }
     log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, features["quantization"], held / 1e6)
+    draft = None
+    spec = config.speculative
+    if spec is not None and spec.draft != NGRAM:
+        # the draft runs with the target's quantization: a float draft would read more bytes per
+        # token than a 4-bit target does
+        draft_path = resolve_model_path(spec.draft)
+        vocab, draft_vocab = transformer.args.vocab_size, read_args(draft_path).vocab_size
+        if draft_vocab != vocab:
+            raise ValueError(
+                f"draft model {spec.draft} has a vocabulary of {draft_vocab} tokens, the target {model} "
+                f"{vocab}: they must share the tokenizer"
+            )
+        _, draft_model, draft_label = load_engine_model(str(draft_path), dtype, quantization)
+        log.info("draft model %s: %s, %.1f MB of weights", spec.draft, draft_label, weight_bytes(draft_model) / 1e6)
+        draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len), spec.draft)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
-    return EmbeddedEngine(runner, Tokenizer(path), config, label, features)
+    return EmbeddedEngine(runner, Tokenizer(path), config, label, features, draft)
 
 
 def _name(dtype: torch.dtype) -> str:

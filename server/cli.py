@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--activations", default=None, choices=["int8", "float"], help="decode activations of a quantized model"
     )
     serve.add_argument(
-        "--speculative-draft", default=None, choices=["none", "ngram"], help="drafter of the first expert"
+        "--speculative-draft",
+        default=None,
+        help="drafter of the first expert: ngram, a draft model (zoo name or path, same tokenizer) or none",
     )
     serve.add_argument("--num-draft-tokens", type=int, default=None, help="most tokens drafted per step")
     serve.add_argument("--max-batch-size", type=int, default=None)

@@ -38,7 +38,8 @@ class QuantizationOptions(_Strict):
 
 
 class SpeculativeSettings(_Strict):
-    draft: Literal["ngram"] = "ngram"  # prompt lookup; a draft model arrives with smollm2-small
+    # "ngram" (prompt lookup) or a draft model sharing the target's tokenizer (zoo name or path)
+    draft: str = Field(default="ngram", min_length=1)
     num_draft_tokens: int = Field(default=4, ge=1, le=16)
     max_batch_size: int = Field(default=2, ge=1)  # decode batches larger than this do not speculate
 

@@ -238,3 +238,72 @@ def test_speculating_server_reports_drafts_in_usage_and_metrics(model_path: Path
         assert 'draft="ngram"' in metrics
     finally:
         live.stop()
+
+
+# --- a draft model (the distilled smollm2-small) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def draft_engines(model_path: Path):  # type: ignore[no-untyped-def]
+    """A plain engine and one drafting with smollm2-small, both with two slots (so slots move)."""
+    spec = SpeculativeConfig("smollm2-small", num_draft_tokens=3, max_batch_size=2)
+    plain = build_embedded(str(model_path), "float32", EmbeddedConfig(2, 1024))
+    drafting = build_embedded(str(model_path), "float32", EmbeddedConfig(2, 1024, speculative=spec))
+    assert drafting.draft is not None and drafting.info.features["speculative"] == "smollm2-small"
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(plain.start())
+    loop.run_until_complete(drafting.start())
+    yield plain, drafting, loop
+    loop.run_until_complete(plain.stop())
+    loop.run_until_complete(drafting.stop())
+    loop.close()
+
+
+def test_draft_model_greedy_output_is_identical_through_joins_and_slot_moves(draft_engines) -> None:  # type: ignore[no-untyped-def]
+    plain, drafting, loop = draft_engines
+    prompts = [
+        plain.tokenize_chat([{"role": "user", "content": "Name three colours."}]),
+        plain.tokenize("The capital of France is"),
+        plain.tokenize_chat([{"role": "user", "content": REPETITIVE}]),
+    ]
+    # different lengths: the first leaves early, the second moves into its slot, the third joins
+    lengths = [12, 40, 40]
+
+    async def all_of(engine: EmbeddedEngine, tag: str):  # type: ignore[no-untyped-def]
+        jobs = [
+            generate(engine, f"{tag}{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts, lengths))
+        ]
+        return await asyncio.gather(*jobs)
+
+    want = run(loop, all_of(plain, "p"))
+    got = run(loop, all_of(drafting, "d"))
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [len(g[0]) for g in got] == lengths
+    stats = [g[2].stats.speculation for g in got]
+    assert sum(s.accepted_tokens for s in stats) > 0  # the draft model's tokens did stand
+    assert sum(s.draft_tokens for s in stats) > sum(s.accepted_tokens for s in stats)  # and some did not
+
+
+def test_draft_model_sampling_is_seeded_and_stops_where_asked(draft_engines) -> None:  # type: ignore[no-untyped-def]
+    _, drafting, loop = draft_engines
+    prompt = drafting.tokenize_chat([{"role": "user", "content": "Write a short poem about the sea."}])
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, seed=11)
+    first = run(loop, generate(drafting, "s1", prompt, params))
+    second = run(loop, generate(drafting, "s2", prompt, params))
+    assert first[0] == second[0] and 0 < len(first[0]) <= 30
+    assert first[2].stats.speculation.draft_tokens > 0
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(model_path: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    other = tmp_path / "other-vocab"
+    shutil.copytree(model_path, other, ignore=shutil.ignore_patterns("quantized"))
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = config["vocab_size"] + 64
+    (other / "config.json").write_text(json.dumps(config))
+    spec = SpeculativeConfig(str(other), num_draft_tokens=2)
+    with pytest.raises(ValueError, match="share the tokenizer"):
+        build_embedded(str(model_path), "float32", EmbeddedConfig(2, 256, speculative=spec))

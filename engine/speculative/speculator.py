@@ -2,7 +2,8 @@
 
 One verification pass feeds each sequence ``[last token, d1 .. dk]`` at its next positions; the
 target's logits at those positions decide which drafts stand. Nothing needs rolling back in the
-static KV cache: entries past a sequence's length are never read before they are rewritten.
+static KV caches (the target's and a draft model's): entries past a sequence's valid length are
+never read before they are rewritten, so rolling back is moving that length.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from torch import Tensor
 from engine.base import SamplingParams
 from engine.sampler import filter_logits
 from engine.speculative.accept import accept_greedy, accept_sampled
+from engine.speculative.draft_model import ModelDrafter
 from engine.speculative.ngram import NGramIndex
 
-DRAFTERS = ("ngram",)
+NGRAM = "ngram"
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    draft: str = "ngram"  # "ngram": prompt lookup (model drafters arrive with smollm2-small)
+    draft: str = NGRAM  # "ngram" (prompt lookup) or a model sharing the target's tokenizer
     num_draft_tokens: int = 4  # the most a sequence drafts per step (adaptive below that)
     # more sequences decoding together: plain decode. A verification pass multiplies the rows each
     # linear sees, and on CPU that cost grows with the rows once there are more than a few.
@@ -30,8 +32,8 @@ class SpeculativeConfig:
     max_ngram: int = 3
 
     def __post_init__(self) -> None:
-        if self.draft not in DRAFTERS:
-            raise ValueError(f"speculative draft must be one of {DRAFTERS}, got {self.draft!r}")
+        if not self.draft or self.draft == "none":
+            raise ValueError("speculative draft must be 'ngram' or a model name")
         if not 1 <= self.num_draft_tokens <= 16:
             raise ValueError("num_draft_tokens must be between 1 and 16")
         if self.max_batch_size < 1 or self.max_ngram < 1:
@@ -46,6 +48,7 @@ class SpeculationState:
     k: int
     acceptance: float = 0.5  # moving average of the share of drafts that stood
     pause: int = 0  # steps left without drafting after a run of poor acceptance
+    draft_seen: int = 0  # a draft model: how many of the sequence's tokens its cache holds
 
 
 BACK_OFF_BELOW = 0.3  # a sequence whose drafts stand less often than this stops drafting for a while
@@ -53,18 +56,41 @@ BACK_OFF_STEPS = 8
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig) -> None:
-        self.config = config
+    def __init__(self, config: SpeculativeConfig, model: ModelDrafter | None = None) -> None:
+        if (config.draft == NGRAM) != (model is None):
+            raise ValueError(f"speculative draft {config.draft!r} needs {'no' if model is None else 'a'} draft model")
+        self.config, self.model = config, model
 
     def new_state(self) -> SpeculationState:
         return SpeculationState(NGramIndex(self.config.max_ngram), self.config.num_draft_tokens)
 
-    def propose(self, state: SpeculationState, tokens: list[int], room: int) -> list[int]:
-        """Drafts for one sequence; ``room`` is how many tokens it may still emit minus one."""
+    def draft_length(self, state: SpeculationState, room: int) -> int:
+        """How many tokens a sequence drafts this step; ``room`` is what it may still emit minus one."""
         if state.pause > 0:  # verification costs more rows than it saves when drafts keep failing
             state.pause -= 1
-            return []
-        return state.index.propose(tokens, min(state.k, room))
+            return 0
+        return max(0, min(state.k, room))
+
+    def propose(
+        self,
+        states: list[SpeculationState],
+        token_lists: list[list[int]],
+        rooms: list[int],
+        params: list[SamplingParams],
+        generators: list[torch.Generator],
+    ) -> tuple[list[list[int]], list[Tensor | None]]:
+        """Drafts (and a draft model's distributions ``q``, for sampled requests) for the sequences
+        in slots ``0..n-1``."""
+        ks = [self.draft_length(s, room) for s, room in zip(states, rooms)]
+        if self.model is None:
+            return [s.index.propose(t, k) for s, t, k in zip(states, token_lists, ks)], [None] * len(ks)
+        if max(ks) == 0:
+            return [[] for _ in ks], [None] * len(ks)
+        drafts, qs = self.model.draft([s.draft_seen for s in states], token_lists, ks, params, generators)
+        fed = max(ks) - 1  # drafts written into the draft's cache after each sequence's tokens
+        for s, tokens in zip(states, token_lists):
+            s.draft_seen = len(tokens) + fed  # until judged: then cut back to the drafts that stood
+        return drafts, qs
 
     def judge(
         self,
@@ -73,14 +99,19 @@ class Speculator:
         logits: Tensor,
         params: SamplingParams,
         generator: torch.Generator,
+        draft_probs: Tensor | None = None,
+        length: int = 0,
     ) -> list[int]:
-        """Tokens to emit given the target's float32 ``logits [len(drafts) + 1, V]``; adapts k."""
+        """Tokens to emit given the target's float32 ``logits [len(drafts) + 1, V]`` for a sequence of
+        ``length`` tokens; adapts k and rolls the draft model's cache back to what stood."""
         rows = logits[: len(drafts) + 1].float()
         if params.greedy:
             emitted = accept_greedy(rows.argmax(-1).tolist(), drafts)
         else:
             probs = torch.stack([filter_logits(row, params).softmax(-1) for row in rows])
-            emitted = accept_sampled(probs, drafts, None, generator)
+            emitted = accept_sampled(probs, drafts, draft_probs, generator)
+        if self.model is not None:
+            state.draft_seen = min(state.draft_seen, length + len(emitted) - 1)
         if drafts:
             self._adapt(state, len(drafts), len(emitted) - 1)
         return emitted
