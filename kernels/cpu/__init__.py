@@ -15,7 +15,11 @@ _LOADED: dict[str, ModuleType | None] = {}
 
 
 def _build_dir(source: Path) -> Path:
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    """One build per content of the source and the shared headers beside it."""
+    h = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):
+        h.update(header.read_bytes())
+    digest = h.hexdigest()[:12]
     root = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout")).expanduser()
     path = root / "extensions" / f"{source.stem}-{digest}"
     path.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@
 //   nf4:  w = NF4[q] a       ->  a / 127 * sum_b d_b (lut8[q] . xq_b), lut8 = round(127 NF4)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "nf4_scales.h"
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -72,19 +73,7 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// The scale of nf4 block b of row n: float32, or int8 with one float32 per 256 blocks plus an offset.
-struct NF4Scales {
-  const float* absmax = nullptr;
-  const int8_t* qabsmax = nullptr;
-  const float* chunk_scale = nullptr;
-  float offset = 0.f;
-  int64_t blocks_per_row = 0;
-  float at(int64_t n, int64_t b) const {
-    const int64_t i = n * blocks_per_row + b;
-    if (absmax) return absmax[i];
-    return static_cast<float>(qabsmax[i]) * chunk_scale[i / 256] + offset;
-  }
-};
+using turnout::NF4Scales;
 
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
@@ -248,16 +237,7 @@ torch::Tensor nf4_mm(const torch::Tensor& x, const torch::Tensor& codes, const t
                      const torch::Tensor& lut8) {
   check_inputs(x, codes, block);
   TORCH_CHECK(lut8.numel() == 16 && lut8.scalar_type() == torch::kChar, "a8: the nf4 code book must be 16 int8 values");
-  NF4Scales scales;
-  scales.blocks_per_row = absmax.size(1);
-  if (absmax.scalar_type() == torch::kFloat) {
-    scales.absmax = absmax.data_ptr<float>();
-  } else {
-    TORCH_CHECK(absmax.scalar_type() == torch::kChar && chunk_scale.has_value(), "a8: int8 nf4 scales need their chunk scales");
-    scales.qabsmax = absmax.data_ptr<int8_t>();
-    scales.chunk_scale = chunk_scale->data_ptr<float>();
-    scales.offset = static_cast<float>(offset);
-  }
+  const NF4Scales scales = turnout::make_nf4_scales(absmax, chunk_scale, offset);
   const int64_t n_rows = codes.size(0), kp = codes.size(1) * 2, rows = x.size(0);
   const Activations a = quantize_activations(x, kp);
   auto out = torch::empty({rows, n_rows}, torch::kFloat);

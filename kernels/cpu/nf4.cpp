@@ -3,6 +3,7 @@
 // weight is never expanded in memory for decode-sized inputs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "nf4_scales.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -12,35 +13,7 @@ namespace {
 constexpr int64_t kMaxRows = 8;        // rows one pass of the fused kernel handles
 constexpr int64_t kFusedMaxRows = 32;  // matches the int4 path; rows are computed independently  // inputs with more rows are dequantized once and use GEMM
 
-// The scale of block b of row n: plain float32, or int8 with one float32 per 256 blocks plus an offset.
-struct BlockScales {
-  const float* absmax = nullptr;
-  const int8_t* qabsmax = nullptr;
-  const float* chunk_scale = nullptr;
-  float offset = 0.f;
-  int64_t blocks_per_row = 0;
-  float at(int64_t n, int64_t b) const {
-    const int64_t i = n * blocks_per_row + b;
-    if (absmax) return absmax[i];
-    return static_cast<float>(qabsmax[i]) * chunk_scale[i / 256] + offset;
-  }
-};
-
-BlockScales make_scales(const torch::Tensor& absmax, const c10::optional<torch::Tensor>& chunk_scale,
-                        double offset) {
-  BlockScales s;
-  s.blocks_per_row = absmax.size(1);
-  if (absmax.scalar_type() == torch::kFloat) {
-    s.absmax = absmax.data_ptr<float>();
-  } else {
-    TORCH_CHECK(absmax.scalar_type() == torch::kChar && chunk_scale.has_value(),
-                "nf4: int8 block scales need their float32 chunk scales");
-    s.qabsmax = absmax.data_ptr<int8_t>();
-    s.chunk_scale = chunk_scale->data_ptr<float>();
-    s.offset = static_cast<float>(offset);
-  }
-  return s;
-}
+using BlockScales = turnout::NF4Scales;
 
 #ifdef __AVX2__
 // Eight weights of one row as floats: codes -> code-book values with two 8-lane permutes and a blend.
@@ -155,7 +128,7 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor abs
   TORCH_CHECK(codes.scalar_type() == torch::kByte && codes.is_contiguous(), "nf4: codes must be contiguous uint8");
   TORCH_CHECK(x.size(1) == codes.size(1) * 2, "nf4: x has ", x.size(1), " columns, weight has ", codes.size(1) * 2);
   TORCH_CHECK(block % 8 == 0 && x.size(1) % block == 0, "nf4: block size must divide K and be a multiple of 8");
-  const BlockScales scales = make_scales(absmax, chunk_scale, offset);
+  const BlockScales scales = turnout::make_nf4_scales(absmax, chunk_scale, offset);
   const float* table = lut.data_ptr<float>();
   const int64_t m_rows = x.size(0), n_rows = codes.size(0), kp = x.size(1);
   if (m_rows == 0) return torch::empty({0, n_rows}, torch::kFloat);
@@ -177,7 +150,7 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor abs
 
 torch::Tensor nf4_dequantize(torch::Tensor codes, torch::Tensor absmax, c10::optional<torch::Tensor> chunk_scale,
                              double offset, torch::Tensor lut, int64_t block) {
-  return dequantize_rows(codes, make_scales(absmax, chunk_scale, offset), lut.data_ptr<float>(), block);
+  return dequantize_rows(codes, turnout::make_nf4_scales(absmax, chunk_scale, offset), lut.data_ptr<float>(), block);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
