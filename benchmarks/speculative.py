@@ -81,7 +81,9 @@ async def run_set(
 
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     quant = None if args.quantization == "none" else QuantSpec(args.quantization, DEFAULT_GROUP_SIZE[args.quantization])
-    spec = SpeculativeConfig(args.draft, args.k, max_batch_size=args.max_spec_batch)
+    spec = SpeculativeConfig(
+        args.draft, args.k, max_batch_size=args.max_spec_batch, draft_quantization=args.draft_quantization
+    )
     plain = build_embedded(args.model, "auto", EmbeddedConfig(16, 1024), quant)
     fast = build_embedded(args.model, "auto", EmbeddedConfig(16, 1024, speculative=spec), quant)
     chats = [plain.tokenize_chat([{"role": "user", "content": p}]) for p in prompts()]
@@ -153,17 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--quantization", default="int4", choices=["none", "int4", "nf4"])
     p.add_argument("--draft", default="ngram")
+    p.add_argument("--draft-quantization", default="same", choices=["same", "none", "int4", "nf4"])
     p.add_argument("--k", type=int, default=4, help="most tokens drafted per step")
     p.add_argument("--max-spec-batch", type=int, default=2, help="larger decode batches do not speculate")
     p.add_argument("--tokens", type=int, default=128)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows = asyncio.run(measure(args))
-    title = f"{args.model} {args.quantization}, draft {args.draft} k<={args.k}, {len(prompts())} chat prompts, greedy"
+    draft = args.draft if args.draft == "ngram" else f"{args.draft} ({args.draft_quantization} quantization)"
+    title = f"{args.model} {args.quantization}, draft {draft} k<={args.k}, {len(prompts())} chat prompts, greedy"
     print(title)
     print(table(rows))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = "speculative" if args.draft == "ngram" else f"speculative-{Path(args.draft).name}"
+    stem = "speculative" if args.draft == "ngram" else f"speculative-{Path(args.draft).name}-{args.draft_quantization}"
     (RESULTS_DIR / f"{stem}.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
     plot(rows, RESULTS_DIR / f"{stem}.png", title)
     return 0 if all(r["identical_outputs"] for r in rows) else 1

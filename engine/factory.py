@@ -13,10 +13,10 @@ from engine.loader import convert_gguf, load_transformer, read_args
 from engine.model.footprint import decode_read_bytes, weight_bytes
 from engine.model.linear import add_narrow_copies
 from engine.model.llama import Transformer
-from engine.model.quantized import QuantSpec, load_quantized_transformer
+from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized_transformer
 from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
-from engine.speculative.speculator import NGRAM
+from engine.speculative.speculator import NGRAM, SpeculativeConfig
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,6 @@ def build_embedded(
     draft = None
     spec = config.speculative
     if spec is not None and spec.draft != NGRAM:
-        # the draft runs with the target's quantization: a float draft would read more bytes per
-        # token than a 4-bit target does
         draft_path = resolve_model_path(spec.draft)
         vocab, draft_vocab = transformer.args.vocab_size, read_args(draft_path).vocab_size
         if draft_vocab != vocab:
@@ -102,11 +100,21 @@ def build_embedded(
                 f"draft model {spec.draft} has a vocabulary of {draft_vocab} tokens, the target {model} "
                 f"{vocab}: they must share the tokenizer"
             )
-        _, draft_model, draft_label = load_engine_model(str(draft_path), dtype, quantization)
+        _, draft_model, draft_label = load_engine_model(str(draft_path), dtype, draft_quant_spec(spec, quantization))
         log.info("draft model %s: %s, %.1f MB of weights", spec.draft, draft_label, weight_bytes(draft_model) / 1e6)
         draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len), spec.draft)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, features, draft)
+
+
+def draft_quant_spec(spec: SpeculativeConfig, target: QuantSpec | None) -> QuantSpec | None:
+    """The draft model's quantization: the target's by default (a float draft reads about as many
+    bytes per token as a 4-bit target), or the one ``draft_quantization`` names."""
+    if spec.draft_quantization == "same":
+        return target
+    if spec.draft_quantization == "none":
+        return None
+    return QuantSpec(spec.draft_quantization, DEFAULT_GROUP_SIZE[spec.draft_quantization])
 
 
 def _name(dtype: torch.dtype) -> str:

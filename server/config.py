@@ -42,9 +42,13 @@ class SpeculativeSettings(_Strict):
     draft: str = Field(default="ngram", min_length=1)
     num_draft_tokens: int = Field(default=4, ge=1, le=16)
     max_batch_size: int = Field(default=2, ge=1)  # decode batches larger than this do not speculate
+    # a draft model's weights: "same" as the target's quantization, or none | int4 | nf4
+    draft_quantization: Literal["same", "none", "int4", "nf4"] = "same"
 
     def engine_config(self) -> SpeculativeConfig:
-        return SpeculativeConfig(self.draft, self.num_draft_tokens, self.max_batch_size)
+        return SpeculativeConfig(
+            self.draft, self.num_draft_tokens, self.max_batch_size, draft_quantization=self.draft_quantization
+        )
 
 
 class ExpertConfig(_Strict):

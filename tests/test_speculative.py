@@ -307,3 +307,17 @@ def test_a_draft_model_with_another_vocabulary_is_refused(model_path: Path, tmp_
     spec = SpeculativeConfig(str(other), num_draft_tokens=2)
     with pytest.raises(ValueError, match="share the tokenizer"):
         build_embedded(str(model_path), "float32", EmbeddedConfig(2, 256, speculative=spec))
+
+
+def test_draft_quantization_follows_the_target_unless_set() -> None:
+    from engine.factory import draft_quant_spec
+    from engine.model.quantized import QuantSpec
+
+    target = QuantSpec("int4", 32)
+    assert draft_quant_spec(SpeculativeConfig("smollm2-small"), target) == target
+    assert draft_quant_spec(SpeculativeConfig("smollm2-small", draft_quantization="none"), target) is None
+    assert draft_quant_spec(SpeculativeConfig("smollm2-small", draft_quantization="nf4"), None) == QuantSpec("nf4", 64)
+    with pytest.raises(ValueError, match="draft_quantization"):
+        SpeculativeConfig("smollm2-small", draft_quantization="int2")
+    expert = ExpertConfig(name="x", speculative={"draft": "smollm2-small", "draft_quantization": "none"})
+    assert expert.speculative is not None and expert.speculative.engine_config().draft_quantization == "none"

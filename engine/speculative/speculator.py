@@ -30,12 +30,16 @@ class SpeculativeConfig:
     # linear sees, and on CPU that cost grows with the rows once there are more than a few.
     max_batch_size: int = 2
     max_ngram: int = 3
+    # a draft model's weights: "same" quantization as the target, or none | int4 | nf4
+    draft_quantization: str = "same"
 
     def __post_init__(self) -> None:
         if not self.draft or self.draft == "none":
             raise ValueError("speculative draft must be 'ngram' or a model name")
         if not 1 <= self.num_draft_tokens <= 16:
             raise ValueError("num_draft_tokens must be between 1 and 16")
+        if self.draft_quantization not in ("same", "none", "int4", "nf4"):
+            raise ValueError(f"draft_quantization must be same, none, int4 or nf4; got {self.draft_quantization!r}")
         if self.max_batch_size < 1 or self.max_ngram < 1:
             raise ValueError("max_batch_size and max_ngram must be positive")
 
