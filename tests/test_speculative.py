@@ -321,3 +321,37 @@ def test_draft_quantization_follows_the_target_unless_set() -> None:
         SpeculativeConfig("smollm2-small", draft_quantization="int2")
     expert = ExpertConfig(name="x", speculative={"draft": "smollm2-small", "draft_quantization": "none"})
     assert expert.speculative is not None and expert.speculative.engine_config().draft_quantization == "none"
+
+
+def test_model_drafter_proposes_the_draft_models_own_greedy_tokens(model_path: Path) -> None:
+    """Two sequences of different lengths in one batch, drafted from an empty cache, then again after
+    a rollback: the drafts are what the draft model generates for each sequence on its own."""
+    from engine.loader import load_transformer
+    from engine.model.kv_cache import AttentionBatch
+    from engine.runner import ModelRunner
+    from engine.speculative.draft_model import ModelDrafter
+    from engine.zoo import pull
+
+    path = pull("smollm2-small")
+    drafter = ModelDrafter(ModelRunner(load_transformer(path, torch.float32), 2, 256), "smollm2-small")
+    alone = load_transformer(path, torch.float32)
+    alone.setup_caches(1, 256)
+
+    def greedy(ids: list[int], n: int) -> list[int]:
+        out: list[int] = []
+        with torch.inference_mode():
+            for _ in range(n):
+                logits = alone(
+                    torch.tensor([ids + out]), AttentionBatch.build(0, torch.arange(len(ids) + len(out))[None])
+                )
+                out.append(int(logits[0, -1].argmax()))
+        return out
+
+    seqs = [list(range(1000, 1040)), list(range(2000, 2013))]
+    params, gens = [SamplingParams(max_tokens=8, temperature=0)] * 2, [torch.Generator(), torch.Generator()]
+    drafts, qs = drafter.draft([0, 0], seqs, [3, 2], params, gens)
+    assert drafts == [greedy(seqs[0], 3), greedy(seqs[1], 2)] and qs == [None, None]
+    # the target took the first draft of sequence 0 and corrected it after; nothing of sequence 1
+    seqs = [seqs[0] + [drafts[0][0], 7], seqs[1] + [9]]
+    drafts, _ = drafter.draft([40 + 1, 13], seqs, [2, 3], params, gens)
+    assert drafts == [greedy(seqs[0], 2), greedy(seqs[1], 3)]
