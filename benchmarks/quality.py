@@ -5,8 +5,9 @@
 Text: CPython's ``pydoc_data.topics`` (documentation that ships with the interpreter), topics in
 sorted order, the first ``--tokens`` tokens, scored in non-overlapping windows. Configurations:
 float32, int4 (g32, g64, g128), nf4 (block 64, with and without double quantization), and int4
-g64 with the embedding/LM head left in float, all with float activations; then int4 g32 / g128
-and nf4 with the int8 activations of the decode kernel at every position. Weight bytes are counted
+g64 with the embedding/LM head left in float, int4 g32 / g128 with the range search, all with
+float activations; then int4 g32 / g128 and nf4 with the int8 activations of the decode kernel
+at every position. Weight bytes are counted
 from the tensors held; the bf16 reference is two bytes per parameter. Decode cost is the model's
 forward time for one token (no server). Writes benchmarks/results/quality.json and quality.png.
 """
@@ -51,6 +52,8 @@ CONFIGS: list[tuple[str, QuantSpec | None]] = [
     ("nf4", QuantSpec("nf4", 64, activations=FLOAT)),
     ("nf4 double-quant", QuantSpec("nf4", 64, double_quant=True, activations=FLOAT)),
     ("int4 g64, float embeddings", QuantSpec("int4", 64, quantize_embeddings=False, activations=FLOAT)),
+    ("int4 g32, range search", QuantSpec("int4", 32, activations=FLOAT, range_search=True)),
+    ("int4 g128, range search", QuantSpec("int4", 128, activations=FLOAT, range_search=True)),
     ("int4 g32, int8 act.", QuantSpec("int4", 32)),
     ("int4 g128, int8 act.", QuantSpec("int4", 128)),
     ("nf4, int8 act.", QuantSpec("nf4", 64)),

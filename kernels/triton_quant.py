@@ -359,7 +359,9 @@ def dequantize(q: int4.Int4Weight | nf4.NF4Weight) -> Tensor:
     return out
 
 
-def _quantize_into(w: Tensor, group: int, fmt: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _quantize_into(
+    w: Tensor, group: int, fmt: int, scale_dtype: torch.dtype, range_search: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     n, k = w.shape
     n_groups = int4.padded_width(k, group) // group
     codes = torch.empty(n, n_groups * group // 2, dtype=torch.uint8, device=w.device)
@@ -379,15 +381,17 @@ def _quantize_into(w: Tensor, group: int, fmt: int, scale_dtype: torch.dtype) ->
         GROUP=group,
         FORMAT=fmt,
         BLOCK_N=16,
-        N_RATIOS=int4.CLIP_STEPS,
+        N_RATIOS=int4.CLIP_STEPS if range_search else 1,
         CLIP_STEP=int4.CLIP_STEP,
     )
     return codes, scales, zeros
 
 
-def quantize_int4(w: Tensor, group_size: int = 64, dtype: torch.dtype = torch.bfloat16) -> int4.Int4Weight:
+def quantize_int4(
+    w: Tensor, group_size: int = 64, dtype: torch.dtype = torch.bfloat16, range_search: bool = False
+) -> int4.Int4Weight:
     int4.check_group_size(group_size)
-    codes, scales, zeros = _quantize_into(w, group_size, INT4, dtype)
+    codes, scales, zeros = _quantize_into(w, group_size, INT4, dtype, range_search)
     return int4.Int4Weight(codes, scales, zeros, group_size, w.shape[1])
 
 

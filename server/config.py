@@ -35,6 +35,9 @@ class QuantizationOptions(_Strict):
     # decode-sized matmuls: int8 activations per block of 32 (integer dot products, as llama.cpp
     # does on CPUs) or float (bf16 into PyTorch's int4 kernel, float32 into the nf4 kernel)
     activations: Literal["int8", "float"] = "int8"
+    # int4: search each group's range for the least squared error (helps weights that were never
+    # quantized; hurts SmolLM2's, which come from a Q4_1 file)
+    range_search: bool = False
 
 
 class SpeculativeSettings(_Strict):

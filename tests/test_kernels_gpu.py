@@ -60,13 +60,15 @@ def test_triton_dequantize_matches_the_reference(fmt: str, shape: tuple[int, int
     torch.testing.assert_close(triton_quant.dequantize(to_cuda(q)).cpu(), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("range_search", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("group", [32, 128])
-def test_triton_int4_quantize_matches_the_reference(shape: tuple[int, int], group: int) -> None:
+def test_triton_int4_quantize_matches_the_reference(shape: tuple[int, int], group: int, range_search: bool) -> None:
     from kernels import triton_quant
 
     w = fresh(shape, seed=2)
-    ref, got = int4.quantize(w, group), triton_quant.quantize_int4(w.cuda(), group)
+    ref = int4.quantize(w, group, range_search=range_search)
+    got = triton_quant.quantize_int4(w.cuda(), group, range_search=range_search)
     # fp32 division on the GPU may round (hi - lo) / 15 to the neighbouring bf16 value, which moves
     # the levels a little (and may tip the range search): both must reconstruct the weight as well
     assert (got.scales.cpu() == ref.scales).float().mean() > 0.98

@@ -104,13 +104,17 @@ def engines(model_path: Path):  # type: ignore[no-untyped-def]
     def make(spec: SpeculativeConfig | None) -> EmbeddedEngine:
         return build_embedded(str(model_path), "float32", EmbeddedConfig(4, 1024, speculative=spec))
 
-    plain, spec = make(None), make(SpeculativeConfig("ngram", num_draft_tokens=4, max_batch_size=4))
+    yield from started(make(None), make(SpeculativeConfig("ngram", num_draft_tokens=4, max_batch_size=4)))
+
+
+def started(*engines: EmbeddedEngine):  # type: ignore[no-untyped-def]
+    """Start the engines on one event loop, yield (*engines, loop), stop them afterwards."""
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(plain.start())
-    loop.run_until_complete(spec.start())
-    yield plain, spec, loop
-    loop.run_until_complete(plain.stop())
-    loop.run_until_complete(spec.stop())
+    for engine in engines:
+        loop.run_until_complete(engine.start())
+    yield (*engines, loop)
+    for engine in engines:
+        loop.run_until_complete(engine.stop())
     loop.close()
 
 
@@ -250,13 +254,7 @@ def draft_engines(model_path: Path):  # type: ignore[no-untyped-def]
     plain = build_embedded(str(model_path), "float32", EmbeddedConfig(2, 1024))
     drafting = build_embedded(str(model_path), "float32", EmbeddedConfig(2, 1024, speculative=spec))
     assert drafting.draft is not None and drafting.info.features["speculative"] == "smollm2-small"
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(plain.start())
-    loop.run_until_complete(drafting.start())
-    yield plain, drafting, loop
-    loop.run_until_complete(plain.stop())
-    loop.run_until_complete(drafting.stop())
-    loop.close()
+    yield from started(plain, drafting)
 
 
 def test_draft_model_greedy_output_is_identical_through_joins_and_slot_moves(draft_engines) -> None:  # type: ignore[no-untyped-def]

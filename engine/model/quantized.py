@@ -33,8 +33,8 @@ ACTIVATIONS = ("int8", "float")
 # raises it to score every position with the decode arithmetic.
 A8_MAX_ROWS = 32
 # Written into every quantized cache; a cache from another quantizer version is re-quantized.
-# 2: int4 searches each group's range (kernels.int4.CLIP_RATIOS) instead of plain min/max.
-QUANTIZER_VERSION = "2"
+# 3: int4 is min/max again unless range_search (tagged -rs); version 2 always searched.
+QUANTIZER_VERSION = "3"
 # int4 g32 keeps SmolLM2-135M within 6% of its float perplexity where g64 loses 46%
 # (benchmarks/quality.py); nf4 uses QLoRA's block of 64.
 DEFAULT_GROUP_SIZE = {"int4": 32, "nf4": 64}
@@ -47,6 +47,7 @@ class QuantSpec:
     double_quant: bool = False  # nf4 only
     quantize_embeddings: bool = True
     activations: str = "int8"  # decode-sized matmuls: int8 activations (integer dot products) or float
+    range_search: bool = False  # int4: search each group's range for the least squared error
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,11 +63,12 @@ class QuantSpec:
     def tag(self) -> str:
         dq = "-dq" if self.double_quant and self.method == "nf4" else ""
         emb = "" if self.quantize_embeddings else "-fullemb"
-        return f"{self.method}-g{self.group_size}{dq}{emb}"
+        rs = "-rs" if self.range_search and self.method == "int4" else ""
+        return f"{self.method}-g{self.group_size}{dq}{rs}{emb}"
 
     def quantize(self, w: Tensor) -> int4.Int4Weight | nf4.NF4Weight:
         if self.method == "int4":
-            return int4.quantize(w, self.group_size)
+            return int4.quantize(w, self.group_size, range_search=self.range_search)
         return nf4.quantize(w, self.group_size, self.double_quant)
 
 
