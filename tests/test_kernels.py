@@ -36,9 +36,9 @@ def test_int4_round_trip_is_within_half_a_step(shape: tuple[int, int], group: in
     assert_int4_round_trip(w, q)
 
 
-def assert_int4_round_trip(w: torch.Tensor, q: int4.Int4Weight) -> None:
+def assert_int4_round_trip(w: torch.Tensor, q: int4.Int4Weight, slack: float = 0.0) -> None:
     """Inside each group's chosen range the error is at most half a step, and no group does worse
-    than plain min/max levels (which it is, without the range search)."""
+    than plain min/max levels (which it is, without the range search) by more than ``slack``."""
     group, k = q.group_size, w.shape[1]
     err = (int4.dequantize(q) - w).abs()
     steps = q.scales.float().repeat_interleave(group, dim=1)[:, :k]
@@ -51,7 +51,7 @@ def assert_int4_round_trip(w: torch.Tensor, q: int4.Int4Weight) -> None:
     plain = ((plain_codes - 8) * plain_s.float()[..., None] + plain_z.float()[..., None] - groups).square().sum(-1)
     codes = int4.unpack_nibbles(q.codes).float().view_as(groups)
     chosen = ((codes - 8) * q.scales.float()[..., None] + q.zeros.float()[..., None] - groups).square().sum(-1)
-    assert (chosen <= plain).all()
+    assert (chosen <= plain * (1 + slack)).all()
 
 
 def test_the_range_search_lowers_the_squared_error_of_heavy_tailed_groups() -> None:

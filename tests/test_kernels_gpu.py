@@ -73,7 +73,7 @@ def test_triton_int4_quantize_matches_the_reference(shape: tuple[int, int], grou
     # the levels a little (and may tip the range search): both must reconstruct the weight as well
     assert (got.scales.cpu() == ref.scales).float().mean() > 0.98
     got_cpu = int4.Int4Weight(got.codes.cpu(), got.scales.cpu(), got.zeros.cpu(), group, shape[1])
-    assert_int4_round_trip(w, got_cpu)
+    assert_int4_round_trip(w, got_cpu, slack=0.05)  # a neighbouring bf16 scale moves every level
     err_ref, err_got = (int4.dequantize(ref) - w).abs(), (int4.dequantize(got_cpu) - w).abs()
     assert err_got.mean() <= err_ref.mean() * 1.01
 
