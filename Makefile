@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: pull
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/quality.py --model tiny-scratch
 	$(PY) benchmarks/speculative.py
 
 clean:
