@@ -218,10 +218,8 @@ class EmbeddedEngine:
         )
         if not any(drafts):
             return False
-        width, last = 1 + max(map(len, drafts)), self.config.max_model_len - 1
-        rows = [[s.token_ids[-1], *d] + [(d or s.token_ids)[-1]] * (width - 1 - len(d)) for s, d in zip(seqs, drafts)]
-        positions = [[min(len(s.token_ids) - 1 + i, last) for i in range(width)] for s in seqs]  # padding: unused
-        logits = self.runner.verify(rows, positions)  # [B, W, V]
+        rows = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafts)]
+        logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs])  # [B, W, V]
         share = (time.perf_counter() - t0) / len(seqs)
         verdicts = []
         for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):

@@ -102,7 +102,7 @@ def build_embedded(
             )
         _, draft_model, draft_label = load_engine_model(str(draft_path), dtype, draft_quant_spec(spec, quantization))
         log.info("draft model %s: %s, %.1f MB of weights", spec.draft, draft_label, weight_bytes(draft_model) / 1e6)
-        draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len), spec.draft)
+        draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len))
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, features, draft)
 

@@ -331,7 +331,7 @@ def test_model_drafter_proposes_the_draft_models_own_greedy_tokens(model_path: P
     from engine.zoo import pull
 
     path = pull("smollm2-small")
-    drafter = ModelDrafter(ModelRunner(load_transformer(path, torch.float32), 2, 256), "smollm2-small")
+    drafter = ModelDrafter(ModelRunner(load_transformer(path, torch.float32), 2, 256))
     alone = load_transformer(path, torch.float32)
     alone.setup_caches(1, 256)
 

@@ -20,8 +20,8 @@ from engine.sampler import filter_logits
 
 
 class ModelDrafter:
-    def __init__(self, runner: ModelRunner, name: str) -> None:
-        self.runner, self.name = runner, name
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.runner.move_slot(src, dst, length)
@@ -40,10 +40,7 @@ class ModelDrafter:
         Afterwards the cache holds each sequence's tokens and its first ``max(ks) - 1`` drafts."""
         n, k_max, last_pos = len(token_lists), max(ks), self.runner.max_len - 1
         pending = [tokens[s:] for s, tokens in zip(seen, token_lists)]
-        width = max(map(len, pending))
-        rows = [p + [p[-1]] * (width - len(p)) for p in pending]  # padding past the end: never read
-        positions = [[min(s + i, last_pos) for i in range(width)] for s in seen]
-        logits = self.runner.verify(rows, positions)
+        logits = self.runner.verify(pending, list(seen))
         step_logits = torch.stack([logits[i, len(p) - 1] for i, p in enumerate(pending)]).float()
         drafts: list[list[int]] = [[] for _ in range(n)]
         dists: list[list[Tensor]] = [[] for _ in range(n)]

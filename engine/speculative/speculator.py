@@ -103,8 +103,8 @@ class Speculator:
         logits: Tensor,
         params: SamplingParams,
         generator: torch.Generator,
-        draft_probs: Tensor | None = None,
-        length: int = 0,
+        draft_probs: Tensor | None,
+        length: int,
     ) -> list[int]:
         """Tokens to emit given the target's float32 ``logits [len(drafts) + 1, V]`` for a sequence of
         ``length`` tokens; adapts k and rolls the draft model's cache back to what stood."""
