@@ -86,7 +86,7 @@ def build_model(cfg: ScratchConfig):  # type: ignore[no-untyped-def]
         num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=2048,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=1,
