@@ -27,8 +27,8 @@ test: pull
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server engine kernels tests benchmarks
-	$(VENV)/bin/mypy server engine kernels
+	$(VENV)/bin/ruff check server router engine kernels tests benchmarks
+	$(VENV)/bin/mypy server router engine kernels
 
 bench: pull
 	$(PY) benchmarks/speed.py

@@ -13,11 +13,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.config import Settings
+from server.config import AUTO, Settings
 from server.errors import APIError, install_error_handlers
 from server.experts import build_experts
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.routing import RequestRouter, RouteDecision, build_router, route_headers
 from server.serving import Expert, Job, OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,21 @@ class AppState:
         self.serving = OpenAIServing(self.experts, self.metrics)
         self.load_error: str | None = None
         self.api_keys: frozenset[str] = frozenset()
+        self.router: RequestRouter | None = None
+        self.router_expected = False
+
+    def healthy(self, name: str) -> bool:
+        expert = self.experts.get(name)
+        return expert is not None and expert.engine.ready() and expert.engine.healthy()
+
+    async def route(self, messages: list[dict[str, str]]) -> RouteDecision:
+        if self.router is None:
+            message = "The router is still loading; retry shortly."
+            raise APIError(503, message, type="server_error", code="model_not_ready")
+        decision = await self.router.route(messages, self.healthy)
+        self.metrics.route_decisions.labels(decision.category, decision.expert, decision.reason).inc()
+        self.metrics.route_latency.observe(decision.latency_s)
+        return decision
 
 
 def _read_keys(path: Path | None) -> frozenset[str]:
@@ -47,13 +63,18 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
     state = AppState()
     state.api_keys = _read_keys(settings.server.api_keys_file)
 
+    state.router_expected = settings.router.coe is not None
+
     async def load() -> None:
         try:
             experts = await asyncio.to_thread(expert_factory, settings)
             for expert in experts.values():
                 await expert.engine.start()
             state.experts.update(experts)
-            log.info("ready: %s", ", ".join(experts))
+            router = await asyncio.to_thread(build_router, settings)  # loads and warms the embedder
+            if router is not None:
+                state.router, state.serving.fallback = RequestRouter(router), router.config.fallback
+            log.info("ready: %s%s", ", ".join(experts), f", {AUTO}" if router else "")
         except Exception as exc:
             log.exception("loading experts failed")
             state.load_error = f"{type(exc).__name__}: {exc}"
@@ -93,6 +114,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         ok = bool(state.experts) and all(e.engine.ready() for e in state.experts.values())
+        ok = ok and (state.router is not None or not state.router_expected)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -109,25 +131,55 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             )
             for n, e in state.experts.items()
         ]
+        if state.router is not None:
+            cards.append(_auto_card(state.router, cards))
         return ModelList(data=cards)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        return await _respond(request, state.serving.prepare_chat(body), body.stream, state.serving)
+        route = None
+        if body.model == AUTO:
+            route = await state.route([{"role": m.role, "content": m.text()} for m in body.messages])
+        return await _respond(request, state.serving.prepare_chat(body, route), body.stream, state.serving)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await _respond(request, state.serving.prepare_completion(body), body.stream, state.serving)
+        route = None
+        if body.model == AUTO:
+            route = await state.route([{"role": "user", "content": _routable_prompt(body)}])
+        return await _respond(request, state.serving.prepare_completion(body, route), body.stream, state.serving)
+
+
+def _routable_prompt(body: CompletionRequest) -> str:
+    prompts = body.prompts()
+    if not all(isinstance(p, str) for p in prompts):
+        message = f"model '{AUTO}' routes on text: send the prompt as a string, not token ids"
+        raise APIError(400, message, param="prompt")
+    return "\n\n".join(str(p) for p in prompts)
+
+
+def _auto_card(router: RequestRouter, cards: list[ModelCard]) -> ModelCard:
+    config = router.router.config
+    routing = {
+        "router": "coe",
+        "categories": dict(config.categories),
+        "fallback": config.fallback,
+        "min_confidence": config.min_confidence,
+        "min_margin": config.min_margin,
+    }
+    return ModelCard(id=AUTO, max_model_len=min(c.max_model_len for c in cards), turnout=routing)
 
 
 async def _respond(request: Request, job: Job, stream: bool, serving: OpenAIServing) -> Any:
-    if stream:
+    if stream:  # headers go out before the first token, so they name the expert first chosen
+        headers = route_headers(job.route, job.expert.name) if job.route is not None else {}
         return StreamingResponse(
             serving.stream(job),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
-    return await _unless_disconnected(request, serving.complete(job))
+    body = await _unless_disconnected(request, serving.complete(job))
+    return JSONResponse(body, headers=route_headers(job.route, job.expert.name)) if job.route is not None else body
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

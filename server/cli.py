@@ -20,6 +20,28 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_coe(args: argparse.Namespace) -> int:
+    from engine.zoo import ASSETS
+    from router.coe.classifier import TrainConfig
+    from router.coe.data import DATA, load_examples
+    from router.coe.train import train_coe
+
+    args.data = args.data or DATA / "prompts.jsonl"
+    args.out = args.out or ASSETS / "coe"
+    if not args.propose_map_only:
+        result = train_coe(args.data, args.out, TrainConfig(epochs=args.epochs, seed=args.seed))
+        accuracy, last_only = result["accuracy"], result["last_message_only_accuracy"]
+        print(f"held-out accuracy {accuracy:.1%} (last message only: {last_only:.1%})")
+        print(f"wrote {args.out}/head.safetensors, head.json and confusion.png")
+    if args.propose_map or args.propose_map_only:
+        from router.coe.propose import propose
+
+        experts = dict(item.split("=", 1) for item in args.experts.split(","))
+        body = propose(experts, load_examples(args.eval_data or DATA / "eval.jsonl"), args.cost_budget, args.out)
+        print(f"proposed map: {body['categories']} (wrote {args.out}/map.json and map.png)")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -45,6 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
             from engine.factory import resolve_model_path
 
             resolve_model_path(expert.model)
+    if settings.router.coe is not None:
+        from router.coe.embedder import fetch
+
+        fetch()
     app = create_app(settings)
     uvicorn.run(
         app,
@@ -81,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the configured experts over HTTP")
-    serve.add_argument("--config", type=Path, default=None, help="turnout.yaml (default: one smollm2-135m expert)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="turnout.yaml (default: every zoo expert, and model auto routing between them)",
+    )
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--model", default=None, help="model of the first expert: zoo name, .gguf or directory")
@@ -108,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(func=_distill)
+
+    coe = sub.add_parser("train-coe", help="train the CoE router's classifier head (and propose its expert map)")
+    coe.add_argument("--data", type=Path, default=None, help="labelled prompts (default: the project's set)")
+    coe.add_argument("--out", type=Path, default=None, help="where the head goes (default: assets/coe)")
+    coe.add_argument("--epochs", type=int, default=400)
+    coe.add_argument("--seed", type=int, default=0)
+    coe.add_argument("--propose-map", action="store_true", help="also score the experts and propose the map")
+    coe.add_argument("--propose-map-only", action="store_true", help="only score the experts and propose the map")
+    coe.add_argument(
+        "--experts",
+        default="smollm2-135m=smollm2-135m-instruct,gemma3-270m=gemma3-270m,smollm2-small=smollm2-small",
+        help="expert=model pairs, comma separated, for --propose-map",
+    )
+    coe.add_argument("--eval-data", type=Path, default=None, help="prompts with reference answers")
+    coe.add_argument(
+        "--cost-budget",
+        type=float,
+        default=0.75,
+        help="mean activated parameters per token, as a fraction of the dearest expert's",
+    )
+    coe.set_defaults(func=_train_coe)
 
     models = sub.add_parser("models", help="fetch or list cached models")
     msub = models.add_subparsers(dest="models_command", required=True)

@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec
 from engine.speculative.speculator import SpeculativeConfig
+from engine.zoo import ASSETS
+from router.coe import CATEGORIES
+
+AUTO = "auto"  # the model id that goes through the CoE router
 
 
 class _Strict(BaseModel):
@@ -92,17 +96,64 @@ def _default_experts() -> list[ExpertConfig]:
     return [ExpertConfig(name="smollm2-135m", model="smollm2-135m-instruct")]
 
 
+# `turnout serve` with no config file: every zoo expert, and `auto` routing between them
+ZOO_EXPERTS = (
+    ("smollm2-135m", "smollm2-135m-instruct"),
+    ("gemma3-270m", "gemma3-270m"),
+    ("smollm2-small", "smollm2-small"),
+)
+
+
+class CoESettings(_Strict):
+    classifier: Path = ASSETS / "coe"  # head.safetensors + head.json (+ map.json) from `turnout train-coe`
+    # category -> expert; unset: the map `turnout train-coe` proposed (classifier/map.json), each
+    # category whose proposed expert is not configured going to the fallback
+    categories: dict[str, str] | None = None
+    fallback: str | None = None  # default: the first expert
+    min_confidence: float = Field(default=0.5, ge=0, le=1)
+    min_margin: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("categories")
+    @classmethod
+    def _known_categories(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        unknown = set(value or {}) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"unknown categories {sorted(unknown)}; known: {', '.join(CATEGORIES)}")
+        return value
+
+
+class RouterSettings(_Strict):
+    coe: CoESettings | None = None  # `model: auto` is served only when this is set
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TURNOUT__", env_nested_delimiter="__", extra="forbid")
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     experts: list[ExpertConfig] = Field(default_factory=_default_experts, min_length=1)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _zoo_by_default(cls, data: Any) -> Any:
+        """No experts and no router given: serve every zoo expert behind `auto`."""
+        if isinstance(data, dict) and "experts" not in data and "router" not in data:
+            experts = [{"name": name, "model": model} for name, model in ZOO_EXPERTS]
+            return {**data, "experts": experts, "router": {"coe": {}}}
+        return data
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
         names = [e.name for e in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"expert names must be unique, got {names}")
+        if AUTO in names:
+            raise ValueError(f"{AUTO!r} is the routed model id; an expert cannot take that name")
+        coe = self.router.coe
+        if coe is not None:
+            named = {*(coe.categories or {}).values(), *([coe.fallback] if coe.fallback else [])}
+            if missing := named - set(names):
+                raise ValueError(f"router.coe names experts that are not configured: {sorted(missing)}")
         return self
 
     @classmethod

@@ -124,6 +124,21 @@ class Metrics:
             [*LABEL, "position"],
             registry=r,
         )
+        self.route_decisions = Counter(
+            "turnout:route_decisions_total",
+            "CoE routing decisions (model auto) by category and chosen expert",
+            ["category", "expert", "reason"],
+            registry=r,
+        )
+        self.route_latency = Histogram(
+            "turnout:route_latency_seconds", "Time the CoE router takes to decide", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.failovers = Counter(
+            "turnout:route_failovers_total",
+            "Routed requests moved to the fallback after their expert failed before the first token",
+            ["from_expert", "to_expert"],
+            registry=r,
+        )
         r.register(EngineStatsCollector(engine_stats, engine_infos))
 
     def record(self, expert: str, stats: RequestStats, finish_reason: str, cost_usd: float) -> None:

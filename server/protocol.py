@@ -134,6 +134,8 @@ class Usage(BaseModel):
     spec_draft_tokens: int | None = None
     spec_accepted_tokens: int | None = None
     spec_acceptance_rate: float | None = None
+    # `model: auto`: the CoE router's decision (category, expert, confidence, margin, reason, latency_ms)
+    route: dict[str, Any] | None = None
 
 
 class ErrorDetail(BaseModel):

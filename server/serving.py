@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from server.errors import APIError
 from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
+from server.routing import RouteDecision, route_usage
 
 
 @dataclass
@@ -37,15 +38,23 @@ class Job:
     include_usage: bool = False
     echo_texts: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
+    route: RouteDecision | None = None  # set when the CoE router chose the expert
+    remake: Callable[[Expert], Job] | None = None  # the same request prepared for another expert
 
     @property
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
+    def move_to(self, other: Job) -> None:
+        """Serve this request with ``other``'s expert and prompts (a failover keeps id and route)."""
+        self.expert, self.prompts, self.choices = other.expert, other.prompts, other.choices
+        self.echo_texts, self.model = other.echo_texts, other.expert.name
+
 
 class OpenAIServing:
     def __init__(self, experts: dict[str, Expert], metrics: Metrics) -> None:
         self.experts, self.metrics = experts, metrics
+        self.fallback: str | None = None  # the CoE router's fallback expert, for failover
 
     def expert(self, model: str) -> Expert:
         expert = self.experts.get(model)
@@ -66,8 +75,21 @@ class OpenAIServing:
         return expert
 
     # -- request preparation ------------------------------------------------------------------
-    def prepare_chat(self, req: ChatCompletionRequest) -> Job:
-        expert = self.expert(req.model)
+    def prepare_chat(self, req: ChatCompletionRequest, route: RouteDecision | None = None) -> Job:
+        job = self._chat_job(req, self.expert(route.expert if route else req.model))
+        return self._routed(job, route, lambda expert: self._chat_job(req, expert))
+
+    def prepare_completion(self, req: CompletionRequest, route: RouteDecision | None = None) -> Job:
+        job = self._completion_job(req, self.expert(route.expert if route else req.model))
+        return self._routed(job, route, lambda expert: self._completion_job(req, expert))
+
+    @staticmethod
+    def _routed(job: Job, route: RouteDecision | None, remake: Callable[[Expert], Job]) -> Job:
+        if route is not None:  # the response names the expert that serves it
+            job.route, job.remake, job.model = route, remake, job.expert.name
+        return job
+
+    def _chat_job(self, req: ChatCompletionRequest, expert: Expert) -> Job:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             ids = expert.engine.tokenize_chat(messages)
@@ -76,8 +98,7 @@ class OpenAIServing:
         top = (req.top_logprobs or 0) if req.logprobs else None
         return self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
 
-    def prepare_completion(self, req: CompletionRequest) -> Job:
-        expert = self.expert(req.model)
+    def _completion_job(self, req: CompletionRequest, expert: Expert) -> Job:
         engine = expert.engine
         prompts, echo = [], []
         for p in req.prompts():
@@ -157,6 +178,37 @@ class OpenAIServing:
                 self.metrics.success.labels(job.expert.name, "abort").inc()
 
     async def _outputs(self, job: Job) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
+        """All choices' outputs as they come; a routed request whose expert fails before its first
+        token is sent fails over once to the router's fallback."""
+        sent = False
+        try:
+            async for state, out in self._run(job):
+                sent = sent or bool(out.token_ids or out.text)
+                yield state, out
+            return
+        except APIError as err:
+            target = None if sent or err.status < 500 else self._failover_target(job)
+            if target is None:
+                raise
+            source = job.expert.name
+            assert job.remake is not None
+            try:
+                job.move_to(job.remake(target))
+            except APIError:
+                raise err from None
+            self.metrics.failovers.labels(source, target.name).inc()
+        async for pair in self._run(job):
+            yield pair
+
+    def _failover_target(self, job: Job) -> Expert | None:
+        if job.route is None or job.remake is None or self.fallback is None:
+            return None
+        target = self.experts.get(self.fallback)
+        if target is None or target is job.expert or not target.engine.ready():
+            return None
+        return target
+
+    async def _run(self, job: Job) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
         """All choices' outputs as they come, each paired with its choice's accumulated state."""
         states = [ChoiceState(i) for i in range(len(job.choices))]
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -193,6 +245,8 @@ class OpenAIServing:
         info = job.expert.engine.info
         speculative = bool(info.features.get("speculative"))
         usage = build_usage(states, job.prompt_tokens, info.activated_params_per_token, speculative)
+        if job.route is not None:
+            usage.route = route_usage(job.route, job.expert.name)
         return usage.model_dump(exclude_none=True)
 
     def _logprobs(self, job: Job, state: ChoiceState, items: list[Any], offset: int) -> dict[str, Any] | None:
@@ -230,11 +284,12 @@ class _Streamer:
 
     def __init__(self, serving: OpenAIServing, job: Job) -> None:
         self.serving, self.job = serving, job
-        obj = "chat.completion.chunk" if job.chat else "text_completion"
-        self.head = {"id": job.id, "object": obj, "created": job.created, "model": job.model}
+        self.object = "chat.completion.chunk" if job.chat else "text_completion"
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {**self.head, "choices": choices, **extra}
+        job = self.job  # its model changes if a routed request fails over
+        head = {"id": job.id, "object": self.object, "created": job.created, "model": job.model}
+        body = {**head, "choices": choices, **extra}
         if self.job.include_usage and "usage" not in body:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -1,0 +1,145 @@
+"""The CoE router offline: features, decisions, fallbacks, the shipped head and the map proposal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.zoo import ASSETS
+from router.coe import CATEGORIES
+from router.coe.classifier import load
+from router.coe.data import DATA, load_examples
+from router.coe.embedder import SentenceEmbedder
+from router.coe.features import FEATURES, conversation_features, split_turns
+from router.coe.propose import ExpertScores, best_map
+from router.coe.router import CoEConfig, CoERouter
+from router.coe.train import confusion, featurize, report
+
+CLASSIFIER = ASSETS / "coe"
+MAP = {"math": "m", "code": "c", "knowledge": "k", "writing": "w", "summarize": "s", "chat": "h"}
+CODE_CHAT = [
+    {"role": "user", "content": "Write a Python function that checks whether a string is a palindrome."},
+    {"role": "assistant", "content": "def is_palindrome(s):\n    return s == s[::-1]"},
+    {"role": "user", "content": "Now make it ignore spaces and punctuation, and add a unit test."},
+]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> SentenceEmbedder:
+    return SentenceEmbedder()
+
+
+@pytest.fixture(scope="module")
+def router(embedder: SentenceEmbedder) -> CoERouter:
+    return CoERouter.load(CLASSIFIER, CoEConfig(MAP, fallback="f"), embedder)
+
+
+def test_the_latest_user_turn_is_split_from_the_rest_of_the_conversation() -> None:
+    last, context = split_turns([{"role": "system", "content": "Be brief."}, *CODE_CHAT])
+    assert last == CODE_CHAT[2]["content"]
+    assert context == ["Be brief.", CODE_CHAT[0]["content"], CODE_CHAT[1]["content"]]
+    assert split_turns([{"role": "assistant", "content": "hi"}]) == ("hi", [])
+
+
+def test_features_hold_the_last_turn_the_mean_of_the_others_and_a_history_flag(embedder: SentenceEmbedder) -> None:
+    single = [{"role": "user", "content": "What is the boiling point of water?"}]
+    features = conversation_features(embedder, [single, CODE_CHAT])
+    assert features.shape == (2, FEATURES)
+    vectors = embedder.embed([m["content"] for m in CODE_CHAT])
+    torch.testing.assert_close(features[1, :384], vectors[2])
+    torch.testing.assert_close(features[1, 384:768], vectors[:2].mean(0))
+    assert features[0, 384:].abs().sum() == 0 and features[1, -1] == 1
+
+
+def test_cached_embeddings_equal_fresh_ones_and_are_not_recomputed(embedder: SentenceEmbedder) -> None:
+    text = "A sentence that the cache test embeds twice."
+    first = embedder.embed([text])
+    calls = []
+    compute = embedder._compute
+    embedder._compute = lambda texts: calls.append(texts) or compute(texts)  # type: ignore[method-assign]
+    try:
+        again = embedder.embed([text, "and one new sentence"])
+    finally:
+        embedder._compute = compute  # type: ignore[method-assign]
+    assert calls == [["and one new sentence"]]
+    torch.testing.assert_close(again[0], first[0])
+    torch.testing.assert_close(first[0], compute([text])[0])
+
+
+def test_decisions_are_deterministic_and_match_the_batch_path(router: CoERouter) -> None:
+    first, second = router.route(CODE_CHAT), router.route(CODE_CHAT)
+    assert (first.category, first.confidence, first.expert) == (second.category, second.confidence, second.expert)
+    probs = router.probabilities([CODE_CHAT, [{"role": "user", "content": "Tell me a joke"}]])
+    assert CATEGORIES[int(probs[0].argmax())] == first.category
+    assert abs(float(probs[0].max()) - first.confidence) < 1e-6
+    assert first.category == "code" and first.expert == "c" and first.reason == "category"
+
+
+def test_low_confidence_unhealthy_and_unmapped_go_to_the_fallback(embedder: SentenceEmbedder) -> None:
+    head = load(CLASSIFIER)
+    unsure = CoERouter(embedder, head, CoEConfig(MAP, fallback="f", min_margin=1.0))  # no margin reaches 1
+    assert (unsure.route(CODE_CHAT).expert, unsure.route(CODE_CHAT).reason) == ("f", "low_confidence")
+    confident = CoERouter(embedder, head, CoEConfig(MAP, fallback="f", min_confidence=0.0))
+    sick = confident.route(CODE_CHAT, healthy=lambda name: name != "c")
+    assert (sick.category, sick.expert, sick.reason) == ("code", "f", "unhealthy")
+    partial = CoERouter(embedder, head, CoEConfig({"math": "m"}, fallback="f"))
+    assert (partial.route(CODE_CHAT).expert, partial.route(CODE_CHAT).reason) == ("f", "unmapped")
+
+
+def test_a_config_naming_an_unknown_category_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown categories"):
+        CoEConfig({"poetry": "x"}, fallback="f")
+    with pytest.raises(ValueError):
+        CoEConfig({}, fallback="f", min_confidence=1.5)
+
+
+def test_the_shipped_head_scores_what_its_metadata_says_on_the_held_out_split(embedder: SentenceEmbedder) -> None:
+    meta = json.loads((CLASSIFIER / "head.json").read_text())
+    test = [e for e in load_examples(DATA / "prompts.jsonl") if e.split == "test"]
+    assert len(test) == meta["test_examples"] and len(test) >= 20 * len(CATEGORIES)
+    labels = torch.tensor([e.label for e in test])
+    result = report(confusion(load(CLASSIFIER), featurize(embedder, test, "held-out"), labels))
+    assert result["accuracy"] == pytest.approx(meta["held_out"]["accuracy"], abs=0.01)
+    assert result["accuracy"] > 0.75  # six balanced classes: chance is 0.17
+
+
+def test_the_prompt_set_has_sixty_training_prompts_per_category_and_a_held_out_split() -> None:
+    examples = load_examples(DATA / "prompts.jsonl")
+    for category in CATEGORIES:
+        train = [e for e in examples if e.category == category and e.split == "train"]
+        test = [e for e in examples if e.category == category and e.split == "test"]
+        assert len(train) >= 60 and len(test) >= 15
+        assert any(len(e.messages) > 1 for e in train)
+    assert len({e.id for e in examples}) == len(examples)
+
+
+def test_the_proposed_map_is_the_best_quality_within_the_cost_budget() -> None:
+    cheap = ExpertScores("cheap", 1.0, {c: 2.0 for c in CATEGORIES})
+    dear = ExpertScores("dear", 3.0, {c: 1.0 if c in ("math", "code") else 1.9 for c in CATEGORIES})
+    everything_dear, _, cost = best_map([cheap, dear], budget=3.0)
+    assert set(everything_dear.values()) == {"dear"} and cost == 3.0
+    mapping, quality, cost = best_map([cheap, dear], budget=1.7)  # room for two dear categories of six
+    assert mapping["math"] == mapping["code"] == "dear"
+    assert all(mapping[c] == "cheap" for c in CATEGORIES if c not in ("math", "code"))
+    assert cost == pytest.approx(10 / 6) and quality == pytest.approx(10 / 6)
+    with pytest.raises(ValueError, match="no map fits"):
+        best_map([cheap, dear], budget=0.5)
+
+
+def test_the_shipped_map_names_zoo_experts() -> None:
+    proposed = json.loads((CLASSIFIER / "map.json").read_text())
+    assert set(proposed["categories"]) <= set(CATEGORIES)
+    assert set(proposed["categories"].values()) <= {"smollm2-135m", "gemma3-270m", "smollm2-small"}
+
+
+def test_the_classifier_refuses_a_head_trained_for_other_categories(tmp_path: Path) -> None:
+    for f in ("head.safetensors", "head.json"):
+        (tmp_path / f).write_bytes((CLASSIFIER / f).read_bytes())
+    meta = json.loads((tmp_path / "head.json").read_text())
+    meta["categories"] = ["a", "b", "c", "d", "e", "f"]
+    (tmp_path / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained for categories"):
+        load(tmp_path)
