@@ -150,6 +150,9 @@ class ModelInfo:
     activated_params_per_token: int
     dtype: str
     features: dict[str, object] = field(default_factory=dict)
+    # stop strings every chat request gets (a base model answering a plain transcript would
+    # otherwise go on to write the user's next line)
+    chat_stop: tuple[str, ...] = ()
 
 
 class Engine(Protocol):

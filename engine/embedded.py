@@ -53,6 +53,7 @@ class EmbeddedEngine:
             vocab_size=args.vocab_size,
             activated_params_per_token=args.activated_params_per_token(),
             dtype=dtype,
+            chat_stop=tokenizer.chat_stop,
             features={
                 "quantization": "none",
                 "kv_cache": "full",
@@ -87,7 +88,7 @@ class EmbeddedEngine:
 
     async def _warm_up(self) -> None:
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        request = GenerationRequest("warmup", self.tokenizer.encode("Hello, world"), params)
+        request = GenerationRequest("warmup", self.tokenizer.encode_prompt("Hello, world"), params)
         async for _ in self.generate(request):
             pass
 
@@ -113,10 +114,10 @@ class EmbeddedEngine:
 
     # -- tokenization -------------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+        return self.tokenizer.encode_prompt(self.tokenizer.render_chat(messages))
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_prompt(text)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)

@@ -9,10 +9,10 @@ import torch
 
 from engine import zoo
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.loader import convert_gguf, load_transformer, read_args
+from engine.loader import EngineModel, convert_gguf, load_transformer, read_args
+from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
 from engine.model.linear import add_narrow_copies
-from engine.model.llama import Transformer
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized_transformer
 from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
@@ -62,7 +62,7 @@ def resolve_model_path(model: str) -> Path:
     return zoo.pull(model)
 
 
-def load_engine_model(model: str, dtype: str, quantization: QuantSpec | None = None) -> tuple[Path, Transformer, str]:
+def load_engine_model(model: str, dtype: str, quantization: QuantSpec | None = None) -> tuple[Path, EngineModel, str]:
     """(its directory, the model as the engine runs it, a description of its dtypes)."""
     path = resolve_model_path(model)
     compute, narrow = resolve_dtype(dtype)
@@ -88,6 +88,7 @@ def build_embedded(
         "quantization": quantization.tag if quantization else "none",
         "weight_bytes": held,
         "decode_read_bytes": decode_read_bytes(transformer),
+        **capabilities(transformer),
     }
     log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, features["quantization"], held / 1e6)
     draft = None
@@ -105,6 +106,21 @@ def build_embedded(
         draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len))
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, features, draft)
+
+
+def capabilities(model: EngineModel) -> dict[str, object]:
+    """What the expert's engine can do, for /v1/models: every embedded model takes the same
+    quantization and speculation options; only the Llama family has the fused C++ decode kernels."""
+    gemma = isinstance(model.args, GemmaArgs)
+    return {
+        "architecture": "gemma3" if gemma else "llama",
+        "supports": {
+            "quantization": ["none", "int4", "nf4"],
+            "kv_cache": ["full"],
+            "speculative": ["ngram", "draft model sharing the tokenizer"],
+            "decode_path": "PyTorch attention (generic, slower)" if gemma else "fused C++ decode kernels",
+        },
+    }
 
 
 def draft_quant_spec(spec: SpeculativeConfig, target: QuantSpec | None) -> QuantSpec | None:

@@ -11,8 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from engine.model.args import ModelArgs
+from engine.model.args import AnyArgs, GemmaArgs, args_from_config
+from engine.model.gemma import GemmaTransformer
 from engine.model.llama import Transformer
+
+EngineModel = Transformer | GemmaTransformer
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -57,24 +60,36 @@ _LAYER_SOURCES: dict[str, tuple[str, ...]] = {
     "attention_norm.weight": ("input_layernorm.weight",),
     "ffn_norm.weight": ("post_attention_layernorm.weight",),
 }
+_GEMMA_LAYER_SOURCES: dict[str, tuple[str, ...]] = {
+    **{k: v for k, v in _LAYER_SOURCES.items() if not k.endswith("norm.weight")},
+    "attention.q_norm.weight": ("self_attn.q_norm.weight",),
+    "attention.k_norm.weight": ("self_attn.k_norm.weight",),
+    "input_norm.weight": ("input_layernorm.weight",),
+    "post_attention_norm.weight": ("post_attention_layernorm.weight",),
+    "pre_ffn_norm.weight": ("pre_feedforward_layernorm.weight",),
+    "post_ffn_norm.weight": ("post_feedforward_layernorm.weight",),
+}
 
 
 def fused_state(
-    hf: Mapping[str, torch.Tensor], args: ModelArgs, only: Collection[str] | None = None
+    hf: Mapping[str, torch.Tensor], args: AnyArgs, only: Collection[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Map Hugging Face Llama names onto the engine's fused layout (wqkv, w13).
+    """Map Hugging Face Llama or Gemma 3 names onto the engine's fused layout (wqkv, w13).
 
     ``only`` limits which engine tensors are built, so a lazy ``hf`` mapping reads no others.
     """
-    head = "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
+    prefix, layer_sources = "model.", _LAYER_SOURCES
+    if isinstance(args, GemmaArgs):
+        prefix, layer_sources = args.hf_prefix, _GEMMA_LAYER_SOURCES
+    head = f"{prefix}embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
     sources: dict[str, tuple[str, ...]] = {
-        "tok_embeddings.weight": ("model.embed_tokens.weight",),
-        "norm.weight": ("model.norm.weight",),
+        "tok_embeddings.weight": (f"{prefix}embed_tokens.weight",),
+        "norm.weight": (f"{prefix}norm.weight",),
         "output.weight": (head,),
     }
     for i in range(args.n_layers):
-        for name, parts in _LAYER_SOURCES.items():
-            sources[f"layers.{i}.{name}"] = tuple(f"model.layers.{i}.{part}" for part in parts)
+        for name, parts in layer_sources.items():
+            sources[f"layers.{i}.{name}"] = tuple(f"{prefix}layers.{i}.{part}" for part in parts)
     return {
         name: hf[parts[0]] if len(parts) == 1 else torch.cat([hf[p] for p in parts])
         for name, parts in sources.items()
@@ -82,17 +97,23 @@ def fused_state(
     }
 
 
-def read_args(model_path: Path) -> ModelArgs:
-    return ModelArgs.from_hf_config(json.loads((model_path / "config.json").read_text()))
+def read_args(model_path: Path) -> AnyArgs:
+    """The model's hyper-parameters; config.json's ``model_type`` picks Llama or Gemma 3."""
+    return args_from_config(json.loads((model_path / "config.json").read_text()))
 
 
-def load_transformer(model_path: Path, dtype: torch.dtype) -> Transformer:
+def new_model(args: AnyArgs) -> EngineModel:
+    """The architecture ``args`` describe, built on the current default device (meta when loading)."""
+    return GemmaTransformer(args) if isinstance(args, GemmaArgs) else Transformer(args)
+
+
+def load_transformer(model_path: Path, dtype: torch.dtype) -> EngineModel:
     """Build the model on the meta device and assign the cached weights (no random init)."""
     args = read_args(model_path)
     hf = load_file(model_path / "model.safetensors")
     state = {k: v.to(dtype) for k, v in fused_state(hf, args).items()}
     with torch.device("meta"):
-        model = Transformer(args)
+        model = new_model(args)
     model.load_state_dict(state, assign=True, strict=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

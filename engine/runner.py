@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine.loader import EngineModel
 from engine.model.kv_cache import AttentionBatch
-from engine.model.llama import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, n_slots: int, max_len: int) -> None:
+    def __init__(self, model: EngineModel, n_slots: int, max_len: int) -> None:
         self.model = model
         self.n_slots, self.max_len = n_slots, max_len
         model.setup_caches(n_slots, max_len)

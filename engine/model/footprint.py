@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from engine.model.gemma import GemmaRMSNorm
 from engine.model.linear import Linear
 from engine.model.llama import RMSNorm
 from engine.model.quantized import Int4Linear, NF4Linear
@@ -34,6 +35,6 @@ def decode_read_bytes(model: nn.Module) -> int:
             total += m.nbytes()
         elif isinstance(m, Linear):
             total += _nbytes(m.narrow_weight if m.narrow_weight is not None else m.weight)
-        elif isinstance(m, RMSNorm):
+        elif isinstance(m, RMSNorm | GemmaRMSNorm):
             total += _nbytes(m.weight)
     return total

@@ -19,9 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from engine.loader import fused_state, load_transformer, read_args
+from engine.loader import EngineModel, fused_state, load_transformer, new_model, read_args
 from engine.model.linear import Linear
-from engine.model.llama import Transformer
 from kernels import a8, int4, nf4
 
 log = logging.getLogger(__name__)
@@ -184,7 +183,7 @@ def _from_tensors(
     return nf4.NF4Weight(t[f"{name}.codes"], t[f"{name}.absmax"], chunk, offset, spec.group_size, in_features)
 
 
-def quantize_to_cache(model: Transformer, spec: QuantSpec, path: Path) -> None:
+def quantize_to_cache(model: EngineModel, spec: QuantSpec, path: Path) -> None:
     """Quantize every linear of a float model into ``path`` (safetensors, written atomically)."""
     tensors: dict[str, Tensor] = {}
     for name in tqdm(_linear_names(model, spec), desc=f"quantizing ({spec.tag})", unit="linear"):
@@ -200,7 +199,7 @@ def quantize_to_cache(model: Transformer, spec: QuantSpec, path: Path) -> None:
 # --- phase two: build on the meta device and swap the quantized linears in ---------------------
 
 
-def swap_in(model: Transformer, tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> None:
+def swap_in(model: EngineModel, tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> None:
     for name in _linear_names(model, spec):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -211,7 +210,7 @@ def swap_in(model: Transformer, tensors: dict[str, Tensor], spec: QuantSpec, dty
         model.tok_embeddings = TiedQuantizedEmbedding(model.output, dtype)  # type: ignore[assignment]
 
 
-def _float_names(model: Transformer) -> set[str]:
+def _float_names(model: EngineModel) -> set[str]:
     """Engine parameter names still on the meta device after the swap (norms, maybe the embedding)."""
     return {n for n, p in model.named_parameters() if p.device.type == "meta"}
 
@@ -239,14 +238,14 @@ def _is_current(cache: Path) -> bool:
     return True
 
 
-def load_quantized_transformer(model_path: Path, spec: QuantSpec, dtype: torch.dtype) -> Transformer:
+def load_quantized_transformer(model_path: Path, spec: QuantSpec, dtype: torch.dtype) -> EngineModel:
     """The model with quantized linears, quantizing into the on-disk cache the first time only."""
     cache = model_path / "quantized" / f"{spec.tag}.safetensors"
     if not _is_current(cache):
         quantize_to_cache(load_transformer(model_path, torch.float32), spec, cache)
     args = read_args(model_path)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = new_model(args)
     swap_in(model, load_file(str(cache)), spec, dtype)
     hf_state = fused_state(_LazyState(model_path), args, only=_float_names(model))
     model.load_state_dict({k: v.to(dtype) for k, v in hf_state.items()}, assign=True, strict=False)
