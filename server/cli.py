@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost-budget",
         type=float,
         default=0.75,
-        help="mean activated parameters per token, as a fraction of the dearest expert's",
+        help="mean activated parameters per token, as a fraction of the best-quality map's",
     )
     coe.set_defaults(func=_train_coe)
 

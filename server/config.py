@@ -113,6 +113,15 @@ class CoESettings(_Strict):
     min_confidence: float = Field(default=0.5, ge=0, le=1)
     min_margin: float = Field(default=0.0, ge=0, le=1)
 
+    @field_validator("classifier")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """A relative path names the project's own assets when they have it, else the working directory's."""
+        if value.is_absolute():
+            return value
+        shipped = ASSETS.parent / value
+        return shipped if shipped.exists() else value.resolve()
+
     @field_validator("categories")
     @classmethod
     def _known_categories(cls, value: dict[str, str] | None) -> dict[str, str] | None:

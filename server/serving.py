@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.base import Engine, GenerationRequest, RequestOutput, SamplingParams
@@ -96,7 +96,10 @@ class OpenAIServing:
         except Exception as exc:  # a template may reject a conversation shape
             raise APIError(400, f"messages could not be formatted for this model: {exc}", param="messages") from exc
         top = (req.top_logprobs or 0) if req.logprobs else None
-        return self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
+        job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
+        if extra := expert.engine.info.chat_stop:
+            job.choices = [(p, replace(params, stop=(*params.stop, *extra))) for p, params in job.choices]
+        return job
 
     def _completion_job(self, req: CompletionRequest, expert: Expert) -> Job:
         engine = expert.engine

@@ -75,14 +75,17 @@ def frontier(scores: list[ExpertScores], steps: int = 24) -> list[tuple[float, f
 def propose(
     experts: Mapping[str, str], examples: Iterable[Example], budget_fraction: float, out: Path
 ) -> dict[str, object]:
-    """Score ``experts`` (name -> model), write ``out``/map.json and a plot; returns the map file's body."""
+    """Score ``experts`` (name -> model) and pick the best map whose mean cost is at most
+    ``budget_fraction`` of what the best map regardless of cost would cost; writes ``out``/map.json
+    and map.png and returns the map file's body."""
     items = list(examples)
     scores = [score_expert(name, model, items) for name, model in experts.items()]
-    budget = budget_fraction * max(s.cost for s in scores)
+    budget = budget_fraction * best_map(scores, math.inf)[2]  # a share of the best-quality map's cost
     mapping, quality, cost = best_map(scores, budget)
     body: dict[str, object] = {
         "categories": mapping,
-        "budget_fraction": budget_fraction,
+        "budget_fraction": budget_fraction,  # of the cost of the best map regardless of cost
+        "budget_activated_params_per_token": round(budget),
         "mean_bits_per_byte": round(quality, 4),
         "mean_activated_params_per_token": round(cost),
         "experts": {s.name: {"cost": s.cost, "bits_per_byte": s.bits_per_byte} for s in scores},
