@@ -64,6 +64,7 @@ class SentenceEmbedder:
         path = path or fetch()
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(MAX_TOKENS)
+        self.tokenizer.no_padding()  # _compute pads a batch itself; a single text is never padded
         self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
         self.cache_size = cache_size
