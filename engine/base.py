@@ -45,6 +45,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    messages: list[dict[str, str]] | None = None  # for a text-only engine: the conversation ...
+    prompt_text: str | None = None  # ... or the completion prompt
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ class ModelInfo:
     # stop strings every chat request gets (a base model answering a plain transcript would
     # otherwise go on to write the user's next line)
     chat_stop: tuple[str, ...] = ()
+    # the engine takes text (GenerationRequest.messages / prompt_text) and counts tokens itself:
+    # a remote OpenAI-compatible server
+    text_only: bool = False
 
 
 class Engine(Protocol):

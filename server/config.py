@@ -60,8 +60,12 @@ class SpeculativeSettings(_Strict):
 
 class ExpertConfig(_Strict):
     name: str = Field(min_length=1)
-    engine: Literal["embedded"] = "embedded"
+    engine: Literal["embedded", "remote"] = "embedded"
     model: str = "smollm2-135m-instruct"  # zoo name, GGUF file, or converted HF directory
+    # engine: remote (any OpenAI-compatible server): where, which model there, and the env var holding its key
+    base_url: str | None = None
+    remote_model: str | None = None  # default: this expert's name
+    api_key_env: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int4", "nf4"] = "none"
     quantization_options: QuantizationOptions = Field(default_factory=QuantizationOptions)
@@ -71,6 +75,12 @@ class ExpertConfig(_Strict):
     max_model_len: int = Field(default=4096, ge=16)
     max_prefill_tokens: int = Field(default=1024, ge=16)
     cost: CostConfig = Field(default_factory=lambda: CostConfig(usd_per_hour=0.10))
+
+    @model_validator(mode="after")
+    def _remote_has_an_address(self) -> ExpertConfig:
+        if self.engine == "remote" and not self.base_url:
+            raise ValueError(f"expert {self.name!r}: engine remote needs base_url (e.g. http://vllm:8000/v1)")
+        return self
 
     @model_validator(mode="after")
     def _quantization_is_buildable(self) -> ExpertConfig:

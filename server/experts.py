@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 from engine.embedded import EmbeddedConfig
 from engine.factory import build_embedded
+from engine.remote import RemoteConfig, RemoteEngine
 from server.config import ExpertConfig, Settings
 from server.serving import Expert
 
 
 def build_expert(cfg: ExpertConfig) -> Expert:
+    if cfg.engine == "remote":
+        assert cfg.base_url is not None  # validated with the config
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        remote = RemoteConfig(cfg.base_url, cfg.remote_model or cfg.name, key, cfg.max_model_len)
+        return Expert(cfg.name, RemoteEngine(remote), cfg.cost)
     speculative = cfg.speculative.engine_config() if cfg.speculative else None
     config = EmbeddedConfig(cfg.max_batch_size, cfg.max_model_len, cfg.max_prefill_tokens, speculative)
     return Expert(cfg.name, build_embedded(cfg.model, cfg.dtype, config, cfg.quant_spec()), cfg.cost)

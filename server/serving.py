@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.base import Engine, GenerationRequest, RequestOutput, SamplingParams
+from engine.remote import UpstreamError
 from server.config import CostConfig
 from server.errors import APIError
 from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd
@@ -40,6 +41,8 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     route: RouteDecision | None = None  # set when the CoE router chose the expert
     remake: Callable[[Expert], Job] | None = None  # the same request prepared for another expert
+    messages: list[dict[str, str]] | None = None  # a text-only (remote) expert's conversation ...
+    texts: list[str | None] = field(default_factory=list)  # ... or completion prompts (None: token ids)
 
     @property
     def prompt_tokens(self) -> int:
@@ -49,6 +52,7 @@ class Job:
         """Serve this request with ``other``'s expert and prompts (a failover keeps id and route)."""
         self.expert, self.prompts, self.choices = other.expert, other.prompts, other.choices
         self.echo_texts, self.model = other.echo_texts, other.expert.name
+        self.messages, self.texts = other.messages, other.texts
 
 
 class OpenAIServing:
@@ -96,6 +100,11 @@ class OpenAIServing:
         except Exception as exc:  # a template may reject a conversation shape
             raise APIError(400, f"messages could not be formatted for this model: {exc}", param="messages") from exc
         top = (req.top_logprobs or 0) if req.logprobs else None
+        if expert.engine.info.text_only:
+            _pass_through_only(expert, top)
+            job = self._job(True, new_id("chatcmpl"), req, expert, [[]], req.token_limit, None, "messages")
+            job.messages = messages
+            return job
         job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
         if extra := expert.engine.info.chat_stop:
             job.choices = [(p, replace(params, stop=(*params.stop, *extra))) for p, params in job.choices]
@@ -103,6 +112,13 @@ class OpenAIServing:
 
     def _completion_job(self, req: CompletionRequest, expert: Expert) -> Job:
         engine = expert.engine
+        if engine.info.text_only:
+            _pass_through_only(expert, req.logprobs, req.echo)
+            raw = req.prompts()
+            token_prompts = [[] if isinstance(p, str) else list(p) for p in raw]
+            job = self._job(False, new_id("cmpl"), req, expert, token_prompts, req.max_tokens, None, "prompt")
+            job.texts = [p if isinstance(p, str) else None for p in raw]
+            return job
         prompts, echo = [], []
         for p in req.prompts():
             ids = engine.tokenize(p) if isinstance(p, str) else list(p)
@@ -168,7 +184,10 @@ class OpenAIServing:
     # -- running ------------------------------------------------------------------------------
     async def _choice(self, job: Job, index: int, queue: asyncio.Queue[tuple[int, Any]]) -> None:
         prompt_index, params = job.choices[index]
-        request = GenerationRequest(f"{job.id}-{index}", job.prompts[prompt_index], params)
+        text = job.texts[prompt_index] if job.texts else None
+        request = GenerationRequest(
+            f"{job.id}-{index}", job.prompts[prompt_index], params, messages=job.messages, prompt_text=text
+        )
         last: RequestOutput | None = None
         try:
             async for out in job.expert.engine.generate(request):
@@ -222,6 +241,9 @@ class OpenAIServing:
             pending = len(tasks)
             while pending:
                 index, item = await queue.get()
+                if isinstance(item, UpstreamError):
+                    status = item.status if item.status < 500 else 502
+                    raise APIError(status, f"upstream error: {item.message}", type=_error_type(status)) from item
                 if isinstance(item, Exception):
                     raise APIError(500, f"generation failed: {item}", type="server_error") from item
                 if item.finish_reason == "error":
@@ -242,12 +264,18 @@ class OpenAIServing:
             state.finish_reason, state.stats = out.finish_reason, out.stats
             first_of_prompt = state.index % (len(job.choices) // len(job.prompts)) == 0
             state.cost_usd = cost_usd(job.expert.cost, out.stats, count_prompt=first_of_prompt)
+            if job.expert.engine.info.text_only and first_of_prompt:  # the upstream counted them
+                self.metrics.record_prompt(job.expert.name, out.stats.prompt_tokens)
             self.metrics.record(job.expert.name, out.stats, out.finish_reason or "stop", state.cost_usd)
 
     def _usage(self, job: Job, states: list[ChoiceState]) -> dict[str, Any]:
         info = job.expert.engine.info
         speculative = bool(info.features.get("speculative"))
-        usage = build_usage(states, job.prompt_tokens, info.activated_params_per_token, speculative)
+        prompt_tokens = job.prompt_tokens
+        if info.text_only:  # the upstream's count, once per prompt
+            per_prompt = len(job.choices) // len(job.prompts)
+            prompt_tokens = sum(s.stats.prompt_tokens for s in states if s.stats and s.index % per_prompt == 0)
+        usage = build_usage(states, prompt_tokens, info.activated_params_per_token, speculative)
         if job.route is not None:
             usage.route = route_usage(job.route, job.expert.name)
         return usage.model_dump(exclude_none=True)
@@ -280,6 +308,18 @@ class OpenAIServing:
 
     def stream(self, job: Job) -> AsyncIterator[str]:
         return _Streamer(self, job).events()
+
+
+def _pass_through_only(expert: Expert, logprobs: int | None, echo: bool = False) -> None:
+    """A remote expert relays text: what needs this gateway's own tokens is refused up front."""
+    for field_name, asked in (("logprobs", logprobs is not None), ("echo", echo)):
+        if asked:
+            message = f"'{expert.name}' is served by a remote engine: {field_name} is not passed through"
+            raise APIError(400, message, param=field_name)
+
+
+def _error_type(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
 
 
 class _Streamer:

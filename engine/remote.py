@@ -1,0 +1,149 @@
+"""An expert served by another OpenAI-compatible server (vLLM, llama.cpp's server, another turnout).
+
+The gateway hands it text (the conversation, or the completion prompt) instead of token ids,
+streams the upstream's deltas back as they come, and takes token counts from the upstream's
+usage. An upstream that cannot be reached marks the expert unhealthy (so the CoE router routes
+around it) until a request gets through again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from engine.base import EngineError, EngineStats, GenerationRequest, ModelInfo, RequestOutput, RequestStats
+
+
+class UpstreamError(EngineError):
+    """The upstream answered with an error; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    base_url: str  # e.g. http://vllm:8000/v1
+    model: str  # the upstream's model id
+    api_key: str | None = None
+    max_model_len: int = 4096
+    timeout_s: float = 600.0
+
+
+class RemoteEngine:
+    def __init__(self, config: RemoteConfig) -> None:
+        self.config = config
+        self.info = ModelInfo(
+            max_model_len=config.max_model_len,
+            vocab_size=0,
+            activated_params_per_token=0,  # unknown: the upstream does not say
+            dtype="remote",
+            features={"engine": "remote", "base_url": config.base_url, "remote_model": config.model},
+            text_only=True,
+        )
+        self._client: httpx.AsyncClient | None = None
+        self._unreachable: str | None = None
+        self._in_flight = 0
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        timeout = httpx.Timeout(self.config.timeout_s, connect=10.0)
+        self._client = httpx.AsyncClient(base_url=self.config.base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    def ready(self) -> bool:
+        return self._client is not None
+
+    def healthy(self) -> bool:
+        return self._unreachable is None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=self._in_flight, num_waiting=0, kv_cache_usage=0.0)
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return []  # text_only: the upstream tokenizes
+
+    def tokenize(self, text: str) -> list[int]:
+        return []
+
+    def token_text(self, token_id: int) -> str:
+        return ""
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        assert self._client is not None, "start() must run before generate()"
+        path, body = self._body(request)
+        stats = RequestStats(arrival_time=request.arrival_time, prompt_tokens=0)
+        self._in_flight += 1
+        try:
+            async with self._client.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    raise UpstreamError(response.status_code, _error_message(await response.aread()))
+                self._unreachable = None
+                stats.first_scheduled_time = time.monotonic()
+                async for out in self._deltas(request.request_id, response, stats):
+                    yield out
+        except httpx.TransportError as exc:
+            self._unreachable = f"{type(exc).__name__}: {exc}"
+            raise UpstreamError(502, f"{self.config.base_url} unreachable: {exc}") from exc
+        finally:
+            self._in_flight -= 1
+
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        p = request.params
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        body.update({k: v for k, v in (("seed", p.seed), ("stop", list(p.stop) or None)) if v is not None})
+        if p.max_tokens < self.config.max_model_len:  # else the client set no limit: the upstream's default
+            body["max_tokens"] = p.max_tokens
+        if request.messages is not None:
+            return "/chat/completions", {**body, "messages": request.messages}
+        prompt = request.prompt_text if request.prompt_text is not None else request.prompt_ids
+        return "/completions", {**body, "prompt": prompt}
+
+    async def _deltas(
+        self, request_id: str, response: httpx.Response, stats: RequestStats
+    ) -> AsyncIterator[RequestOutput]:
+        finish: str | None = None
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                raise UpstreamError(502, _error_message(json.dumps(chunk).encode()))
+            if usage := chunk.get("usage"):
+                stats.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                stats.completion_tokens = int(usage.get("completion_tokens", 0))
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                finish = choice.get("finish_reason") or finish
+                if text:
+                    now = time.monotonic()
+                    stats.first_token_time = stats.first_token_time or now
+                    stats.last_token_time = now
+                    stats.token_times.append(now)
+                    yield RequestOutput(request_id, text, [])
+        stats.completion_tokens = stats.completion_tokens or len(stats.token_times)
+        # what a per-hour price charges: the time this request held the upstream
+        stats.engine_seconds = time.monotonic() - (stats.first_scheduled_time or stats.arrival_time)
+        yield RequestOutput(request_id, "", [], finish_reason=finish or "stop", stats=stats)
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return raw.decode(errors="replace")[:500]

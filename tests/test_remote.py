@@ -1,0 +1,114 @@
+"""engine: remote — an expert served by another OpenAI-compatible server (here: a real turnout)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from server.config import CoESettings, ExpertConfig, RouterSettings, Settings
+from tests.conftest import MODEL, LiveServer
+
+CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the socket is: nothing listens there
+
+
+@pytest.fixture(scope="module")
+def gateway(server: LiveServer) -> Iterator[LiveServer]:
+    """A gateway whose experts are all remote: the live test server, and one nothing answers for."""
+    experts = [
+        ExpertConfig(name="upstream", engine="remote", base_url=f"{server.url}/v1", remote_model=MODEL),
+        ExpertConfig(name="dead", engine="remote", base_url=f"http://127.0.0.1:{_closed_port()}/v1"),
+    ]
+    everything_dead = {c: "dead" for c in ("math", "code", "knowledge", "writing", "summarize", "chat")}
+    coe = CoESettings(categories=everything_dead, fallback="upstream", min_confidence=0.0)
+    live = LiveServer(Settings(experts=experts, router=RouterSettings(coe=coe)))
+    live.start()
+    yield live
+    live.stop()
+
+
+def _post(url: str, path: str, body: dict) -> httpx.Response:  # type: ignore[type-arg]
+    return httpx.post(f"{url}/v1/{path}", json=body, timeout=120)
+
+
+def test_a_remote_expert_relays_the_upstream_answer_and_its_token_counts(
+    server: LiveServer, gateway: LiveServer
+) -> None:
+    body = {"messages": CHAT, "max_tokens": 12, "temperature": 0}
+    direct = _post(server.url, "chat/completions", {**body, "model": MODEL}).json()
+    relayed = _post(gateway.url, "chat/completions", {**body, "model": "upstream"}).json()
+    assert relayed["model"] == "upstream"
+    assert relayed["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    assert relayed["choices"][0]["finish_reason"] == direct["choices"][0]["finish_reason"] == "length"
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert relayed["usage"][key] == direct["usage"][key]
+
+
+async def test_remote_streaming_and_completions_with_stop_strings(server: LiveServer, gateway: LiveServer) -> None:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    whole = await client.chat.completions.create(model="upstream", messages=CHAT, max_tokens=10, temperature=0)
+    stream = await client.chat.completions.create(
+        model="upstream",
+        messages=CHAT,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    prompt = "1, 2, 3, 4, 5,"
+    direct = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0},
+        timeout=60,
+    ).json()["choices"][0]["text"]
+    stop = direct[3:6]
+    relayed = await client.completions.create(
+        model="upstream", prompt=prompt, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert relayed.choices[0].text == direct[: direct.index(stop)] and relayed.choices[0].finish_reason == "stop"
+
+
+def test_upstream_client_errors_come_back_as_they_were_and_logprobs_are_refused(gateway: LiveServer) -> None:
+    too_long = _post(
+        gateway.url, "chat/completions", {"model": "upstream", "messages": CHAT, "max_tokens": 3000}
+    )  # > the upstream's 2048
+    assert too_long.status_code == 400 and "upstream" in too_long.json()["error"]["message"]
+    logprobs = _post(gateway.url, "chat/completions", {"model": "upstream", "messages": CHAT, "logprobs": True})
+    assert logprobs.status_code == 400 and logprobs.json()["error"]["param"] == "logprobs"
+    assert httpx.get(f"{gateway.url}/health", timeout=10).status_code in (200, 503)  # still serving
+
+
+def test_an_unreachable_remote_fails_over_then_is_routed_around(gateway: LiveServer) -> None:
+    body = {"model": "auto", "messages": CHAT, "max_tokens": 4, "temperature": 0}
+    first = _post(gateway.url, "chat/completions", body)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["route"] == {
+        **first.json()["usage"]["route"],
+        "reason": "failover",
+        "expert": "upstream",
+    }
+    second = _post(gateway.url, "chat/completions", body)
+    assert second.status_code == 200 and second.json()["usage"]["route"]["reason"] == "unhealthy"
+    health = httpx.get(f"{gateway.url}/health", timeout=10).json()
+    assert health["unhealthy_experts"] == ["dead"]
+    named = _post(gateway.url, "chat/completions", {**body, "model": "dead"})
+    assert named.status_code == 502 and named.json()["error"]["type"] == "server_error"
+
+
+def test_models_show_a_remote_expert_for_what_it_is(gateway: LiveServer) -> None:
+    cards = {c["id"]: c for c in httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]}
+    assert cards["upstream"]["turnout"]["engine"] == "remote" and cards["upstream"]["turnout"]["remote_model"] == MODEL
+    assert {"upstream", "dead", "auto"} == set(cards)
