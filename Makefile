@@ -35,6 +35,7 @@ bench: pull
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality.py --model tiny-scratch
 	$(PY) benchmarks/speculative.py
+	$(PY) benchmarks/routing.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
