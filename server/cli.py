@@ -29,9 +29,10 @@ def _train_coe(args: argparse.Namespace) -> int:
     args.data = args.data or DATA / "prompts.jsonl"
     args.out = args.out or ASSETS / "coe"
     if not args.propose_map_only:
-        result = train_coe(args.data, args.out, TrainConfig(epochs=args.epochs, seed=args.seed))
+        result = train_coe(args.data, args.out, TrainConfig(epochs=args.epochs, seed=args.seed), args.target_accuracy)
         accuracy, last_only = result["accuracy"], result["last_message_only_accuracy"]
         print(f"held-out accuracy {accuracy:.1%} (last message only: {last_only:.1%})")
+        print(f"calibrated min_confidence {result['min_confidence']} (routed accuracy >= {args.target_accuracy:.0%})")
         print(f"wrote {args.out}/head.safetensors, head.json and confusion.png")
     if args.propose_map or args.propose_map_only:
         from router.coe.propose import propose
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     coe.add_argument("--out", type=Path, default=None, help="where the head goes (default: assets/coe)")
     coe.add_argument("--epochs", type=int, default=400)
     coe.add_argument("--seed", type=int, default=0)
+    coe.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=0.9,
+        help="calibrate min_confidence: the lowest whose held-out routed accuracy reaches this",
+    )
     coe.add_argument("--propose-map", action="store_true", help="also score the experts and propose the map")
     coe.add_argument("--propose-map-only", action="store_true", help="only score the experts and propose the map")
     coe.add_argument(

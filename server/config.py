@@ -120,7 +120,9 @@ class CoESettings(_Strict):
     # category whose proposed expert is not configured going to the fallback
     categories: dict[str, str] | None = None
     fallback: str | None = None  # default: the first expert
-    min_confidence: float = Field(default=0.5, ge=0, le=1)
+    # top probability below this -> fallback; unset: the value `turnout train-coe` calibrated on
+    # the held-out split (head.json), else 0.5
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
     min_margin: float = Field(default=0.0, ge=0, le=1)
 
     @field_validator("classifier")

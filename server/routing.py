@@ -27,7 +27,11 @@ def coe_config(settings: Settings) -> CoEConfig | None:
         proposed_file = coe.classifier / "map.json"
         proposed = json.loads(proposed_file.read_text())["categories"] if proposed_file.exists() else {}
         categories = {c: e for c, e in proposed.items() if e in names}
-    return CoEConfig(categories, fallback, coe.min_confidence, coe.min_margin)
+    min_confidence = coe.min_confidence
+    if min_confidence is None:
+        head = coe.classifier / "head.json"
+        min_confidence = float(json.loads(head.read_text()).get("min_confidence", 0.5)) if head.exists() else 0.5
+    return CoEConfig(categories, fallback, min_confidence, coe.min_margin)
 
 
 def build_router(settings: Settings) -> CoERouter | None:

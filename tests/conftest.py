@@ -101,6 +101,17 @@ def sync_client(server: LiveServer):  # type: ignore[no-untyped-def]
     return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+async def greedy_ids(engine, rid: str, prompt: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """``n`` greedy tokens (EOS ignored) from an engine, collected from its stream."""
+    from engine.base import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    out: list[int] = []
+    async for o in engine.generate(GenerationRequest(rid, prompt, params)):
+        out += o.token_ids
+    return out
+
+
 async def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

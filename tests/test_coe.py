@@ -143,3 +143,29 @@ def test_the_classifier_refuses_a_head_trained_for_other_categories(tmp_path: Pa
     (tmp_path / "head.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="trained for categories"):
         load(tmp_path)
+
+
+def test_calibration_keeps_the_confident_requests_and_picks_the_lowest_threshold_reaching_the_target() -> None:
+    from router.coe.train import calibrated_threshold, calibration
+
+    # three confident right answers, one unsure wrong one
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.55, 0.45]])
+    probs = torch.cat([probs, torch.zeros(4, len(CATEGORIES) - 2)], dim=1)
+    rows = {r["threshold"]: r for r in calibration(probs, torch.tensor([0, 0, 1, 1]))}
+    assert rows[0.5] == {"threshold": 0.5, "coverage": 1.0, "accuracy": 0.75}
+    assert rows[0.6] == {"threshold": 0.6, "coverage": 0.75, "accuracy": 1.0}
+    assert calibrated_threshold(list(rows.values()), 0.9) == 0.6
+    assert calibrated_threshold(list(rows.values()), 0.5) == 0.0
+
+
+def test_an_unset_min_confidence_is_the_one_calibrated_with_the_shipped_head() -> None:
+    from server.config import CoESettings, ExpertConfig, RouterSettings, Settings
+    from server.routing import coe_config
+
+    meta = json.loads((CLASSIFIER / "head.json").read_text())
+    settings = Settings(experts=[ExpertConfig(name="a")], router=RouterSettings(coe=CoESettings()))
+    config = coe_config(settings)
+    assert config is not None and config.min_confidence == meta["min_confidence"] and config.fallback == "a"
+    assert config.categories == {}  # the proposed map names no configured expert: all to the fallback
+    explicit = Settings(experts=[ExpertConfig(name="a")], router=RouterSettings(coe=CoESettings(min_confidence=0.2)))
+    assert coe_config(explicit).min_confidence == 0.2  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from engine.model.kv_cache import AttentionBatch
 from engine.model.llama import Transformer
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
+from tests.conftest import greedy_ids as _generate
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +62,6 @@ def _tiny_engine(model_path: Path, slots: int, prefill: int) -> EmbeddedEngine:
     model = Transformer(args).eval()
     runner = ModelRunner(model, slots, 256)
     return EmbeddedEngine(runner, Tokenizer(model_path), EmbeddedConfig(slots, 256, prefill), "float32")
-
-
-async def _generate(engine: EmbeddedEngine, rid: str, prompt: list[int], n: int) -> list[int]:
-    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    out: list[int] = []
-    async for o in engine.generate(GenerationRequest(rid, prompt, params)):
-        out += o.token_ids
-    return out
 
 
 async def test_batched_slots_survive_finishes_in_any_order(model_path: Path) -> None:

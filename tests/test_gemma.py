@@ -12,7 +12,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors
 
 from engine import zoo
-from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.loader import load_transformer, read_args
 from engine.model.args import GemmaArgs
@@ -22,6 +21,7 @@ from engine.model.quantized import Int4Linear, NF4Linear, QuantSpec, TiedQuantiz
 from engine.runner import ModelRunner
 from engine.speculative.speculator import SpeculativeConfig
 from engine.tokenizer import Tokenizer
+from tests.conftest import greedy_ids as _generate
 
 VOCAB, WINDOW, SPECIALS = 256, 8, ["<pad>", "<eos>", "<bos>", "<unk>"]
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
@@ -150,14 +150,6 @@ def test_batched_decode_and_verify_match_transformers(tiny_dir: Path, hf_model, 
     logits = runner.verify(rows, [19, 17])
     torch.testing.assert_close(logits[0], expected[19:22], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1, :2], other_expected[17:19], atol=1e-5, rtol=1e-5)
-
-
-async def _generate(engine: EmbeddedEngine, rid: str, prompt: list[int], n: int) -> list[int]:
-    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    out: list[int] = []
-    async for o in engine.generate(GenerationRequest(rid, prompt, params)):
-        out += o.token_ids
-    return out
 
 
 @pytest.mark.parametrize("speculative", [None, SpeculativeConfig("ngram", num_draft_tokens=3)])
