@@ -23,6 +23,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = no logprobs; k >= 0 = chosen token plus k alternatives
     ignore_eos: bool = False
     min_tokens: int = 0
+    r2r_threshold: float | None = None  # an R2R expert's router threshold for this request
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -79,6 +80,20 @@ class SpecDecodeStats:
 
 
 @dataclass
+class R2RStats:
+    """R2R decoding of one request: tokens the small model's choice kept, and the large model's."""
+
+    small_tokens: int = 0
+    large_tokens: int = 0
+    threshold: float | None = None  # the router threshold in force (None: not an R2R expert)
+
+    @property
+    def large_fraction(self) -> float:
+        total = self.small_tokens + self.large_tokens
+        return self.large_tokens / total if total else 0.0
+
+
+@dataclass
 class RequestStats:
     arrival_time: float
     prompt_tokens: int
@@ -89,6 +104,7 @@ class RequestStats:
     completion_tokens: int = 0
     engine_seconds: float = 0.0  # this request's share of forward-pass wall time
     speculation: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    r2r: R2RStats = field(default_factory=R2RStats)
 
     @property
     def queue_s(self) -> float:

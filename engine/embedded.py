@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.base import EngineStats, GenerationRequest, ModelInfo, RequestOutput, SamplingParams, TokenLogprob
+from engine.r2r import R2RDecoder
 from engine.runner import ModelRunner
 from engine.sampler import make_generator, sample, token_logprobs
 from engine.scheduler import Scheduler
@@ -44,9 +45,12 @@ class EmbeddedEngine:
         dtype: str,
         features: dict[str, object] | None = None,
         draft: ModelDrafter | None = None,
+        r2r: R2RDecoder | None = None,
     ) -> None:
+        if r2r is not None and config.speculative is not None:
+            raise ValueError("an R2R expert does not also speculate")
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
-        self.draft = draft
+        self.draft, self.r2r = draft, r2r
         args = runner.model.args
         self.info = ModelInfo(
             max_model_len=config.max_model_len,
@@ -77,6 +81,8 @@ class EmbeddedEngine:
         self.runner.move_slot(src, dst, length)
         if self.draft is not None:  # the draft's cache holds at most what the target's does
             self.draft.move_slot(src, dst, length)
+        if self.r2r is not None:  # so does the large model's
+            self.r2r.move_slot(src, dst, length)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -263,13 +269,47 @@ class EmbeddedEngine:
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, hand out the deltas, and retire finished sequences."""
+        raw = logits.clone() if self.r2r is not None else logits  # the router reads the model's own
         for row, s in enumerate(seqs):
             self._mask_stop_tokens(s, logits[row : row + 1])
         tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        if self.r2r is not None:
+            logits = self._route_tokens(self.r2r, seqs, tokens, logits, raw)
         logprobs = token_logprobs(logits, tokens, [s.request.params.logprobs for s in seqs])
         now = time.monotonic()
         for s, token, lp in zip(seqs, tokens, logprobs):
             self._deliver_token(s, token, lp, now)
+
+    def _route_tokens(
+        self, r2r: R2RDecoder, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor, raw: torch.Tensor
+    ) -> torch.Tensor:
+        """R2R: the router scores the small model's ``tokens`` (on its unmasked ``raw`` logits); flagged
+        ones are replaced in place by the large model's choice. Returns the logits each token came from."""
+        thresholds = [
+            r2r.threshold if s.request.params.r2r_threshold is None else s.request.params.r2r_threshold for s in seqs
+        ]
+        flagged = r2r.flag(raw, tokens, thresholds)
+        rows = [i for i, f in enumerate(flagged) if f]
+        for s, f, t in zip(seqs, flagged, thresholds):
+            s.stats.r2r.threshold = t
+            s.stats.r2r.large_tokens += f
+            s.stats.r2r.small_tokens += not f
+        if not rows:
+            return logits
+        t0 = time.perf_counter()
+        picked = [seqs[i] for i in rows]
+        large = r2r.rewrite_logits(
+            [s.slot for s in picked], [s.token_ids for s in picked], [s.large_seen for s in picked]
+        )
+        for j, s in enumerate(picked):
+            s.large_seen = len(s.token_ids)
+            self._mask_stop_tokens(s, large[j : j + 1])
+            s.stats.engine_seconds += (time.perf_counter() - t0) / len(picked)
+        rewritten = sample(large, [s.request.params for s in picked], [s.generator for s in picked])
+        logits = logits.clone()
+        for j, i in enumerate(rows):
+            tokens[i], logits[i] = rewritten[j], large[j].to(logits.dtype)
+        return logits
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:

@@ -14,6 +14,7 @@ from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
 from engine.model.linear import add_narrow_copies
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized_transformer
+from engine.r2r import R2RDecoder, load_token_router
 from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
 from engine.speculative.speculator import NGRAM, SpeculativeConfig
@@ -106,6 +107,50 @@ def build_embedded(
         draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len))
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, features, draft)
+
+
+def build_r2r(
+    small: str,
+    large: str,
+    router_dir: Path,
+    threshold: float | None,
+    dtype: str,
+    config: EmbeddedConfig,
+    quantization: QuantSpec | None = None,
+) -> EmbeddedEngine:
+    """A composite R2R expert: ``small`` writes, the router in ``router_dir`` flags tokens for
+    ``large`` to rewrite. ``threshold`` None takes the one calibrated with the router."""
+    from safetensors import safe_open
+
+    small_path, small_model, label = load_engine_model(small, dtype, quantization)
+    _, large_model, _ = load_engine_model(large, dtype, quantization)
+    if small_model.args.vocab_size != large_model.args.vocab_size:
+        raise ValueError(f"r2r: {small} and {large} must share a tokenizer")
+    router, meta = load_token_router(router_dir)
+    source = "checkpoint" if threshold is None else "config"
+    threshold = float(meta["threshold"]) if threshold is None else threshold  # type: ignore[arg-type]
+    log.info(
+        "r2r: %s writes, %s rewrites flagged tokens; threshold %.4f (from the %s)", small, large, threshold, source
+    )
+    with safe_open(str(small_path / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight").float()
+    small_runner = ModelRunner(small_model, config.max_batch_size, config.max_model_len)
+    large_runner = ModelRunner(large_model, config.max_batch_size, config.max_model_len)
+    params = (small_model.args.activated_params_per_token(), large_model.args.activated_params_per_token())
+    features: dict[str, object] = {
+        "quantization": quantization.tag if quantization else "none",
+        "weight_bytes": weight_bytes(small_model) + weight_bytes(large_model),
+        "r2r": {
+            "small": small,
+            "large": large,
+            "threshold": threshold,
+            "small_params": params[0],
+            "large_params": params[1],
+        },
+        **capabilities(small_model),
+    }
+    decoder = R2RDecoder(small_runner, large_runner, router, embedding, threshold)
+    return EmbeddedEngine(small_runner, Tokenizer(small_path), config, label, features, None, decoder)
 
 
 def capabilities(model: EngineModel) -> dict[str, object]:

@@ -30,15 +30,17 @@ class ModelRunner:
         return self.model(ids, AttentionBatch.build(0, pos))[:, -1]
 
     @torch.inference_mode()
-    def verify(self, rows: list[list[int]], starts: list[int]) -> Tensor:
+    def verify(self, rows: list[list[int]], starts: list[int], slots: list[int] | None = None) -> Tensor:
         """Tokens for each of slots ``0..n-1`` from position ``starts[i]`` on (a token and its drafts,
         or what a draft model has not seen yet) -> logits ``[n, W, V]``, W the longest row. Shorter
         rows are padded with their last token past their end, where nothing reads the cache before
-        it is rewritten; positions stop at the cache's end."""
+        it is rewritten; positions stop at the cache's end. ``slots`` names other slots than
+        ``0..n-1`` (an R2R catch-up of only the flagged sequences)."""
         width, last = max(map(len, rows)), self.max_len - 1
         ids = torch.tensor([row + [row[-1]] * (width - len(row)) for row in rows], dtype=torch.long)
         pos = torch.tensor([[min(start + i, last) for i in range(width)] for start in starts], dtype=torch.long)
-        return self.model(ids, AttentionBatch.build(0, pos))
+        index = None if slots is None else torch.tensor(slots, dtype=torch.long)
+        return self.model(ids, AttentionBatch.build(0, pos, index))
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:

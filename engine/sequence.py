@@ -26,6 +26,7 @@ class Sequence:
     sent_chars: int = 0
     finish_reason: str | None = None
     speculation: SpeculationState | None = None  # the drafter's state, when the engine speculates
+    large_seen: int = 0  # R2R: tokens already in the large model's cache
     stats: RequestStats = field(init=False)
 
     def __post_init__(self) -> None:

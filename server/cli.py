@@ -43,6 +43,27 @@ def _train_coe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_r2r(args: argparse.Namespace) -> int:
+    from engine import zoo
+    from router.r2r.train import R2RConfig, train_r2r
+
+    cfg = R2RConfig(
+        prompts=args.prompts,
+        max_tokens=args.max_tokens,
+        window=args.window,
+        tau=args.tau,
+        mode=args.mode,
+        target=args.target,
+        seed=args.seed,
+    )
+    out = args.out or zoo.ASSETS / "r2r"
+    result = train_r2r(zoo.cache_root() / "r2r", out, cfg)
+    held = result["held_out"]
+    print(f"held-out: {held} (entropy baseline: {result['entropy_baseline']})")
+    print(f"wrote {out}/router.safetensors, router.json and curve.png (work files in {zoo.cache_root() / 'r2r'})")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -167,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean activated parameters per token, as a fraction of the best-quality map's",
     )
     coe.set_defaults(func=_train_coe)
+
+    r2r = sub.add_parser("train-r2r", help="label small/large divergences and train the R2R token router (resumable)")
+    r2r.add_argument("--out", type=Path, default=None, help="where the router goes (default: assets/r2r)")
+    r2r.add_argument("--prompts", type=int, default=320, help="prompts the large model answers")
+    r2r.add_argument("--max-tokens", type=int, default=80, help="tokens per answer")
+    r2r.add_argument("--window", type=int, default=8, help="continuation tokens per branch when labelling")
+    r2r.add_argument("--tau", type=float, default=0.5, help="nats per token that make a branch divergent")
+    r2r.add_argument("--mode", choices=["recall", "budget"], default="recall", help="what the threshold targets")
+    r2r.add_argument("--target", type=float, default=0.95, help="recall of divergent tokens, or large-token budget")
+    r2r.add_argument("--seed", type=int, default=0)
+    r2r.set_defaults(func=_train_r2r)
 
     models = sub.add_parser("models", help="fetch or list cached models")
     msub = models.add_subparsers(dest="models_command", required=True)

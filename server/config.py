@@ -58,6 +58,21 @@ class SpeculativeSettings(_Strict):
         )
 
 
+class R2RSettings(_Strict):
+    small: str = "smollm2-small"  # writes every token
+    large: str = "smollm2-135m-instruct"  # rewrites the tokens the router flags
+    router: Path = ASSETS / "r2r"  # router.safetensors + router.json from `turnout train-r2r`
+    # "auto": the threshold calibrated with the router; a request's r2r_threshold overrides either
+    threshold: float | Literal["auto"] = "auto"
+
+    @field_validator("threshold")
+    @classmethod
+    def _probability(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and not 0 <= value <= 1:
+            raise ValueError("r2r.threshold is a probability in [0, 1] or 'auto'")
+        return value
+
+
 class ExpertConfig(_Strict):
     name: str = Field(min_length=1)
     engine: Literal["embedded", "remote"] = "embedded"
@@ -71,10 +86,17 @@ class ExpertConfig(_Strict):
     quantization_options: QuantizationOptions = Field(default_factory=QuantizationOptions)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     speculative: SpeculativeSettings | None = None
+    r2r: R2RSettings | None = None  # a composite R2R expert (then `model` is not used)
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_model_len: int = Field(default=4096, ge=16)
     max_prefill_tokens: int = Field(default=1024, ge=16)
     cost: CostConfig = Field(default_factory=lambda: CostConfig(usd_per_hour=0.10))
+
+    @model_validator(mode="after")
+    def _r2r_does_not_speculate(self) -> ExpertConfig:
+        if self.r2r is not None and self.speculative is not None:
+            raise ValueError(f"expert {self.name!r}: an r2r expert does not also speculate")
+        return self
 
     @model_validator(mode="after")
     def _remote_has_an_address(self) -> ExpertConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from engine.embedded import EmbeddedConfig
-from engine.factory import build_embedded
+from engine.factory import build_embedded, build_r2r
 from engine.remote import RemoteConfig, RemoteEngine
 from server.config import ExpertConfig, Settings
 from server.serving import Expert
@@ -19,6 +19,11 @@ def build_expert(cfg: ExpertConfig) -> Expert:
         return Expert(cfg.name, RemoteEngine(remote), cfg.cost)
     speculative = cfg.speculative.engine_config() if cfg.speculative else None
     config = EmbeddedConfig(cfg.max_batch_size, cfg.max_model_len, cfg.max_prefill_tokens, speculative)
+    if cfg.r2r is not None:
+        r = cfg.r2r
+        threshold = None if r.threshold == "auto" else float(r.threshold)
+        engine = build_r2r(r.small, r.large, r.router, threshold, cfg.dtype, config, cfg.quant_spec())
+        return Expert(cfg.name, engine, cfg.cost)
     return Expert(cfg.name, build_embedded(cfg.model, cfg.dtype, config, cfg.quant_spec()), cfg.cost)
 
 

@@ -124,6 +124,12 @@ class Metrics:
             [*LABEL, "position"],
             registry=r,
         )
+        self.r2r_tokens = Counter(
+            "turnout:r2r_tokens_total",
+            "Tokens of r2r experts by who wrote them (the small model, or the large one after a flag)",
+            [*LABEL, "source"],
+            registry=r,
+        )
         self.route_decisions = Counter(
             "turnout:route_decisions_total",
             "CoE routing decisions (model auto) by category and chosen expert",
@@ -151,6 +157,9 @@ class Metrics:
         self.generation_tokens.labels(expert).inc(stats.completion_tokens)
         self.success.labels(expert, finish_reason).inc()
         self.cost.labels(expert).inc(cost_usd)
+        if stats.r2r.threshold is not None:
+            self.r2r_tokens.labels(expert, "small").inc(stats.r2r.small_tokens)
+            self.r2r_tokens.labels(expert, "large").inc(stats.r2r.large_tokens)
         spec = stats.speculation
         if spec.steps:
             self.spec_drafts.labels(expert).inc(spec.steps)

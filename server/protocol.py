@@ -35,6 +35,7 @@ class _Request(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
     min_tokens: int = Field(default=0, ge=0)  # extension
+    r2r_threshold: float | None = Field(default=None, ge=0, le=1)  # extension: an r2r expert's router threshold
 
     @field_validator("stop")
     @classmethod
@@ -134,6 +135,8 @@ class Usage(BaseModel):
     spec_draft_tokens: int | None = None
     spec_accepted_tokens: int | None = None
     spec_acceptance_rate: float | None = None
+    # an r2r expert: tokens the small model's choice kept, the large model's, and the threshold
+    r2r: dict[str, Any] | None = None
     # `model: auto`: the CoE router's decision (category, expert, confidence, margin, reason, latency_ms)
     route: dict[str, Any] | None = None
 

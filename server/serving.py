@@ -13,7 +13,7 @@ from engine.base import Engine, GenerationRequest, RequestOutput, SamplingParams
 from engine.remote import UpstreamError
 from server.config import CostConfig
 from server.errors import APIError
-from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd
+from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd, r2r_usage
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
 from server.routing import RouteDecision, route_usage
@@ -179,6 +179,7 @@ class OpenAIServing:
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
+            r2r_threshold=req.r2r_threshold,
         )
 
     # -- running ------------------------------------------------------------------------------
@@ -276,6 +277,8 @@ class OpenAIServing:
             per_prompt = len(job.choices) // len(job.prompts)
             prompt_tokens = sum(s.stats.prompt_tokens for s in states if s.stats and s.index % per_prompt == 0)
         usage = build_usage(states, prompt_tokens, info.activated_params_per_token, speculative)
+        if isinstance(r2r := info.features.get("r2r"), dict):
+            usage.r2r, usage.activated_params_per_token = r2r_usage(states, r2r)
         if job.route is not None:
             usage.route = route_usage(job.route, job.expert.name)
         return usage.model_dump(exclude_none=True)

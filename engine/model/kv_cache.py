@@ -12,7 +12,8 @@ from torch import Tensor, nn
 class AttentionBatch:
     """What one forward pass attends over; passed explicitly to every layer.
 
-    Rows of the batch are the contiguous slots ``first_slot .. first_slot + B``.
+    Rows of the batch are the contiguous slots ``first_slot .. first_slot + B``, or the slots
+    named in ``slots`` (a few sequences of a batch, e.g. the ones an R2R router flagged).
     """
 
     first_slot: int
@@ -20,21 +21,28 @@ class AttentionBatch:
     kv_len: int  # cache positions the attention reads (max position + 1)
     mask: Tensor | None  # [B, 1, S, kv_len] bool, True = attend; None = plain causal from 0
     slot_index: Tensor  # [B, S] the slot of each new token, for scattering into the cache
+    slots: Tensor | None = None  # [B] when the rows are not contiguous
 
     @classmethod
-    def build(cls, first_slot: int, positions: Tensor) -> AttentionBatch:
+    def build(cls, first_slot: int, positions: Tensor, slots: Tensor | None = None) -> AttentionBatch:
         kv_len = int(positions.max()) + 1
         batch, seq = positions.shape
-        slots = torch.arange(first_slot, first_slot + batch, device=positions.device)
-        slot_index = slots.view(batch, 1).expand(batch, seq)
+        if slots is None:
+            rows = torch.arange(first_slot, first_slot + batch, device=positions.device)
+        else:
+            rows, first_slot = slots, int(slots[0])
+        slot_index = rows.view(batch, 1).expand(batch, seq)
         if batch == 1 and seq == kv_len:
-            return cls(first_slot, positions, kv_len, None, slot_index)  # a fresh prompt: causal from 0
+            return cls(first_slot, positions, kv_len, None, slot_index, slots)  # a fresh prompt: causal from 0
         key_pos = torch.arange(kv_len, device=positions.device)
         mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(batch, 1, seq, 1)
-        return cls(first_slot, positions, kv_len, mask, slot_index)
+        return cls(first_slot, positions, kv_len, mask, slot_index, slots)
 
     @property
-    def rows(self) -> slice:
+    def rows(self) -> slice | Tensor:
+        """The cache rows this batch reads: a slice (a view) when contiguous, else an index."""
+        if self.slots is not None:
+            return self.slots
         return slice(self.first_slot, self.first_slot + self.positions.shape[0])
 
 
