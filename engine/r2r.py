@@ -37,6 +37,24 @@ class TokenRouter(nn.Module):
         """-> logit ``[n]`` that the token diverges."""
         return self.net(torch.cat([hidden, token_embedding, topk], dim=-1)).squeeze(-1)
 
+    def score(self, hidden: Tensor, token_embedding: Tensor, topk: Tensor) -> Tensor:
+        """Probability ``[n]`` that the token diverges; flagged at or above the threshold."""
+        return self.forward(hidden, token_embedding, topk).sigmoid()
+
+
+def entropy_score(topk: Tensor) -> Tensor:
+    """Entropy (nats) of the small model's top-k distribution, renormalised: the router that needs
+    no training."""
+    p = topk.softmax(-1)
+    return -(p * p.clamp(min=1e-12).log()).sum(-1)
+
+
+class EntropyRouter(nn.Module):
+    """Flags a token when the small model's entropy is at or above the threshold (nats)."""
+
+    def score(self, hidden: Tensor, token_embedding: Tensor, topk: Tensor) -> Tensor:
+        return entropy_score(topk)
+
 
 def load_token_router(directory: Path) -> tuple[TokenRouter, dict[str, object]]:
     """The router in ``directory`` (router.safetensors + router.json) and its metadata."""
@@ -48,7 +66,12 @@ def load_token_router(directory: Path) -> tuple[TokenRouter, dict[str, object]]:
 
 class R2RDecoder:
     def __init__(
-        self, small: ModelRunner, large: ModelRunner, router: TokenRouter, embedding: Tensor, threshold: float
+        self,
+        small: ModelRunner,
+        large: ModelRunner,
+        router: TokenRouter | EntropyRouter,
+        embedding: Tensor,
+        threshold: float,
     ) -> None:
         self.large, self.router, self.threshold = large, router, threshold
         self.embedding = embedding  # [V, D] the small model's token embedding, float32
@@ -69,7 +92,7 @@ class R2RDecoder:
         hidden = self._hidden[:, -1].float()  # [n, D]: the last position of each row
         logp = logits.float().log_softmax(-1).topk(TOP_K).values
         chosen = self.embedding[torch.tensor(list(tokens))].float()
-        score = self.router(hidden, chosen, logp).sigmoid()
+        score = self.router.score(hidden, chosen, logp)
         return [bool(s >= t) for s, t in zip(score.tolist(), thresholds)]
 
     @torch.inference_mode()

@@ -112,3 +112,64 @@ async def test_served_decisions_equal_the_offline_routers_on_the_same_tokens() -
         assert int(flagged.sum()) == stats.r2r.large_tokens  # type: ignore[attr-defined]
         kept = ~flagged
         assert torch.equal(view.token[kept], torch.tensor(out)[kept])  # unflagged tokens are the small model's
+
+
+@pytest.fixture(scope="module")
+def r2r_server(random_router: Path):  # type: ignore[no-untyped-def]
+    from server.config import ExpertConfig, R2RSettings, Settings
+    from tests.conftest import LiveServer
+
+    expert = ExpertConfig(
+        name="r2r",
+        r2r=R2RSettings(router=random_router, threshold=0.5),
+        dtype="float32",
+        max_model_len=512,
+        max_batch_size=4,
+    )
+    live = LiveServer(Settings(experts=[expert]))
+    live.start()
+    yield live
+    live.stop()
+
+
+async def test_served_r2r_reports_who_wrote_the_tokens_in_usage_and_metrics(r2r_server) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{r2r_server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "List three fruits."}]
+    whole = await client.chat.completions.create(
+        model="r2r", messages=messages, max_tokens=16, temperature=0.8, seed=7, n=2, extra_body={"ignore_eos": True}
+    )
+    r2r = whole.usage.model_extra["r2r"]  # type: ignore[union-attr]
+    assert set(r2r) == {"small_tokens", "large_tokens", "large_fraction", "threshold"} and r2r["threshold"] == 0.5
+    assert r2r["small_tokens"] + r2r["large_tokens"] == 32 and len(whole.choices) == 2
+    assert r2r["large_fraction"] == round(r2r["large_tokens"] / 32, 4)
+    small_params, large_params = 49_552_704, 134_515_008  # smollm2-small, smollm2-135m
+    expected = round(small_params + r2r["large_fraction"] * large_params)
+    assert abs(whole.usage.activated_params_per_token - expected) <= 1  # type: ignore[union-attr]
+    again = await client.chat.completions.create(
+        model="r2r", messages=messages, max_tokens=16, temperature=0.8, seed=7, n=2, extra_body={"ignore_eos": True}
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in whole.choices]  # seeded
+    stream = await client.chat.completions.create(
+        model="r2r",
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"r2r_threshold": 0.0},
+    )
+    chunks = [c async for c in stream]
+    usage = chunks[-1].usage.model_extra["r2r"]  # type: ignore[union-attr]
+    assert usage["threshold"] == 0.0 and usage["small_tokens"] == 0  # every token the large model's
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    stop = text.split()[1] if len(text.split()) > 1 else text[:2]
+    stopped = await client.chat.completions.create(
+        model="r2r", messages=messages, max_tokens=16, temperature=0, stop=[stop], extra_body={"r2r_threshold": 0.0}
+    )
+    assert stopped.choices[0].message.content == text[: text.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    metrics = httpx.get(f"{r2r_server.url}/metrics", timeout=10).text
+    assert 'turnout:r2r_tokens_total{model_name="r2r",source="large"}' in metrics
+    assert 'turnout:r2r_tokens_total{model_name="r2r",source="small"}' in metrics

@@ -10,15 +10,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.r2r import TokenRouter
+from engine.r2r import TokenRouter, entropy_score
 
 __all__ = ["TokenRouter", "auc", "entropy_score", "save"]
-
-
-def entropy_score(logp: Tensor) -> Tensor:
-    """The no-training baseline: entropy of the small model's top-k distribution (renormalised)."""
-    p = logp.softmax(-1)
-    return -(p * p.clamp(min=1e-12).log()).sum(-1)
 
 
 def auc(score: Tensor, label: Tensor) -> float:
