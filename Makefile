@@ -36,6 +36,7 @@ bench: pull
 	$(PY) benchmarks/quality.py --model tiny-scratch
 	$(PY) benchmarks/speculative.py
 	$(PY) benchmarks/routing.py
+	$(PY) benchmarks/r2r.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

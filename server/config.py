@@ -17,6 +17,14 @@ from router.coe import CATEGORIES
 AUTO = "auto"  # the model id that goes through the CoE router
 
 
+def _project_path(value: Path) -> Path:
+    """A relative path names the project's own assets when they have it, else the working directory's."""
+    if value.is_absolute():
+        return value
+    shipped = ASSETS.parent / value
+    return shipped if shipped.exists() else value.resolve()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,6 +70,12 @@ class R2RSettings(_Strict):
     small: str = "smollm2-small"  # writes every token
     large: str = "smollm2-135m-instruct"  # rewrites the tokens the router flags
     router: Path = ASSETS / "r2r"  # router.safetensors + router.json from `turnout train-r2r`
+
+    @field_validator("router")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return _project_path(value)
+
     # "auto": the threshold calibrated with the router; a request's r2r_threshold overrides either
     threshold: float | Literal["auto"] = "auto"
 
@@ -128,7 +142,8 @@ def _default_experts() -> list[ExpertConfig]:
     return [ExpertConfig(name="smollm2-135m", model="smollm2-135m-instruct")]
 
 
-# `turnout serve` with no config file: every zoo expert, and `auto` routing between them
+# `turnout serve` with no config file: every zoo expert, the r2r composite of two of them, and
+# `auto` routing between them
 ZOO_EXPERTS = (
     ("smollm2-135m", "smollm2-135m-instruct"),
     ("gemma3-270m", "gemma3-270m"),
@@ -150,11 +165,7 @@ class CoESettings(_Strict):
     @field_validator("classifier")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
-        """A relative path names the project's own assets when they have it, else the working directory's."""
-        if value.is_absolute():
-            return value
-        shipped = ASSETS.parent / value
-        return shipped if shipped.exists() else value.resolve()
+        return _project_path(value)
 
     @field_validator("categories")
     @classmethod
@@ -181,7 +192,8 @@ class Settings(BaseSettings):
     def _zoo_by_default(cls, data: Any) -> Any:
         """No experts and no router given: serve every zoo expert behind `auto`."""
         if isinstance(data, dict) and "experts" not in data and "router" not in data:
-            experts = [{"name": name, "model": model} for name, model in ZOO_EXPERTS]
+            experts: list[dict[str, Any]] = [{"name": name, "model": model} for name, model in ZOO_EXPERTS]
+            experts.append({"name": "r2r", "r2r": {}})  # smollm2-small writes, smollm2-135m rewrites
             return {**data, "experts": experts, "router": {"coe": {}}}
         return data
 

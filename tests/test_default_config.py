@@ -10,7 +10,7 @@ import pytest
 from server.config import Settings
 from tests.conftest import LiveServer
 
-ZOO = ("smollm2-135m", "gemma3-270m", "smollm2-small")
+ZOO = ("smollm2-135m", "gemma3-270m", "smollm2-small", "r2r")
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def test_every_zoo_expert_and_auto_are_listed_with_what_they_support(default_ser
     assert set(cards) == {*ZOO, "auto"}
     assert cards["gemma3-270m"]["turnout"]["architecture"] == "gemma3"
     assert cards["smollm2-135m"]["turnout"]["architecture"] == "llama"
+    assert cards["r2r"]["turnout"]["r2r"]["small"] == "smollm2-small"
     for name in ZOO:
         supports = cards[name]["turnout"]["supports"]
         assert supports["quantization"] == ["none", "int4", "nf4"] and "ngram" in supports["speculative"]

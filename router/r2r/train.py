@@ -48,6 +48,8 @@ def train_r2r(work: Path, out: Path, cfg: R2RConfig) -> dict[str, object]:
     embedding = _embedding(cfg.small)
     router = fit(parts["train"], embedding, cfg)
     result = evaluate(router, embedding, parts["val"], parts["test"], cfg)
+    result["positions"] = {s: len(p.label) for s, p in parts.items()}
+    result["answers"] = {s: sum(split[r["id"]] == s for r in rows if r["id"] in labelled) for s in parts}
     meta = {"small": cfg.small, "large": cfg.large, "config": asdict(cfg), **result}
     save(router, out, meta)
     plot_curves(router, embedding, parts["test"], result, out / "curve.png")
@@ -125,7 +127,6 @@ def evaluate(
         "threshold": threshold,
         "mode": cfg.mode,
         "target": cfg.target,
-        "positions": {"train": None, "val": len(val.label), "test": len(test.label)},
         "divergent_fraction_test": round(float(test.label.float().mean()), 4),
         "mismatch_fraction_test": round(float((test.token != test.large_token).float().mean()), 4),
         "held_out": at_threshold(learned_test, test.label, threshold),
