@@ -301,10 +301,11 @@ class EmbeddedEngine:
         large = r2r.rewrite_logits(
             [s.slot for s in picked], [s.token_ids for s in picked], [s.large_seen for s in picked]
         )
+        share = (time.perf_counter() - t0) / len(picked)
         for j, s in enumerate(picked):
             s.large_seen = len(s.token_ids)
             self._mask_stop_tokens(s, large[j : j + 1])
-            s.stats.engine_seconds += (time.perf_counter() - t0) / len(picked)
+            s.stats.engine_seconds += share
         rewritten = sample(large, [s.request.params for s in picked], [s.generator for s in picked])
         logits = logits.clone()
         for j, i in enumerate(rows):

@@ -9,7 +9,7 @@ import torch
 
 from engine import zoo
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.loader import EngineModel, convert_gguf, load_transformer, read_args
+from engine.loader import EngineModel, convert_gguf, load_transformer, read_args, token_embedding
 from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
 from engine.model.linear import add_narrow_copies
@@ -120,8 +120,6 @@ def build_r2r(
 ) -> EmbeddedEngine:
     """A composite R2R expert: ``small`` writes, the router in ``router_dir`` flags tokens for
     ``large`` to rewrite. ``threshold`` None takes the one calibrated with the router."""
-    from safetensors import safe_open
-
     small_path, small_model, label = load_engine_model(small, dtype, quantization)
     _, large_model, _ = load_engine_model(large, dtype, quantization)
     if small_model.args.vocab_size != large_model.args.vocab_size:
@@ -132,8 +130,7 @@ def build_r2r(
     log.info(
         "r2r: %s writes, %s rewrites flagged tokens; threshold %.4f (from the %s)", small, large, threshold, source
     )
-    with safe_open(str(small_path / "model.safetensors"), "pt") as f:
-        embedding = f.get_tensor("model.embed_tokens.weight").float()
+    embedding = token_embedding(small_path)
     small_runner = ModelRunner(small_model, config.max_batch_size, config.max_model_len)
     large_runner = ModelRunner(large_model, config.max_batch_size, config.max_model_len)
     params = (small_model.args.activated_params_per_token(), large_model.args.activated_params_per_token())

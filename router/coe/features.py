@@ -25,8 +25,9 @@ def split_turns(messages: Sequence[Message]) -> tuple[str, list[str]]:
 def conversation_features(embedder: SentenceEmbedder, conversations: Sequence[Sequence[Message]]) -> Tensor:
     """``[n, FEATURES]``: every distinct message is embedded once for the whole batch."""
     turns = [split_turns(c) for c in conversations]
-    vectors = embedder.embed(list(dict.fromkeys(t for last, ctx in turns for t in (last, *ctx))))
-    index = {t: i for i, t in enumerate(dict.fromkeys(t for last, ctx in turns for t in (last, *ctx)))}
+    distinct = list(dict.fromkeys(t for last, ctx in turns for t in (last, *ctx)))
+    vectors = embedder.embed(distinct)
+    index = {t: i for i, t in enumerate(distinct)}
     rows = []
     for last, context in turns:
         ctx = vectors[[index[t] for t in context]].mean(0) if context else torch.zeros(DIM)

@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm import trange
 
 from engine.factory import resolve_model_path
+from engine.loader import token_embedding
 from router.coe.data import DATA, load_examples
 from router.r2r.answers import generate_answers
 from router.r2r.dataset import Positions, build
@@ -45,7 +46,7 @@ def train_r2r(work: Path, out: Path, cfg: R2RConfig) -> dict[str, object]:
         s: Positions.cat([labelled[r["id"]] for r in rows if r["id"] in labelled and split[r["id"]] == s])
         for s in ("train", "val", "test")
     }
-    embedding = _embedding(cfg.small)
+    embedding = token_embedding(resolve_model_path(cfg.small))
     router = fit(parts["train"], embedding, cfg)
     result = evaluate(router, embedding, parts["val"], parts["test"], cfg)
     result["positions"] = {s: len(p.label) for s, p in parts.items()}
@@ -54,13 +55,6 @@ def train_r2r(work: Path, out: Path, cfg: R2RConfig) -> dict[str, object]:
     save(router, out, meta)
     plot_curves(router, embedding, parts["test"], result, out / "curve.png")
     return result
-
-
-def _embedding(small: str) -> Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(resolve_model_path(small) / "model.safetensors"), "pt") as f:
-        return f.get_tensor("model.embed_tokens.weight").float()
 
 
 def scores(router: TokenRouter, embedding: Tensor, p: Positions) -> Tensor:
