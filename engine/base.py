@@ -157,6 +157,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float  # fraction of KV slots' token capacity in use
+    kv_evicted_tokens: int = 0  # since start: tokens an H2O cache evicted (per sequence, not per head)
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.base import EngineStats, GenerationRequest, ModelInfo, RequestOutput, SamplingParams, TokenLogprob
+from engine.model.h2o_cache import KVPolicy
 from engine.r2r import R2RDecoder
 from engine.runner import ModelRunner
 from engine.sampler import make_generator, sample, token_logprobs
@@ -30,10 +31,16 @@ class EmbeddedConfig:
     max_model_len: int = 4096
     max_prefill_tokens: int = 1024  # prompt tokens prefilled per engine step (chunked prefill)
     speculative: SpeculativeConfig | None = None
+    kv: KVPolicy = field(default_factory=KVPolicy)
+    # the KV pool's size: when set, the expert holds as many sequences as fit (at most
+    # max_batch_size), so a smaller H2O slot admits more of them
+    kv_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.max_prefill_tokens < 1:
             raise ValueError("max_batch_size, max_model_len and max_prefill_tokens must be positive")
+        if self.kv_memory_mb is not None and self.kv_memory_mb <= 0:
+            raise ValueError("kv_memory_mb must be positive")
 
 
 class EmbeddedEngine:
@@ -60,7 +67,12 @@ class EmbeddedEngine:
             chat_stop=tokenizer.chat_stop,
             features={
                 "quantization": "none",
-                "kv_cache": "full",
+                "kv_cache": config.kv.policy,
+                "kv_cache_slots": {
+                    **config.kv.describe(config.max_model_len),
+                    "slots": config.max_batch_size,
+                    "slot_bytes": runner.slot_bytes(),
+                },
                 "speculative": config.speculative.draft if config.speculative else None,
                 "max_batch_size": config.max_batch_size,
                 **(features or {}),
@@ -112,11 +124,15 @@ class EmbeddedEngine:
         return self._failed is None and (self._thread is None or self._thread.is_alive())
 
     def stats(self) -> EngineStats:
+        waiting = len(self.scheduler.waiting) + len(self._inbox)
+        capacity = self.config.max_batch_size * self.runner.slot_tokens
+        if (h2o := self.runner.h2o) is not None:  # entries really held, after evictions
+            usage = h2o.used_entries(self.scheduler.num_running) / capacity  # live slots come first
+            return EngineStats(self.scheduler.num_running, waiting, usage, h2o.evicted_total)
         used = sum(s.num_computed for s in self.scheduler.decoding)
         if self.scheduler.prefilling:
             used += self.scheduler.prefilling.num_computed
-        capacity = self.config.max_batch_size * self.config.max_model_len
-        return EngineStats(self.scheduler.num_running, len(self.scheduler.waiting) + len(self._inbox), used / capacity)
+        return EngineStats(self.scheduler.num_running, waiting, used / capacity)
 
     # -- tokenization -------------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -193,6 +209,8 @@ class EmbeddedEngine:
         while job := self.scheduler.next_prefill(budget):
             seq, start, end = job
             seq.stats.first_scheduled_time = seq.stats.first_scheduled_time or time.monotonic()
+            if start == 0:
+                self.runner.admit(seq.slot, seq.num_prompt + seq.request.params.max_tokens)
             t0 = time.perf_counter()
             logits = self.runner.prefill(seq.slot, seq.token_ids[start:end], start)
             seq.stats.engine_seconds += time.perf_counter() - t0
@@ -226,7 +244,7 @@ class EmbeddedEngine:
         if not any(drafts):
             return False
         rows = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafts)]
-        logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs])  # [B, W, V]
+        logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
         share = (time.perf_counter() - t0) / len(seqs)
         verdicts = []
         for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
@@ -238,6 +256,7 @@ class EmbeddedEngine:
             s.stats.engine_seconds += share
             s.num_computed = length + len(emitted) - 1  # the last token and the drafts that stood
             verdicts.append(emitted)
+        self.runner.commit([len(emitted) for emitted in verdicts])  # an H2O cache keeps only those
         now = time.monotonic()
         for s, emitted, row_logits in zip(seqs, verdicts, logits):  # only now: removal moves slots
             for i, token in enumerate(emitted):

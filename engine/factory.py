@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.loader import EngineModel, convert_gguf, load_transformer, read_args, token_embedding
 from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
+from engine.model.h2o_cache import token_bytes
 from engine.model.linear import add_narrow_copies
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized_transformer
 from engine.r2r import R2RDecoder, load_token_router
@@ -105,8 +107,27 @@ def build_embedded(
         _, draft_model, draft_label = load_engine_model(str(draft_path), dtype, draft_quant_spec(spec, quantization))
         log.info("draft model %s: %s, %.1f MB of weights", spec.draft, draft_label, weight_bytes(draft_model) / 1e6)
         draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len))
-    runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len)
+    config = fit_kv_pool(transformer, config)
+    runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, features, draft)
+
+
+def fit_kv_pool(model: EngineModel, config: EmbeddedConfig) -> EmbeddedConfig:
+    """With ``kv_memory_mb`` set, as many slots as that pool holds (at most ``max_batch_size``)."""
+    if config.kv.h2o and isinstance(model.args, GemmaArgs):
+        raise ValueError("kv_cache policy h2o is implemented for Llama-family models only")
+    if config.kv_memory_mb is None:
+        return config
+    a = model.args
+    per_token = token_bytes(a.n_layers, a.n_kv_heads, a.head_dim, model.norm.weight.element_size(), config.kv.h2o)
+    slot = per_token * config.kv.capacity(config.max_model_len)
+    slots = int(config.kv_memory_mb * 2**20 // slot)
+    if slots < 1:
+        raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no sequence of {slot / 2**20:.1f} MiB")
+    log.info(
+        "KV pool of %.0f MiB: %d slots of %.1f MiB (%s)", config.kv_memory_mb, slots, slot / 2**20, config.kv.policy
+    )
+    return replace(config, max_batch_size=min(slots, config.max_batch_size))
 
 
 def build_r2r(
@@ -158,7 +179,7 @@ def capabilities(model: EngineModel) -> dict[str, object]:
         "architecture": "gemma3" if gemma else "llama",
         "supports": {
             "quantization": ["none", "int4", "nf4"],
-            "kv_cache": ["full"],
+            "kv_cache": ["full"] if gemma else ["full", "h2o"],
             "speculative": ["ngram", "draft model sharing the tokenizer"],
             "decode_path": "PyTorch attention (generic, slower)" if gemma else "fused C++ decode kernels",
         },

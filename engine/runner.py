@@ -6,14 +6,31 @@ import torch
 from torch import Tensor
 
 from engine.loader import EngineModel
+from engine.model.h2o_cache import H2OKVCache, KVPolicy
 from engine.model.kv_cache import AttentionBatch
+from engine.model.llama import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: EngineModel, n_slots: int, max_len: int) -> None:
+    def __init__(self, model: EngineModel, n_slots: int, max_len: int, kv: KVPolicy | None = None) -> None:
         self.model = model
         self.n_slots, self.max_len = n_slots, max_len
-        model.setup_caches(n_slots, max_len)
+        self.kv = kv or KVPolicy()
+        if self.kv.h2o:
+            if not isinstance(model, Transformer):
+                raise ValueError("kv_cache policy h2o is implemented for Llama-family models only")
+            model.setup_caches(n_slots, max_len, self.kv)
+        else:
+            model.setup_caches(n_slots, max_len)
+
+    @property
+    def h2o(self) -> H2OKVCache | None:
+        return self.model.h2o if isinstance(self.model, Transformer) else None
+
+    def admit(self, slot: int, length: int) -> None:
+        """A sequence that can reach ``length`` tokens takes ``slot``: under H2O this sets its budget."""
+        if (cache := self.h2o) is not None:
+            cache.budget[slot], cache.recent[slot] = self.kv.budget(length, self.max_len)
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
@@ -30,17 +47,29 @@ class ModelRunner:
         return self.model(ids, AttentionBatch.build(0, pos))[:, -1]
 
     @torch.inference_mode()
-    def verify(self, rows: list[list[int]], starts: list[int], slots: list[int] | None = None) -> Tensor:
+    def verify(
+        self, rows: list[list[int]], starts: list[int], slots: list[int] | None = None, provisional: bool = False
+    ) -> Tensor:
         """Tokens for each of slots ``0..n-1`` from position ``starts[i]`` on (a token and its drafts,
         or what a draft model has not seen yet) -> logits ``[n, W, V]``, W the longest row. Shorter
         rows are padded with their last token past their end, where nothing reads the cache before
         it is rewritten; positions stop at the cache's end. ``slots`` names other slots than
-        ``0..n-1`` (an R2R catch-up of only the flagged sequences)."""
+        ``0..n-1`` (an R2R catch-up of only the flagged sequences). ``provisional``: how many of
+        each row's tokens stay is told later, by ``commit`` (an H2O cache keeps no rejected draft)."""
         width, last = max(map(len, rows)), self.max_len - 1
         ids = torch.tensor([row + [row[-1]] * (width - len(row)) for row in rows], dtype=torch.long)
         pos = torch.tensor([[min(start + i, last) for i in range(width)] for start in starts], dtype=torch.long)
         index = None if slots is None else torch.tensor(slots, dtype=torch.long)
-        return self.model(ids, AttentionBatch.build(0, pos, index))
+        batch = AttentionBatch.build(0, pos, index)
+        batch.lengths = torch.tensor([len(row) for row in rows])
+        batch.provisional = provisional and self.h2o is not None
+        return self.model(ids, batch)
+
+    @torch.inference_mode()
+    def commit(self, kept: list[int]) -> None:
+        """After a provisional ``verify``: the first ``kept[i]`` tokens of row i stand."""
+        if (cache := self.h2o) is not None:  # a full cache overwrites rejected drafts before reading them
+            cache.commit_pending(torch.tensor(kept))
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
@@ -49,3 +78,11 @@ class ModelRunner:
 
     def kv_bytes_per_token(self) -> int:
         return sum(cache.bytes_per_token for cache in self.model.kv_caches)
+
+    @property
+    def slot_tokens(self) -> int:
+        """Token entries each slot holds: ``max_len``, or an H2O budget's."""
+        return self.kv.capacity(self.max_len)
+
+    def slot_bytes(self) -> int:
+        return self.slot_tokens * self.kv_bytes_per_token()

@@ -81,6 +81,11 @@ def _serve(args: argparse.Namespace) -> int:
         "num_draft_tokens": args.num_draft_tokens,
         "max_batch_size": args.max_batch_size,
         "max_model_len": args.max_model_len,
+        "kv_policy": args.kv_policy,
+        "kv_budget_tokens": args.kv_budget_tokens,
+        "kv_heavy_ratio": args.kv_heavy_ratio,
+        "kv_recent_ratio": args.kv_recent_ratio,
+        "kv_memory_mb": args.kv_memory_mb,
     }
     settings = load_settings(args.config, overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-draft-tokens", type=int, default=None, help="most tokens drafted per step")
     serve.add_argument("--max-batch-size", type=int, default=None)
     serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--kv-policy", default=None, choices=["full", "h2o"], help="KV cache of the first expert")
+    serve.add_argument("--kv-budget-tokens", type=int, default=None, help="h2o: KV entries kept per sequence")
+    serve.add_argument("--kv-heavy-ratio", type=float, default=None, help="h2o: heavy hitters, share of length")
+    serve.add_argument("--kv-recent-ratio", type=float, default=None, help="h2o: recent window, share of length")
+    serve.add_argument("--kv-memory-mb", type=float, default=None, help="KV pool size; slots = what fits")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
 

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from engine.model.h2o_cache import KVPolicy
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec
 from engine.speculative.speculator import SpeculativeConfig
 from engine.zoo import ASSETS
@@ -36,7 +37,23 @@ class CostConfig(_Strict):
 
 
 class KVCacheConfig(_Strict):
-    policy: Literal["full"] = "full"
+    policy: Literal["full", "h2o"] = "full"
+    # h2o: keep the heavy hitters and a recent window, as shares of each sequence's length...
+    heavy_ratio: float = Field(default=0.1, ge=0, le=1)
+    recent_ratio: float = Field(default=0.1, gt=0, le=1)
+    # ...or as a fixed number of tokens per sequence (split between the two in the ratios' proportion)
+    budget_tokens: int | None = Field(default=None, ge=8)
+    # the KV pool's size: the expert then holds as many sequences as fit (at most max_batch_size)
+    memory_mb: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ratios_fit(self) -> KVCacheConfig:
+        if self.heavy_ratio + self.recent_ratio > 1:
+            raise ValueError("kv_cache: heavy_ratio + recent_ratio must be at most 1")
+        return self
+
+    def engine_policy(self) -> KVPolicy:
+        return KVPolicy(self.policy, self.heavy_ratio, self.recent_ratio, self.budget_tokens)
 
 
 class QuantizationOptions(_Strict):
@@ -110,6 +127,12 @@ class ExpertConfig(_Strict):
     def _r2r_does_not_speculate(self) -> ExpertConfig:
         if self.r2r is not None and self.speculative is not None:
             raise ValueError(f"expert {self.name!r}: an r2r expert does not also speculate")
+        return self
+
+    @model_validator(mode="after")
+    def _h2o_on_a_single_model(self) -> ExpertConfig:
+        if self.kv_cache.policy == "h2o" and (self.r2r is not None or self.engine == "remote"):
+            raise ValueError(f"expert {self.name!r}: kv_cache h2o is for embedded single-model experts")
         return self
 
     @model_validator(mode="after")
@@ -240,6 +263,9 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
     expert = {k: v for k, v in overrides.items() if k not in ("host", "port") and v is not None}
     draft, k = expert.pop("speculative_draft", None), expert.pop("num_draft_tokens", None)
     activations = expert.pop("activations", None)
+    kv = {key.removeprefix("kv_"): expert.pop(key) for key in list(expert) if key.startswith("kv_")}
+    if kv:
+        expert["kv_cache"] = {**settings.experts[0].kv_cache.model_dump(), **kv}
     if activations is not None:
         options = settings.experts[0].quantization_options.model_copy(update={"activations": activations})
         expert["quantization_options"] = options.model_dump()

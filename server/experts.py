@@ -18,7 +18,14 @@ def build_expert(cfg: ExpertConfig) -> Expert:
         remote = RemoteConfig(cfg.base_url, cfg.remote_model or cfg.name, key, cfg.max_model_len)
         return Expert(cfg.name, RemoteEngine(remote), cfg.cost)
     speculative = cfg.speculative.engine_config() if cfg.speculative else None
-    config = EmbeddedConfig(cfg.max_batch_size, cfg.max_model_len, cfg.max_prefill_tokens, speculative)
+    config = EmbeddedConfig(
+        cfg.max_batch_size,
+        cfg.max_model_len,
+        cfg.max_prefill_tokens,
+        speculative,
+        cfg.kv_cache.engine_policy(),
+        cfg.kv_cache.memory_mb,
+    )
     if cfg.r2r is not None:
         r = cfg.r2r
         threshold = None if r.threshold == "auto" else float(r.threshold)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.base import EngineStats, ModelInfo, RequestStats
@@ -61,24 +61,37 @@ class EngineStatsCollector(Collector):
             "turnout:engine_config", "Engine configuration", labels=[*LABEL, "quantization", "kv_policy", "draft"]
         )
         weights = GaugeMetricFamily("turnout:engine_weight_bytes", "Bytes of model weights held", labels=LABEL)
+        budget = GaugeMetricFamily(
+            "turnout:kv_cache_budget_tokens",
+            "KV entries a sequence may hold (H2O budget)",
+            labels=LABEL,
+        )
+        slots = GaugeMetricFamily("turnout:kv_cache_slots", "Sequences the KV pool holds at once", labels=LABEL)
         for name, info in self._infos().items():
             f = info.features
+            if isinstance(pool := f.get("kv_cache_slots"), dict):
+                budget.add_metric([name], float(pool["slot_tokens"]))
+                slots.add_metric([name], float(pool["slots"]))
             draft = f.get("speculative") or "none"
             labels = [name, str(f.get("quantization", "none")), str(f.get("kv_cache", "full")), str(draft)]
             config.add_metric(labels, {})
             if isinstance(f.get("weight_bytes"), int):
                 weights.add_metric([name], float(f["weight_bytes"]))  # type: ignore[arg-type]
-        return [config, weights]
+        return [config, weights, budget, slots]
 
     def _live(self) -> Iterable[Metric]:
         running = GaugeMetricFamily("turnout:num_requests_running", "Requests in the decode batch", labels=LABEL)
         waiting = GaugeMetricFamily("turnout:num_requests_waiting", "Requests waiting for a slot", labels=LABEL)
         kv = GaugeMetricFamily("turnout:kv_cache_usage_perc", "Fraction of KV cache in use (0-1)", labels=LABEL)
+        evicted = CounterMetricFamily(
+            "turnout:kv_evicted_tokens", "Tokens evicted from sequences' KV caches (H2O)", labels=LABEL
+        )
         for name, stats in self._sources().items():
             running.add_metric([name], stats.num_running)
             waiting.add_metric([name], stats.num_waiting)
             kv.add_metric([name], stats.kv_cache_usage)
-        return [running, waiting, kv]
+            evicted.add_metric([name], stats.kv_evicted_tokens)
+        return [running, waiting, kv, evicted]
 
 
 class Metrics:

@@ -22,6 +22,10 @@ class AttentionBatch:
     mask: Tensor | None  # [B, 1, S, kv_len] bool, True = attend; None = plain causal from 0
     slot_index: Tensor  # [B, S] the slot of each new token, for scattering into the cache
     slots: Tensor | None = None  # [B] when the rows are not contiguous
+    # an H2O cache's bookkeeping: how many of each row's tokens are real (the rest pad a batch
+    # of uneven rows), and whether the step waits for ModelRunner.commit (speculative drafts)
+    lengths: Tensor | None = None
+    provisional: bool = False
 
     @classmethod
     def build(cls, first_slot: int, positions: Tensor, slots: Tensor | None = None) -> AttentionBatch:

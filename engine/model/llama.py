@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.model.args import ModelArgs
+from engine.model.h2o_cache import H2OKVCache, H2OLayer, KVPolicy
 from engine.model.kv_cache import AttentionBatch, KVCache
 from engine.model.linear import Linear
 from kernels import decode as fused_decode
@@ -52,10 +53,12 @@ class Attention(nn.Module):
         qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
         self.wqkv = Linear(args.dim, qkv_out, bias=False)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | H2OLayer | None = None
 
     def forward(self, x: Tensor, rotary: Rotary, batch: AttentionBatch) -> Tensor:
         assert self.kv_cache is not None, "setup_caches() must run before forward()"
+        if isinstance(self.kv_cache, H2OLayer):
+            return self._forward_h2o(x, rotary, batch, self.kv_cache)
         if rotary.cos is None or rotary.sin is None:
             return self._decode_fused(x, rotary, batch, self.kv_cache)
         bsz, seq, _ = x.shape
@@ -76,6 +79,17 @@ class Attention(nn.Module):
             enable_gqa=True,
         )  # [B, H, S, D]
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, q_size))
+
+    def _forward_h2o(self, x: Tensor, rotary: Rotary, batch: AttentionBatch, cache: H2OLayer) -> Tensor:
+        """Attention over the heavy hitters and recent window the cache kept (keys stored rotated)."""
+        assert rotary.cos is not None and rotary.sin is not None  # an H2O model always rotates here
+        bsz, seq, _ = x.shape
+        heads = self.wqkv(x).view(bsz, seq, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk = fused_decode.rotate_half(heads[:, :, : self.n_heads + self.n_kv_heads], rotary.cos, rotary.sin)
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        v = heads[:, :, self.n_heads + self.n_kv_heads :]
+        out = cache.attend(batch, q, k, v, fused_decode.attention_scale(self.head_dim))
+        return self.wo(out)
 
     def _decode_fused(self, x: Tensor, rotary: Rotary, batch: AttentionBatch, cache: KVCache) -> Tensor:
         """A few tokens per sequence (decode, or a token and its drafts) through the C++ kernels.
@@ -132,30 +146,47 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
+        self.h2o: H2OKVCache | None = None
 
-    def setup_caches(self, n_slots: int, max_len: int) -> None:
-        """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position."""
+    def setup_caches(self, n_slots: int, max_len: int, policy: KVPolicy | None = None) -> None:
+        """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position. An
+        H2O ``policy`` gives every slot its budget's worth of entries instead of ``max_len``."""
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.args.max_seq_len}")
-        dtype = self.norm.weight.dtype
-        for layer in self.blocks:
-            layer.attention.kv_cache = KVCache(n_slots, self.args.n_kv_heads, max_len, self.args.head_dim, dtype)
+        dtype, a = self.norm.weight.dtype, self.args
+        self.h2o = None
+        if policy is not None and policy.h2o:
+            self.h2o = H2OKVCache(a.n_layers, n_slots, a.n_kv_heads, a.head_dim, dtype, policy, max_len)
+        for i, layer in enumerate(self.blocks):
+            del layer.attention.kv_cache  # a module or a plain handle: either may replace it
+            if self.h2o is not None:
+                layer.attention.kv_cache = self.h2o.layer(i)
+            else:
+                layer.attention.kv_cache = KVCache(n_slots, a.n_kv_heads, max_len, a.head_dim, dtype)
         self.rope_cos, self.rope_sin = rope_tables(self.args, dtype)
 
     @property
-    def kv_caches(self) -> list[KVCache]:
-        return [layer.attention.kv_cache for layer in self.blocks if layer.attention.kv_cache is not None]
+    def kv_caches(self) -> list[KVCache] | list[H2OKVCache]:
+        """What holds the keys and values: a cache per layer, or the one H2O cache of all layers."""
+        if self.h2o is not None:
+            return [self.h2o]
+        return [c for layer in self.blocks if isinstance(c := layer.attention.kv_cache, KVCache)]
 
     def forward(self, tokens: Tensor, batch: AttentionBatch, last_only: bool = False) -> Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
         rotary = Rotary(self.rope_cos, self.rope_sin)
-        if tokens.shape[1] > fused_decode.MAX_TOKENS_PER_ROW or fused_decode.fused(self.rope_cos.dtype) is None:
+        wide = tokens.shape[1] > fused_decode.MAX_TOKENS_PER_ROW
+        if wide or self.h2o is not None or fused_decode.fused(self.rope_cos.dtype) is None:
             rotary.cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, S, 1, D]
             rotary.sin = self.rope_sin[batch.positions].unsqueeze(2)
         x = self.tok_embeddings(tokens)
+        if self.h2o is not None:
+            self.h2o.begin(batch)
         for layer in self.layers:
             x = layer(x, rotary, batch)
+        if self.h2o is not None:
+            self.h2o.end_step(batch)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

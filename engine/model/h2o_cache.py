@@ -1,0 +1,314 @@
+"""H2O key/value cache: per KV head, the heavy hitters (largest accumulated attention) plus a
+recent window, in a fixed number of entries per sequence.
+
+Keys are stored after RoPE, so a kept key never needs re-rotating; each entry remembers its
+position (``-1`` = empty), which is all the mask needs: every cached entry precedes the tokens of
+the current step, and new tokens attend to each other causally. A step's attention is computed
+here in PyTorch because the probabilities are needed: their column sums over the step's queries
+(and over the query heads of a GQA group) are added to the scores of the keys they attended to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from engine.model.kv_cache import AttentionBatch
+from kernels import h2o
+
+POLICIES = ("full", "h2o")
+SINKS = 4  # attention-sink tokens a recent-window cache keeps (StreamingLLM)
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """An expert's KV cache: ``full`` (every position) or ``h2o`` with a budget given either as
+    ratios of each sequence's length or as a fixed number of tokens. ``evict`` picks what an
+    over-budget cache drops: ``h2o`` (lowest accumulated attention), or the baselines ``recent``
+    (oldest first, keeping ``SINKS`` sink tokens) and ``random``."""
+
+    policy: str = "full"
+    heavy_ratio: float = 0.1
+    recent_ratio: float = 0.1
+    budget_tokens: int | None = None
+    evict: str = "h2o"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"kv_cache policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.heavy_ratio < 0 or self.recent_ratio <= 0 or self.heavy_ratio + self.recent_ratio > 1:
+            raise ValueError("kv_cache needs heavy_ratio >= 0, recent_ratio > 0 and their sum <= 1")
+        if self.budget_tokens is not None and self.budget_tokens < 8:
+            raise ValueError("kv_cache budget_tokens must be at least 8")
+        if self.evict not in ("h2o", "recent", "random"):
+            raise ValueError(f"unknown eviction rule {self.evict!r}")
+
+    @property
+    def h2o(self) -> bool:
+        return self.policy == "h2o"
+
+    def capacity(self, max_len: int) -> int:
+        """Entries per cache slot: the budget of the longest sequence the expert accepts."""
+        if not self.h2o:
+            return max_len
+        if self.budget_tokens is not None:
+            return min(self.budget_tokens, max_len)
+        return min(max_len, max(16, math.ceil((self.heavy_ratio + self.recent_ratio) * max_len)))
+
+    def budget(self, length: int, max_len: int) -> tuple[int, int]:
+        """(entries, recent window) for a sequence that can reach ``length`` tokens: with ratios,
+        that share of its length (at least 16 entries); with ``budget_tokens``, that many."""
+        cap = self.capacity(max_len)
+        if self.budget_tokens is not None:
+            entries = cap
+        else:
+            entries = min(cap, max(16, math.ceil((self.heavy_ratio + self.recent_ratio) * length)))
+        recent = max(1, round(entries * self.recent_ratio / (self.heavy_ratio + self.recent_ratio)))
+        return entries, min(recent, entries)
+
+    def describe(self, max_len: int) -> dict[str, object]:
+        out: dict[str, object] = {"policy": self.policy, "slot_tokens": self.capacity(max_len)}
+        if self.h2o:
+            out |= {"heavy_ratio": self.heavy_ratio, "recent_ratio": self.recent_ratio}
+            out |= {"budget_tokens": self.budget_tokens} if self.budget_tokens is not None else {}
+        return out
+
+
+@dataclass
+class _Step:
+    """A step's new entries in every layer, held until it is committed."""
+
+    rows: slice | Tensor
+    positions: Tensor  # [B, S]
+    k: list[Tensor]  # per layer [B, KV, S, D]
+    v: list[Tensor]
+    received: list[Tensor]  # per layer [B, KV, S, C + S]: attention each key got from each query
+
+
+class H2OKVCache(nn.Module):
+    """The whole model's cache: ``k``/``v`` ``[layers, slots, kv_heads, capacity, D]``, with per
+    entry its position and accumulated score ``[layers, slots, kv_heads, capacity]``.
+
+    A forward pass's layers attend through ``layer(i)`` and leave their new keys, values and
+    attention received; ``end_step`` then scores, inserts and evicts for all layers at once (a
+    layer's new tokens are in hand while it attends, so nothing needs them in the cache sooner).
+    """
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    score: Tensor
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        policy: KVPolicy,
+        max_len: int,
+    ) -> None:
+        super().__init__()
+        self.policy, self.capacity = policy, policy.capacity(max_len)
+        shape = (n_layers, n_slots, n_kv_heads, self.capacity, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("pos", torch.full(shape[:4], -1, dtype=torch.int32), persistent=False)
+        self.register_buffer("score", torch.zeros(shape[:4], dtype=torch.float32), persistent=False)
+        self.budget = torch.zeros(n_slots, dtype=torch.long)  # entries each slot may hold
+        self.recent = torch.ones(n_slots, dtype=torch.long)  # of which the newest this many always
+        self.evicted_total = 0  # tokens evicted per sequence (every layer and head evicts as many)
+        self.generator = torch.Generator().manual_seed(0)  # the random-eviction baseline's scores
+        self._step: _Step | None = None
+        self._pending: _Step | None = None
+
+    def layer(self, index: int) -> H2OLayer:
+        return H2OLayer(self, index)
+
+    # -- a forward pass ---------------------------------------------------------------------------
+    def begin(self, batch: AttentionBatch) -> None:
+        rows, positions = batch.rows, batch.positions
+        fresh = positions[:, 0] == 0  # a new sequence starts in this slot
+        if bool(fresh.any()):
+            index = self._slots(rows)[fresh]
+            self.pos[:, index] = -1
+            self.score[:, index] = 0
+        self._step = _Step(rows, positions, [], [], [])
+
+    def attend(self, layer: int, batch: AttentionBatch, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """``q [B, S, H, D]`` and the step's rotated ``k``/``v`` ``[B, S, KV, D]`` -> attention
+        output ``[B, S, H * D]`` over the kept entries and the step's own tokens (causally)."""
+        step = self._step
+        assert step is not None, "begin() must run before attend()"
+        rows, positions = batch.rows, batch.positions
+        bsz, seq, n_heads, dim = q.shape
+        kv_heads = k.shape[2]
+        groups = n_heads // kv_heads
+        new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
+        # queries of a GQA group side by side: [B, KV, G * S, D], so no key is copied per head
+        grouped = q.transpose(1, 2).reshape(bsz, kv_heads, groups * seq, dim)
+        cached = (self.pos[layer, rows] >= 0)[:, :, None, :]  # [B, KV, 1, C]
+        causal = (positions[:, None, :] <= positions[:, :, None]).repeat(1, groups, 1)[:, None]  # [B, 1, G*S, S]
+        probs = h2o.attention_probs(grouped, self.k[layer, rows], new_k, cached, causal, scale)  # [B, KV, G*S, C+S]
+        capacity = self.capacity
+        out = torch.matmul(probs[..., :capacity].to(new_v.dtype), self.v[layer, rows])
+        out = out + torch.matmul(probs[..., capacity:].to(new_v.dtype), new_v)  # [B, KV, G * S, D]
+        step.k.append(new_k)
+        step.v.append(new_v)
+        step.received.append(probs.view(bsz, kv_heads, groups, seq, -1).sum(dim=2))
+        return out.view(bsz, n_heads, seq, dim).transpose(1, 2).reshape(bsz, seq, n_heads * dim)
+
+    def end_step(self, batch: AttentionBatch) -> None:
+        step, self._step = self._step, None
+        assert step is not None and len(step.k) == self.k.shape[0], "every layer attends once per step"
+        if batch.provisional:
+            self._pending = step
+            return
+        lengths = (
+            batch.lengths if batch.lengths is not None else torch.full((len(step.positions),), step.positions.shape[1])
+        )
+        self._commit(step, lengths)
+
+    def commit_pending(self, kept: Tensor) -> None:
+        """The last provisional step's first ``kept[b]`` tokens stand; the rest leave no trace."""
+        assert self._pending is not None, "no provisional step to commit"
+        step, self._pending = self._pending, None
+        self._commit(step, kept)
+
+    # -- scoring, insertion, eviction ----------------------------------------------------------
+    def _slots(self, rows: slice | Tensor) -> Tensor:
+        return torch.arange(self.k.shape[1])[rows]
+
+    def _commit(self, step: _Step, n_keep: Tensor) -> None:
+        """Add the kept queries' attention to the scores, insert the kept tokens, evict to budget.
+        All layers at once: the batch below is (layer, row) pairs, ``L * B`` of them."""
+        n_layers = len(step.k)
+        index = self._slots(step.rows)
+        n_keep = n_keep.to(torch.long).repeat(n_layers)  # [L * B]
+        received = h2o.column_scores(torch.cat(step.received).unsqueeze(2), n_keep)  # [L * B, KV, C + S]
+        new = _New(torch.cat(step.k), torch.cat(step.v), step.positions.repeat(n_layers, 1), n_keep)
+        layer = torch.arange(n_layers).repeat_interleave(len(index))
+        slot = index.repeat(n_layers)
+        budget, recent = self.budget[slot], self.recent[slot]
+        newest = new.positions.gather(1, (n_keep - 1).clamp(min=0)[:, None])[:, 0]
+        old_score, new_score = self._scores(layer, slot, received, new.positions)
+        if new.positions.shape[1] <= int(recent.min()):  # all new tokens in the recent window: write in place
+            evicted = self._write(layer, slot, new, old_score, new_score, newest, recent, budget)
+        else:
+            evicted = self._regather(layer, slot, new, old_score, new_score, newest, recent, budget)
+        self.evicted_total += int(evicted[: len(index)].sum())  # the first layer's rows
+
+    def _scores(self, layer: Tensor, slot: Tensor, received: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(the cached entries' scores, the new tokens' scores) after this step, by eviction rule."""
+        capacity, rule = self.capacity, self.policy.evict
+        old = self.score[layer, slot]  # [L * B, KV, C]
+        shape = (positions.shape[0], received.shape[1], positions.shape[1])
+        if rule == "h2o":
+            return old + received[..., :capacity], received[..., capacity:]
+        if rule == "recent":  # oldest goes first; the sink tokens never do
+            new = positions[:, None, :].expand(shape).float()
+            return old, torch.where(new < SINKS, h2o.INF, new)
+        return old, torch.rand(shape, generator=self.generator)
+
+    def _write(
+        self,
+        layer: Tensor,
+        slot: Tensor,
+        new: _New,
+        old_score: Tensor,
+        new_score: Tensor,
+        newest: Tensor,
+        recent: Tensor,
+        budget: Tensor,
+    ) -> Tensor:
+        """Decode/verify: each kept new token takes an empty entry or the lowest-keyed one's."""
+        rows, kv_heads, seq = new_score.shape
+        old_pos = self.pos[layer, slot]
+        targets = h2o.slots_to_write(h2o.eviction_key(old_score, old_pos, newest, recent), budget, seq)
+        self.score[layer, slot] = old_score
+        write = new.kept[:, None, :].expand(rows, kv_heads, seq)  # [L * B, KV, S]
+        grid = (rows, kv_heads, seq)
+        ll = layer[:, None, None].expand(grid)[write]
+        bb = slot[:, None, None].expand(grid)[write]
+        hh = torch.arange(kv_heads)[None, :, None].expand(grid)[write]
+        ss = targets[write]
+        evicted = (old_pos.gather(2, targets) >= 0) & write
+        self.k[ll, bb, hh, ss] = new.k[write]
+        self.v[ll, bb, hh, ss] = new.v[write]
+        self.pos[ll, bb, hh, ss] = new.positions[:, None, :].expand(grid)[write].to(torch.int32)
+        self.score[ll, bb, hh, ss] = new_score[write]
+        return evicted[:, 0].sum(dim=-1)
+
+    def _regather(
+        self,
+        layer: Tensor,
+        slot: Tensor,
+        new: _New,
+        old_score: Tensor,
+        new_score: Tensor,
+        newest: Tensor,
+        recent: Tensor,
+        budget: Tensor,
+    ) -> Tensor:
+        """A wide chunk: rank old entries and new tokens together and keep each row's budget."""
+        rows, kv_heads, seq = new_score.shape
+        new_pos = torch.where(new.kept, new.positions, -1)[:, None, :].expand(rows, kv_heads, seq)
+        pos = torch.cat([self.pos[layer, slot].long(), new_pos], dim=2)
+        score = torch.cat([old_score, new_score], dim=2)
+        keep, valid = h2o.entries_to_keep(h2o.eviction_key(score, pos, newest, recent), budget, self.capacity)
+        gather = keep[..., None].expand(-1, -1, -1, self.k.shape[-1])
+        self.k[layer, slot] = torch.cat([self.k[layer, slot], new.k], dim=2).gather(2, gather)
+        self.v[layer, slot] = torch.cat([self.v[layer, slot], new.v], dim=2).gather(2, gather)
+        self.pos[layer, slot] = torch.where(valid, pos.gather(2, keep), -1).to(torch.int32)
+        self.score[layer, slot] = torch.where(valid, score.gather(2, keep), 0.0)
+        return (pos[:, 0] >= 0).sum(dim=-1) - valid[:, 0].sum(dim=-1)
+
+    # -- slots ---------------------------------------------------------------------------------
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        for buffer in (self.k, self.v, self.pos, self.score):
+            buffer[:, dst] = buffer[:, src]
+        self.budget[dst], self.recent[dst] = self.budget[src], self.recent[src]
+
+    def used_entries(self, live_slots: int | None = None) -> int:
+        """Entries holding a token in slots ``0..live_slots-1`` (all by default), counted on the
+        first layer and KV head (slots a finished sequence left are not cleared, only reused)."""
+        return int((self.pos[0, :live_slots, 0] >= 0).sum())
+
+    @property
+    def bytes_per_token(self) -> int:
+        layers, _, heads, _, dim = self.k.shape
+        return token_bytes(layers, heads, dim, self.k.element_size(), h2o=True)
+
+
+def token_bytes(n_layers: int, n_kv_heads: int, head_dim: int, element_size: int, h2o: bool) -> int:
+    """Bytes one cached token costs over every layer and KV head: its key and value, and under
+    H2O its position (int32) and score (float32)."""
+    return n_layers * n_kv_heads * (2 * head_dim * element_size + (8 if h2o else 0))
+
+
+@dataclass
+class _New:
+    """A committed step's new tokens, stacked over layers: ``k``/``v`` ``[L * B, KV, S, D]``."""
+
+    k: Tensor
+    v: Tensor
+    positions: Tensor  # [L * B, S]
+    n_keep: Tensor  # [L * B]
+
+    @property
+    def kept(self) -> Tensor:
+        return torch.arange(self.positions.shape[1])[None, :] < self.n_keep[:, None]  # [L * B, S]
+
+
+class H2OLayer:
+    """One layer's handle on the shared cache, what its attention module holds."""
+
+    def __init__(self, cache: H2OKVCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def attend(self, batch: AttentionBatch, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        return self.cache.attend(self.index, batch, q, k, v, scale)
