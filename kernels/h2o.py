@@ -19,9 +19,12 @@ def column_scores(probs: Tensor, n_keep: Tensor) -> Tensor:
     """Attention each key received this step: ``probs [B, KV, G, S, N]`` (query heads grouped
     under their KV head, S queries, N keys) -> ``[B, KV, N]``, summed over the group and over the
     first ``n_keep[b]`` queries only (the tokens that stay; rolled-back drafts add nothing)."""
-    queries = torch.arange(probs.shape[3], device=probs.device)
-    kept = (queries[None, :] < n_keep[:, None]).to(probs.dtype)  # [B, S]
-    return torch.einsum("bkgsn,bs->bkn", probs, kept)
+    summed = probs.sum(dim=2)  # [B, KV, S, N]
+    queries = summed.shape[2]
+    if bool((n_keep >= queries).all()):
+        return summed.sum(dim=2)
+    kept = (torch.arange(queries, device=probs.device)[None, :] < n_keep[:, None]).to(probs.dtype)  # [B, S]
+    return torch.matmul(kept[:, None, None, :], summed).squeeze(2)
 
 
 def eviction_key(score: Tensor, pos: Tensor, newest: Tensor, recent: Tensor) -> Tensor:

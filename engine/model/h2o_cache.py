@@ -85,7 +85,9 @@ class _Step:
     positions: Tensor  # [B, S]
     k: list[Tensor]  # per layer [B, KV, S, D]
     v: list[Tensor]
-    received: list[Tensor]  # per layer [B, KV, S, C + S]: attention each key got from each query
+    # per layer, attention each key got: [B, KV, C + S] from the kept queries, or, for a
+    # provisional step, [B, KV, S, C + S] from each query (how many are kept is not known yet)
+    received: list[Tensor]
 
 
 class H2OKVCache(nn.Module):
@@ -159,7 +161,11 @@ class H2OKVCache(nn.Module):
         out = out + torch.matmul(probs[..., capacity:].to(new_v.dtype), new_v)  # [B, KV, G * S, D]
         step.k.append(new_k)
         step.v.append(new_v)
-        step.received.append(probs.view(bsz, kv_heads, groups, seq, -1).sum(dim=2))
+        per_query = probs.view(bsz, kv_heads, groups, seq, -1)
+        if batch.provisional:
+            step.received.append(per_query.sum(dim=2))
+        else:
+            step.received.append(h2o.column_scores(per_query, _lengths(batch)))
         return out.view(bsz, n_heads, seq, dim).transpose(1, 2).reshape(bsz, seq, n_heads * dim)
 
     def end_step(self, batch: AttentionBatch) -> None:
@@ -168,10 +174,7 @@ class H2OKVCache(nn.Module):
         if batch.provisional:
             self._pending = step
             return
-        lengths = (
-            batch.lengths if batch.lengths is not None else torch.full((len(step.positions),), step.positions.shape[1])
-        )
-        self._commit(step, lengths)
+        self._commit(step, _lengths(batch))
 
     def commit_pending(self, kept: Tensor) -> None:
         """The last provisional step's first ``kept[b]`` tokens stand; the rest leave no trace."""
@@ -189,7 +192,9 @@ class H2OKVCache(nn.Module):
         n_layers = len(step.k)
         index = self._slots(step.rows)
         n_keep = n_keep.to(torch.long).repeat(n_layers)  # [L * B]
-        received = h2o.column_scores(torch.cat(step.received).unsqueeze(2), n_keep)  # [L * B, KV, C + S]
+        received = torch.cat(step.received)
+        if received.dim() == 4:  # a provisional step's per-query attention: count the kept queries
+            received = h2o.column_scores(received.unsqueeze(2), n_keep)  # [L * B, KV, C + S]
         new = _New(torch.cat(step.k), torch.cat(step.v), step.positions.repeat(n_layers, 1), n_keep)
         layer = torch.arange(n_layers).repeat_interleave(len(index))
         slot = index.repeat(n_layers)
@@ -288,6 +293,13 @@ def token_bytes(n_layers: int, n_kv_heads: int, head_dim: int, element_size: int
     """Bytes one cached token costs over every layer and KV head: its key and value, and under
     H2O its position (int32) and score (float32)."""
     return n_layers * n_kv_heads * (2 * head_dim * element_size + (8 if h2o else 0))
+
+
+def _lengths(batch: AttentionBatch) -> Tensor:
+    """How many of each row's new tokens are real (all, unless rows were padded)."""
+    if batch.lengths is not None:
+        return batch.lengths
+    return torch.full((batch.positions.shape[0],), batch.positions.shape[1])
 
 
 @dataclass
