@@ -27,7 +27,7 @@ test: pull
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server router engine kernels tests benchmarks
+	$(VENV)/bin/ruff check server router engine kernels tests benchmarks deploy
 	$(VENV)/bin/mypy server router engine kernels
 
 bench: pull
@@ -37,6 +37,7 @@ bench: pull
 	$(PY) benchmarks/speculative.py
 	$(PY) benchmarks/routing.py
 	$(PY) benchmarks/r2r.py
+	$(PY) benchmarks/kv_cache.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -90,6 +90,17 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
     app = FastAPI(title="turnout", lifespan=lifespan)
     app.state.turnout = state
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        if response.status_code >= 400 and request.url.path.startswith("/v1/"):
+            model = getattr(request.state, "model", None)  # None: the body did not parse
+            if model not in state.experts and model != AUTO:  # no label per name a client makes up
+                model = "unknown"
+            state.metrics.request_errors.labels(model, str(response.status_code)).inc()
+        return response
+
     _add_routes(app, state)
     return app
 
@@ -137,14 +148,14 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        route = None
+        request.state.model, route = body.model, None
         if body.model == AUTO:
             route = await state.route([{"role": m.role, "content": m.text()} for m in body.messages])
         return await _respond(request, state.serving.prepare_chat(body, route), body.stream, state.serving)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        route = None
+        request.state.model, route = body.model, None
         if body.model == AUTO:
             route = await state.route([{"role": "user", "content": _routable_prompt(body)}])
         return await _respond(request, state.serving.prepare_completion(body, route), body.stream, state.serving)

@@ -121,6 +121,12 @@ class Metrics:
         self.success = Counter(
             "turnout:request_success_total", "Finished requests", [*LABEL, "finished_reason"], registry=r
         )
+        self.request_errors = Counter(
+            "turnout:request_errors_total",
+            "Requests answered with an error, by the model asked for and HTTP status",
+            [*LABEL, "status"],
+            registry=r,
+        )
         self.cost = Counter("turnout:request_cost_usd_total", "Cost of served requests in USD", LABEL, registry=r)
         self.spec_drafts = Counter(
             "turnout:spec_decode_num_drafts_total", "Verification passes that checked drafts", LABEL, registry=r
