@@ -167,7 +167,8 @@ def test_sigterm_finishes_in_flight_streams_then_exits(model_path: Path, tmp_pat
                         server.send_signal(signal.SIGTERM)  # mid-stream
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) >= 100  # the stream ran to its end
-        assert server.wait(timeout=60) == 0
+        # uvicorn shuts down, then re-raises the signal: exiting "by SIGTERM" is its clean exit
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
         with pytest.raises(httpx.ConnectError):  # and nothing listens any more
             httpx.get(f"{url}/health")
     finally:
