@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from speed import machine_info  # benchmarks/ is on sys.path when run as a script
 from tqdm import tqdm
 
-from speed import machine_info  # benchmarks/ is on sys.path when run as a script
 from engine import zoo
 from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig

@@ -201,10 +201,11 @@ class H2OKVCache(nn.Module):
         budget, recent = self.budget[slot], self.recent[slot]
         newest = new.positions.gather(1, (n_keep - 1).clamp(min=0)[:, None])[:, 0]
         old_score, new_score = self._scores(layer, slot, received, new.positions)
+        at = _Rows(layer, slot, newest, recent, budget)
         if new.positions.shape[1] <= int(recent.min()):  # all new tokens in the recent window: write in place
-            evicted = self._write(layer, slot, new, old_score, new_score, newest, recent, budget)
+            evicted = self._write(at, new, old_score, new_score)
         else:
-            evicted = self._regather(layer, slot, new, old_score, new_score, newest, recent, budget)
+            evicted = self._regather(at, new, old_score, new_score)
         self.evicted_total += int(evicted[: len(index)].sum())  # the first layer's rows
 
     def _scores(self, layer: Tensor, slot: Tensor, received: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,18 +220,9 @@ class H2OKVCache(nn.Module):
             return old, torch.where(new < SINKS, h2o.INF, new)
         return old, torch.rand(shape, generator=self.generator)
 
-    def _write(
-        self,
-        layer: Tensor,
-        slot: Tensor,
-        new: _New,
-        old_score: Tensor,
-        new_score: Tensor,
-        newest: Tensor,
-        recent: Tensor,
-        budget: Tensor,
-    ) -> Tensor:
+    def _write(self, at: _Rows, new: _New, old_score: Tensor, new_score: Tensor) -> Tensor:
         """Decode/verify: each kept new token takes an empty entry or the lowest-keyed one's."""
+        layer, slot, newest, recent, budget = at.layer, at.slot, at.newest, at.recent, at.budget
         rows, kv_heads, seq = new_score.shape
         old_pos = self.pos[layer, slot]
         targets = h2o.slots_to_write(h2o.eviction_key(old_score, old_pos, newest, recent), budget, seq)
@@ -248,18 +240,9 @@ class H2OKVCache(nn.Module):
         self.score[ll, bb, hh, ss] = new_score[write]
         return evicted[:, 0].sum(dim=-1)
 
-    def _regather(
-        self,
-        layer: Tensor,
-        slot: Tensor,
-        new: _New,
-        old_score: Tensor,
-        new_score: Tensor,
-        newest: Tensor,
-        recent: Tensor,
-        budget: Tensor,
-    ) -> Tensor:
+    def _regather(self, at: _Rows, new: _New, old_score: Tensor, new_score: Tensor) -> Tensor:
         """A wide chunk: rank old entries and new tokens together and keep each row's budget."""
+        layer, slot, newest, recent, budget = at.layer, at.slot, at.newest, at.recent, at.budget
         rows, kv_heads, seq = new_score.shape
         new_pos = torch.where(new.kept, new.positions, -1)[:, None, :].expand(rows, kv_heads, seq)
         pos = torch.cat([self.pos[layer, slot].long(), new_pos], dim=2)
@@ -300,6 +283,17 @@ def _lengths(batch: AttentionBatch) -> Tensor:
     if batch.lengths is not None:
         return batch.lengths
     return torch.full((batch.positions.shape[0],), batch.positions.shape[1])
+
+
+@dataclass
+class _Rows:
+    """The (layer, slot) pairs a commit updates, ``L * B`` of them, and each one's limits."""
+
+    layer: Tensor
+    slot: Tensor
+    newest: Tensor  # position of the newest kept token
+    recent: Tensor
+    budget: Tensor
 
 
 @dataclass
