@@ -13,7 +13,7 @@ from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.loader import EngineModel, convert_gguf, load_transformer, read_args, token_embedding
 from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
-from engine.model.h2o_cache import token_bytes
+from engine.model.kv_cache import token_bytes
 from engine.model.linear import add_narrow_copies
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized_transformer
 from engine.r2r import R2RDecoder, load_token_router
@@ -114,8 +114,6 @@ def build_embedded(
 
 def fit_kv_pool(model: EngineModel, config: EmbeddedConfig) -> EmbeddedConfig:
     """With ``kv_memory_mb`` set, as many slots as that pool holds (at most ``max_batch_size``)."""
-    if config.kv.h2o and isinstance(model.args, GemmaArgs):
-        raise ValueError("kv_cache policy h2o is implemented for Llama-family models only")
     if config.kv_memory_mb is None:
         return config
     a = model.args

@@ -112,6 +112,17 @@ async def greedy_ids(engine, rid: str, prompt: list[int], n: int) -> list[int]: 
     return out
 
 
+def started(*engines):  # type: ignore[no-untyped-def]
+    """Start the engines on one event loop, yield (*engines, loop), stop them afterwards."""
+    loop = asyncio.new_event_loop()
+    for engine in engines:
+        loop.run_until_complete(engine.start())
+    yield (*engines, loop)
+    for engine in engines:
+        loop.run_until_complete(engine.stop())
+    loop.close()
+
+
 async def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -23,7 +23,7 @@ from engine.speculative.speculator import SpeculativeConfig
 from engine.tokenizer import Tokenizer
 from kernels import h2o
 from server.config import ExpertConfig, Settings, apply_overrides
-from tests.conftest import LiveServer, greedy_ids
+from tests.conftest import LiveServer, greedy_ids, started
 
 # --- the eviction arithmetic ------------------------------------------------------------------
 
@@ -194,14 +194,8 @@ def real_engines(model_path: Path):  # type: ignore[no-untyped-def]
         return build_embedded(str(model_path), "float32", EmbeddedConfig(3, 1024, kv=kv, speculative=spec))
 
     big = KVPolicy("h2o", budget_tokens=1024)
-    engines = [make(KVPolicy()), make(big), make(big, SpeculativeConfig("ngram", num_draft_tokens=4, max_batch_size=3))]
-    loop = asyncio.new_event_loop()
-    for e in engines:
-        loop.run_until_complete(e.start())
-    yield (*engines, loop)
-    for e in engines:
-        loop.run_until_complete(e.stop())
-    loop.close()
+    spec = SpeculativeConfig("ngram", num_draft_tokens=4, max_batch_size=3)
+    yield from started(make(KVPolicy()), make(big), make(big, spec))
 
 
 def test_a_budget_covering_the_sequence_gives_the_full_cache_output(real_engines) -> None:  # type: ignore[no-untyped-def]

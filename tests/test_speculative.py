@@ -17,7 +17,7 @@ from engine.speculative.accept import accept_greedy, accept_sampled
 from engine.speculative.ngram import NGramIndex
 from engine.speculative.speculator import SpeculativeConfig
 from server.config import ExpertConfig, Settings, load_settings
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, started
 
 REPETITIVE = (
     "Copy the list below twice, exactly.\n"
@@ -105,17 +105,6 @@ def engines(model_path: Path):  # type: ignore[no-untyped-def]
         return build_embedded(str(model_path), "float32", EmbeddedConfig(4, 1024, speculative=spec))
 
     yield from started(make(None), make(SpeculativeConfig("ngram", num_draft_tokens=4, max_batch_size=4)))
-
-
-def started(*engines: EmbeddedEngine):  # type: ignore[no-untyped-def]
-    """Start the engines on one event loop, yield (*engines, loop), stop them afterwards."""
-    loop = asyncio.new_event_loop()
-    for engine in engines:
-        loop.run_until_complete(engine.start())
-    yield (*engines, loop)
-    for engine in engines:
-        loop.run_until_complete(engine.stop())
-    loop.close()
 
 
 async def generate(engine: EmbeddedEngine, rid: str, prompt: list[int], params: SamplingParams):  # type: ignore[no-untyped-def]

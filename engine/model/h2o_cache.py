@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from engine.model.kv_cache import AttentionBatch
+from engine.model.kv_cache import AttentionBatch, token_bytes
 from kernels import h2o
 
 POLICIES = ("full", "h2o")
@@ -56,7 +56,7 @@ class KVPolicy:
             return max_len
         if self.budget_tokens is not None:
             return min(self.budget_tokens, max_len)
-        return min(max_len, max(16, math.ceil((self.heavy_ratio + self.recent_ratio) * max_len)))
+        return min(max_len, self._share(max_len))
 
     def budget(self, length: int, max_len: int) -> tuple[int, int]:
         """(entries, recent window) for a sequence that can reach ``length`` tokens: with ratios,
@@ -65,9 +65,13 @@ class KVPolicy:
         if self.budget_tokens is not None:
             entries = cap
         else:
-            entries = min(cap, max(16, math.ceil((self.heavy_ratio + self.recent_ratio) * length)))
+            entries = min(cap, self._share(length))
         recent = max(1, round(entries * self.recent_ratio / (self.heavy_ratio + self.recent_ratio)))
         return entries, min(recent, entries)
+
+    def _share(self, length: int) -> int:
+        """The ratios' share of ``length`` tokens, at least 16 entries."""
+        return max(16, math.ceil((self.heavy_ratio + self.recent_ratio) * length))
 
     def describe(self, max_len: int) -> dict[str, object]:
         out: dict[str, object] = {"policy": self.policy, "slot_tokens": self.capacity(max_len)}
@@ -270,12 +274,6 @@ class H2OKVCache(nn.Module):
     def bytes_per_token(self) -> int:
         layers, _, heads, _, dim = self.k.shape
         return token_bytes(layers, heads, dim, self.k.element_size(), h2o=True)
-
-
-def token_bytes(n_layers: int, n_kv_heads: int, head_dim: int, element_size: int, h2o: bool) -> int:
-    """Bytes one cached token costs over every layer and KV head: its key and value, and under
-    H2O its position (int32) and score (float32)."""
-    return n_layers * n_kv_heads * (2 * head_dim * element_size + (8 if h2o else 0))
 
 
 def _lengths(batch: AttentionBatch) -> Tensor:

@@ -75,4 +75,10 @@ class KVCache(nn.Module):
     @property
     def bytes_per_token(self) -> int:
         _, heads, _, dim = self.k.shape
-        return 2 * heads * dim * self.k.element_size()
+        return token_bytes(1, heads, dim, self.k.element_size(), h2o=False)
+
+
+def token_bytes(n_layers: int, n_kv_heads: int, head_dim: int, element_size: int, h2o: bool) -> int:
+    """Bytes one cached token costs over every layer and KV head: its key and value, and under
+    H2O its position (int32) and score (float32)."""
+    return n_layers * n_kv_heads * (2 * head_dim * element_size + (8 if h2o else 0))
