@@ -29,6 +29,7 @@ test: pull
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server router engine kernels tests benchmarks deploy
 	$(VENV)/bin/mypy server router engine kernels
+	$(VENV)/bin/yamllint -s deploy docker-compose.yml turnout.example.yaml
 
 bench: pull
 	$(PY) benchmarks/speed.py

@@ -1,4 +1,6 @@
-"""Writes deploy/grafana/dashboards/turnout.json, turnout's Grafana dashboard.
+"""Writes turnout's Grafana dashboard: deploy/grafana/dashboards/turnout.json (compose) and
+deploy/k8s/base/grafana-dashboard.json (the Kubernetes ConfigMap; kustomize reads only files
+under its own folder).
 
     python deploy/grafana/dashboard.py
 
@@ -12,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-OUT = Path(__file__).resolve().parent / "dashboards" / "turnout.json"
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "dashboards" / "turnout.json"
+OUTPUTS = (OUT, HERE.parent / "k8s" / "base" / "grafana-dashboard.json")
 SEL = '{model_name=~"$expert"}'
 RATE = "$__rate_interval"
 LARGE = '{model_name=~"$expert", source="large"}'
@@ -190,6 +194,7 @@ def queries(board: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(dashboard(), indent=2) + "\n")
-    print(f"wrote {OUT} ({len(queries(dashboard()))} queries)")
+    for out in OUTPUTS:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dashboard(), indent=2) + "\n")
+        print(f"wrote {out} ({len(queries(dashboard()))} queries)")
