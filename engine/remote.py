@@ -3,12 +3,17 @@
 The gateway hands it text (the conversation, or the completion prompt) instead of token ids,
 streams the upstream's deltas back as they come, and takes token counts from the upstream's
 usage. An upstream that cannot be reached marks the expert unhealthy (so the CoE router routes
-around it) until a request gets through again.
+around it); a background check of the upstream's ``/models`` every ``health_interval_s`` finds
+an upstream that went away before a request does, and one that came back, which then serves
+again without anyone naming it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +22,8 @@ from typing import Any
 import httpx
 
 from engine.base import EngineError, EngineStats, GenerationRequest, ModelInfo, RequestOutput, RequestStats
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamError(EngineError):
@@ -34,6 +41,7 @@ class RemoteConfig:
     api_key: str | None = None
     max_model_len: int = 4096
     timeout_s: float = 600.0
+    health_interval_s: float = 10.0  # 0: no background check (requests alone tell)
 
 
 class RemoteEngine:
@@ -50,15 +58,46 @@ class RemoteEngine:
         self._client: httpx.AsyncClient | None = None
         self._unreachable: str | None = None
         self._in_flight = 0
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         timeout = httpx.Timeout(self.config.timeout_s, connect=10.0)
         self._client = httpx.AsyncClient(base_url=self.config.base_url.rstrip("/"), headers=headers, timeout=timeout)
+        if self.config.health_interval_s > 0:
+            await self.check()
+            self._watch = asyncio.create_task(self._watch_upstream())
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self._client is not None:
             await self._client.aclose()
+
+    async def check(self) -> bool:
+        """Ask the upstream for its models: reachable and not failing (< 500) is healthy."""
+        assert self._client is not None, "start() must run before check()"
+        try:
+            response = await self._client.get("/models", timeout=min(5.0, self.config.timeout_s))
+            problem = f"GET /models answered {response.status_code}" if response.status_code >= 500 else None
+        except httpx.TransportError as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        self._mark(problem)
+        return problem is None
+
+    def _mark(self, problem: str | None) -> None:
+        if problem is not None and self._unreachable is None:
+            log.warning("remote %s unhealthy: %s", self.config.base_url, problem)
+        elif problem is None and self._unreachable is not None:
+            log.info("remote %s healthy again", self.config.base_url)
+        self._unreachable = problem
+
+    async def _watch_upstream(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            await self.check()
 
     def ready(self) -> bool:
         return self._client is not None
@@ -87,12 +126,12 @@ class RemoteEngine:
             async with self._client.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
                     raise UpstreamError(response.status_code, _error_message(await response.aread()))
-                self._unreachable = None
+                self._mark(None)
                 stats.first_scheduled_time = time.monotonic()
                 async for out in self._deltas(request.request_id, response, stats):
                     yield out
         except httpx.TransportError as exc:
-            self._unreachable = f"{type(exc).__name__}: {exc}"
+            self._mark(f"{type(exc).__name__}: {exc}")
             raise UpstreamError(502, f"{self.config.base_url} unreachable: {exc}") from exc
         finally:
             self._in_flight -= 1

@@ -117,9 +117,14 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        # 503 only when this process cannot serve (a load error, an engine of its own that died):
+        # liveness probes restart on it. A remote expert's upstream being down is another
+        # process's trouble; it is reported ("degraded") and routed around, not restarted for.
         sick = [n for n, e in state.experts.items() if not e.engine.healthy()]
-        ok = state.load_error is None and not sick
-        body = {"status": "ok" if ok else "unhealthy", "error": state.load_error, "unhealthy_experts": sick}
+        own = [n for n in sick if state.experts[n].engine.info.features.get("engine") != "remote"]
+        ok = state.load_error is None and not own
+        status = "unhealthy" if not ok else "degraded" if sick else "ok"
+        body = {"status": status, "error": state.load_error, "unhealthy_experts": sick}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/ready")

@@ -112,6 +112,7 @@ class ExpertConfig(_Strict):
     base_url: str | None = None
     remote_model: str | None = None  # default: this expert's name
     api_key_env: str | None = None
+    health_check_interval_s: float = Field(default=10.0, ge=0)  # GET base_url/models; 0: requests alone tell
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int4", "nf4"] = "none"
     quantization_options: QuantizationOptions = Field(default_factory=QuantizationOptions)

@@ -15,7 +15,13 @@ def build_expert(cfg: ExpertConfig) -> Expert:
     if cfg.engine == "remote":
         assert cfg.base_url is not None  # validated with the config
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-        remote = RemoteConfig(cfg.base_url, cfg.remote_model or cfg.name, key, cfg.max_model_len)
+        remote = RemoteConfig(
+            cfg.base_url,
+            cfg.remote_model or cfg.name,
+            key,
+            cfg.max_model_len,
+            health_interval_s=cfg.health_check_interval_s,
+        )
         return Expert(cfg.name, RemoteEngine(remote), cfg.cost)
     speculative = cfg.speculative.engine_config() if cfg.speculative else None
     config = EmbeddedConfig(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -22,10 +26,13 @@ def _closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def gateway(server: LiveServer) -> Iterator[LiveServer]:
-    """A gateway whose experts are all remote: the live test server, and one nothing answers for."""
+    """A gateway whose experts are all remote: the live test server, and one nothing answers for
+    (not health-checked, so the first request finds it dead)."""
     experts = [
         ExpertConfig(name="upstream", engine="remote", base_url=f"{server.url}/v1", remote_model=MODEL),
-        ExpertConfig(name="dead", engine="remote", base_url=f"http://127.0.0.1:{_closed_port()}/v1"),
+        ExpertConfig(
+            name="dead", engine="remote", base_url=f"http://127.0.0.1:{_closed_port()}/v1", health_check_interval_s=0
+        ),
     ]
     everything_dead = {c: "dead" for c in ("math", "code", "knowledge", "writing", "summarize", "chat")}
     coe = CoESettings(categories=everything_dead, fallback="upstream", min_confidence=0.0)
@@ -88,7 +95,7 @@ def test_upstream_client_errors_come_back_as_they_were_and_logprobs_are_refused(
     assert too_long.status_code == 400 and "upstream" in too_long.json()["error"]["message"]
     logprobs = _post(gateway.url, "chat/completions", {"model": "upstream", "messages": CHAT, "logprobs": True})
     assert logprobs.status_code == 400 and logprobs.json()["error"]["param"] == "logprobs"
-    assert httpx.get(f"{gateway.url}/health", timeout=10).status_code in (200, 503)  # still serving
+    assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200  # still serving
 
 
 def test_an_unreachable_remote_fails_over_then_is_routed_around(gateway: LiveServer) -> None:
@@ -102,8 +109,10 @@ def test_an_unreachable_remote_fails_over_then_is_routed_around(gateway: LiveSer
     }
     second = _post(gateway.url, "chat/completions", body)
     assert second.status_code == 200 and second.json()["usage"]["route"]["reason"] == "unhealthy"
-    health = httpx.get(f"{gateway.url}/health", timeout=10).json()
-    assert health["unhealthy_experts"] == ["dead"]
+    health = httpx.get(f"{gateway.url}/health", timeout=10)
+    # the gateway itself is fine: a liveness probe must not restart it for another server's outage
+    assert health.status_code == 200
+    assert health.json()["status"] == "degraded" and health.json()["unhealthy_experts"] == ["dead"]
     named = _post(gateway.url, "chat/completions", {**body, "model": "dead"})
     assert named.status_code == 502 and named.json()["error"]["type"] == "server_error"
 
@@ -112,3 +121,57 @@ def test_models_show_a_remote_expert_for_what_it_is(gateway: LiveServer) -> None
     cards = {c["id"]: c for c in httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]}
     assert cards["upstream"]["turnout"]["engine"] == "remote" and cards["upstream"]["turnout"]["remote_model"] == MODEL
     assert {"upstream", "dead", "auto"} == set(cards)
+
+
+class _ModelsOnly(BaseHTTPRequestHandler):
+    """An upstream that answers the health check (GET /v1/models) and nothing else."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": "later", "object": "model"}]}).encode()
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _health(url: str) -> dict:  # type: ignore[type-arg]
+    response = httpx.get(f"{url}/health", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_the_health_check_finds_an_upstream_down_before_any_request_and_back_when_it_returns(
+    server: LiveServer,
+) -> None:
+    port = _closed_port()
+    experts = [
+        ExpertConfig(name="upstream", engine="remote", base_url=f"{server.url}/v1", remote_model=MODEL),
+        ExpertConfig(
+            name="later", engine="remote", base_url=f"http://127.0.0.1:{port}/v1", health_check_interval_s=0.2
+        ),
+    ]
+    everything_later = dict.fromkeys(("math", "code", "knowledge", "writing", "summarize", "chat"), "later")
+    coe = CoESettings(categories=everything_later, fallback="upstream", min_confidence=0.0)
+    live = LiveServer(Settings(experts=experts, router=RouterSettings(coe=coe)))
+    live.start()
+    try:
+        # no request has gone to "later": the check found it down
+        assert _health(live.url) == {"status": "degraded", "error": None, "unhealthy_experts": ["later"]}
+        routed = _post(live.url, "chat/completions", {"model": "auto", "messages": CHAT, "max_tokens": 2})
+        assert routed.status_code == 200 and routed.json()["usage"]["route"]["reason"] == "unhealthy"
+        upstream = ThreadingHTTPServer(("127.0.0.1", port), _ModelsOnly)
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        try:
+            deadline = time.monotonic() + 10
+            while _health(live.url)["status"] != "ok" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _health(live.url) == {"status": "ok", "error": None, "unhealthy_experts": []}
+        finally:
+            upstream.shutdown()
+            upstream.server_close()
+    finally:
+        live.stop()
