@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install serve test lint bench pull clean
+.PHONY: install serve test test-peer lint bench pull clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ serve: pull
 test: pull
 	$(PY) -m pytest -q
 
+# engine: remote against llama.cpp's OpenAI server (llama-cpp-python[server], compiled from
+# source here: minutes; not part of `make test`)
+PEER_VENV ?= .venv-peer
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/pip install --progress-bar on "llama-cpp-python[server]==0.3.36"
+	touch $@
+
+test-peer: pull $(PEER_VENV)/.installed
+	TURNOUT_PEER_PYTHON=$(abspath $(PEER_VENV))/bin/python $(PY) -m pytest -q -m peer tests/test_peer.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server router engine kernels tests benchmarks deploy
 	$(VENV)/bin/mypy server router engine kernels
@@ -41,4 +53,4 @@ bench: pull
 	$(PY) benchmarks/kv_cache.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(PEER_VENV) *.egg-info

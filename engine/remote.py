@@ -2,8 +2,12 @@
 
 The gateway hands it text (the conversation, or the completion prompt) instead of token ids,
 streams the upstream's deltas back as they come, and takes token counts from the upstream's
-usage. An upstream that cannot be reached marks the expert unhealthy (so the CoE router routes
-around it); a background check of the upstream's ``/models`` every ``health_interval_s`` finds
+usage. An upstream whose streams carry no usage (llama.cpp's server ignores ``stream_options``)
+is counted with the expert's ``tokenizer`` when one is configured, else its completion tokens
+are the deltas it sent and its prompt tokens are unknown (0).
+
+An upstream that cannot be reached marks the expert unhealthy (so the CoE router routes around
+it); a background check of the upstream's ``/models`` every ``health_interval_s`` finds
 an upstream that went away before a request does, and one that came back, which then serves
 again without anyone naming it.
 """
@@ -22,6 +26,7 @@ from typing import Any
 import httpx
 
 from engine.base import EngineError, EngineStats, GenerationRequest, ModelInfo, RequestOutput, RequestStats
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +50,19 @@ class RemoteConfig:
 
 
 class RemoteEngine:
-    def __init__(self, config: RemoteConfig) -> None:
+    def __init__(self, config: RemoteConfig, tokenizer: Tokenizer | None = None, tokenizer_name: str = "") -> None:
         self.config = config
+        self.tokenizer = tokenizer  # counts usage the upstream does not report
+        usage = f"upstream, else counted with {tokenizer_name or 'the tokenizer'}" if tokenizer else "upstream"
         self.info = ModelInfo(
             max_model_len=config.max_model_len,
             vocab_size=0,
             activated_params_per_token=0,  # unknown: the upstream does not say
             dtype="remote",
-            features={"engine": "remote", "base_url": config.base_url, "remote_model": config.model},
+            features={"engine": "remote", "base_url": config.base_url, "remote_model": config.model, "usage": usage},
             text_only=True,
         )
+        self._warned_usage = False
         self._client: httpx.AsyncClient | None = None
         self._unreachable: str | None = None
         self._in_flight = 0
@@ -97,7 +105,11 @@ class RemoteEngine:
     async def _watch_upstream(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
-            await self.check()
+            # requests in flight tell the health themselves (a transport error marks the upstream
+            # down, an answer up); a check beside them could only mislead: a single-slot server
+            # (llama.cpp's) answers it only after the running request, or cuts that request short
+            if self._in_flight == 0:
+                await self.check()
 
     def ready(self) -> bool:
         return self._client is not None
@@ -108,11 +120,13 @@ class RemoteEngine:
     def stats(self) -> EngineStats:
         return EngineStats(num_running=self._in_flight, num_waiting=0, kv_cache_usage=0.0)
 
+    # text_only: the upstream tokenizes. With a tokenizer the gateway still counts, so that a prompt
+    # longer than max_model_len is refused here with the usual 400, whatever the upstream does
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return []  # text_only: the upstream tokenizes
+        return self.tokenizer.encode_prompt(self.tokenizer.render_chat(messages)) if self.tokenizer else []
 
     def tokenize(self, text: str) -> list[int]:
-        return []
+        return self.tokenizer.encode_prompt(text) if self.tokenizer else []
 
     def token_text(self, token_id: int) -> str:
         return ""
@@ -128,7 +142,7 @@ class RemoteEngine:
                     raise UpstreamError(response.status_code, _error_message(await response.aread()))
                 self._mark(None)
                 stats.first_scheduled_time = time.monotonic()
-                async for out in self._deltas(request.request_id, response, stats):
+                async for out in self._deltas(request, response, stats):
                     yield out
         except httpx.TransportError as exc:
             self._mark(f"{type(exc).__name__}: {exc}")
@@ -154,10 +168,11 @@ class RemoteEngine:
         return "/completions", {**body, "prompt": prompt}
 
     async def _deltas(
-        self, request_id: str, response: httpx.Response, stats: RequestStats
+        self, request: GenerationRequest, response: httpx.Response, stats: RequestStats
     ) -> AsyncIterator[RequestOutput]:
-        finish: str | None = None
+        request_id, finish, reported, done, pieces = request.request_id, None, False, False, []
         async for line in response.aiter_lines():
+            done = done or line.strip() == "data: [DONE]"
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
             chunk = json.loads(line[5:])
@@ -166,6 +181,7 @@ class RemoteEngine:
             if usage := chunk.get("usage"):
                 stats.prompt_tokens = int(usage.get("prompt_tokens", 0))
                 stats.completion_tokens = int(usage.get("completion_tokens", 0))
+                reported = True
             for choice in chunk.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
                 finish = choice.get("finish_reason") or finish
@@ -174,11 +190,31 @@ class RemoteEngine:
                     stats.first_token_time = stats.first_token_time or now
                     stats.last_token_time = now
                     stats.token_times.append(now)
+                    pieces.append(text)
                     yield RequestOutput(request_id, text, [])
-        stats.completion_tokens = stats.completion_tokens or len(stats.token_times)
+        if finish is None and not done:
+            # llama.cpp's server answers 200 and then an empty stream when it rejects a request
+            raise UpstreamError(502, "the upstream ended its stream without finishing the request")
+        if not reported:
+            self._count_usage(request, "".join(pieces), stats)
         # what a per-hour price charges: the time this request held the upstream
         stats.engine_seconds = time.monotonic() - (stats.first_scheduled_time or stats.arrival_time)
         yield RequestOutput(request_id, "", [], finish_reason=finish or "stop", stats=stats)
+
+    def _count_usage(self, request: GenerationRequest, completion: str, stats: RequestStats) -> None:
+        """Token counts for an upstream that reported none."""
+        if self.tokenizer is None:
+            if not self._warned_usage:
+                self._warned_usage = True
+                log.warning(
+                    "remote %s reports no usage in its streams: completion tokens are its deltas, prompt "
+                    "tokens unknown (set the expert's tokenizer to count them)",
+                    self.config.base_url,
+                )
+            stats.completion_tokens = len(stats.token_times)
+            return
+        stats.prompt_tokens = len(request.prompt_ids)  # counted with the tokenizer (tokenize_chat/tokenize)
+        stats.completion_tokens = len(self.tokenizer.encode(completion))
 
 
 def _error_message(raw: bytes) -> str:

@@ -113,6 +113,9 @@ class ExpertConfig(_Strict):
     remote_model: str | None = None  # default: this expert's name
     api_key_env: str | None = None
     health_check_interval_s: float = Field(default=10.0, ge=0)  # GET base_url/models; 0: requests alone tell
+    # a zoo name or converted directory with the upstream model's tokenizer: counts the usage of an
+    # upstream whose streams report none (llama.cpp's server)
+    tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int4", "nf4"] = "none"
     quantization_options: QuantizationOptions = Field(default_factory=QuantizationOptions)
@@ -140,6 +143,8 @@ class ExpertConfig(_Strict):
     def _remote_has_an_address(self) -> ExpertConfig:
         if self.engine == "remote" and not self.base_url:
             raise ValueError(f"expert {self.name!r}: engine remote needs base_url (e.g. http://vllm:8000/v1)")
+        if self.engine != "remote" and self.tokenizer is not None:
+            raise ValueError(f"expert {self.name!r}: tokenizer is for remote experts (embedded ones use their model's)")
         return self
 
     @model_validator(mode="after")

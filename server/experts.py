@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from engine.embedded import EmbeddedConfig
-from engine.factory import build_embedded, build_r2r
+from engine.factory import build_embedded, build_r2r, resolve_model_path
 from engine.remote import RemoteConfig, RemoteEngine
+from engine.tokenizer import Tokenizer
 from server.config import ExpertConfig, Settings
 from server.serving import Expert
 
@@ -22,7 +23,8 @@ def build_expert(cfg: ExpertConfig) -> Expert:
             cfg.max_model_len,
             health_interval_s=cfg.health_check_interval_s,
         )
-        return Expert(cfg.name, RemoteEngine(remote), cfg.cost)
+        tokenizer = Tokenizer(resolve_model_path(cfg.tokenizer)) if cfg.tokenizer else None
+        return Expert(cfg.name, RemoteEngine(remote, tokenizer, cfg.tokenizer or ""), cfg.cost)
     speculative = cfg.speculative.engine_config() if cfg.speculative else None
     config = EmbeddedConfig(
         cfg.max_batch_size,

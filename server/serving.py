@@ -106,7 +106,8 @@ class OpenAIServing:
         top = (req.top_logprobs or 0) if req.logprobs else None
         if expert.engine.info.text_only:
             _pass_through_only(expert, top)
-            job = self._job(True, new_id("chatcmpl"), req, expert, [[]], req.token_limit, None, "messages")
+            # ids: empty unless the remote expert has a tokenizer (then the context length is checked)
+            job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, None, "messages")
             job.messages = messages
             return job
         job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
@@ -119,7 +120,7 @@ class OpenAIServing:
         if engine.info.text_only:
             _pass_through_only(expert, req.logprobs, req.echo)
             raw = req.prompts()
-            token_prompts = [[] if isinstance(p, str) else list(p) for p in raw]
+            token_prompts = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in raw]
             job = self._job(False, new_id("cmpl"), req, expert, token_prompts, req.max_tokens, None, "prompt")
             job.texts = [p if isinstance(p, str) else None for p in raw]
             return job
@@ -239,8 +240,9 @@ class OpenAIServing:
         """All choices' outputs as they come, each paired with its choice's accumulated state."""
         states = [ChoiceState(i) for i in range(len(job.choices))]
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        for ids in job.prompts:
-            self.metrics.record_prompt(job.expert.name, len(ids))
+        if not job.expert.engine.info.text_only:  # else counted when the upstream's usage comes
+            for ids in job.prompts:
+                self.metrics.record_prompt(job.expert.name, len(ids))
         tasks = [asyncio.create_task(self._choice(job, i, queue)) for i in range(len(states))]
         try:
             pending = len(tasks)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -121,6 +123,54 @@ def started(*engines):  # type: ignore[no-untyped-def]
     for engine in engines:
         loop.run_until_complete(engine.stop())
     loop.close()
+
+
+class ServerProcess:
+    """A server in its own process on a free loopback port: ``turnout serve`` (``turnout``) or any
+    command that takes ``--host``/``--port``; started by ``start()``, which waits for ``ready_path``."""
+
+    def __init__(self, command: list[str], ready_path: str = "/ready", cwd: Path | None = None) -> None:
+        self.port = _free_port()
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.ready_path, self.cwd = ready_path, cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def turnout(cls, config: dict[str, Any], directory: Path) -> ServerProcess:
+        import yaml
+
+        path = directory / f"turnout-{_free_port()}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        root = Path(__file__).resolve().parent.parent
+        return cls([sys.executable, "-m", "server.cli", "serve", "--config", str(path)], cwd=root)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300) -> ServerProcess:
+        self.process = subprocess.Popen(self.command, cwd=self.cwd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.command[0]} exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.command} did not become ready")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from server.config import ExpertConfig, Settings
-from tests.conftest import LiveServer, _free_port
+from tests.conftest import LiveServer, ServerProcess, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -149,28 +149,23 @@ def _wait_for(check, timeout: float) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_streams_then_exits(model_path: Path, tmp_path: Path) -> None:
-    port = _free_port()
     expert = {"name": "m", "model": str(model_path), "max_model_len": 1024, "max_batch_size": 2}
-    (tmp_path / "turnout.yaml").write_text(yaml.safe_dump({"experts": [expert]}))
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--config", str(tmp_path / "turnout.yaml")]
-    server = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess.turnout({"experts": [expert]}, tmp_path).start()
+    assert server.process is not None
     try:
-        _wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 300)
         body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 120, "stream": True, "ignore_eos": True}
         chunks = []
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {"):
                     chunks.append(json.loads(line.removeprefix("data: ")))
                     if len(chunks) == 3:
-                        server.send_signal(signal.SIGTERM)  # mid-stream
+                        server.process.send_signal(signal.SIGTERM)  # mid-stream
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) >= 100  # the stream ran to its end
         # uvicorn shuts down, then re-raises the signal: exiting "by SIGTERM" is its clean exit
-        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
         with pytest.raises(httpx.ConnectError):  # and nothing listens any more
-            httpx.get(f"{url}/health")
+            httpx.get(f"{server.url}/health")
     finally:
-        if server.poll() is None:
-            server.kill()
+        server.stop()

@@ -1,4 +1,5 @@
-"""engine: remote — an expert served by another OpenAI-compatible server (here: a real turnout)."""
+"""engine: remote — an expert served by another OpenAI-compatible server (here: a second turnout
+process; tests/test_peer.py runs the same against llama.cpp's server)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 
 from server.config import CoESettings, ExpertConfig, RouterSettings, Settings
-from tests.conftest import MODEL, LiveServer
+from tests.conftest import MODEL, LiveServer, ServerProcess
 
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -25,11 +27,20 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def gateway(server: LiveServer) -> Iterator[LiveServer]:
-    """A gateway whose experts are all remote: the live test server, and one nothing answers for
+def upstream(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """``turnout serve`` in its own process: float32, so that its answers are reproducible."""
+    expert = {"name": MODEL, "model": str(model_path), "dtype": "float32", "max_model_len": 2048}
+    process = ServerProcess.turnout({"experts": [expert]}, tmp_path_factory.mktemp("upstream")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: ServerProcess) -> Iterator[LiveServer]:
+    """A gateway whose experts are all remote: the upstream turnout, and one nothing answers for
     (not health-checked, so the first request finds it dead)."""
     experts = [
-        ExpertConfig(name="upstream", engine="remote", base_url=f"{server.url}/v1", remote_model=MODEL),
+        ExpertConfig(name="upstream", engine="remote", base_url=f"{upstream.url}/v1", remote_model=MODEL),
         ExpertConfig(
             name="dead", engine="remote", base_url=f"http://127.0.0.1:{_closed_port()}/v1", health_check_interval_s=0
         ),
@@ -47,10 +58,10 @@ def _post(url: str, path: str, body: dict) -> httpx.Response:  # type: ignore[ty
 
 
 def test_a_remote_expert_relays_the_upstream_answer_and_its_token_counts(
-    server: LiveServer, gateway: LiveServer
+    upstream: ServerProcess, gateway: LiveServer
 ) -> None:
     body = {"messages": CHAT, "max_tokens": 12, "temperature": 0}
-    direct = _post(server.url, "chat/completions", {**body, "model": MODEL}).json()
+    direct = _post(upstream.url, "chat/completions", {**body, "model": MODEL}).json()
     relayed = _post(gateway.url, "chat/completions", {**body, "model": "upstream"}).json()
     assert relayed["model"] == "upstream"
     assert relayed["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
@@ -59,7 +70,7 @@ def test_a_remote_expert_relays_the_upstream_answer_and_its_token_counts(
         assert relayed["usage"][key] == direct["usage"][key]
 
 
-async def test_remote_streaming_and_completions_with_stop_strings(server: LiveServer, gateway: LiveServer) -> None:
+async def test_remote_streaming_and_completions_with_stop_strings(upstream: ServerProcess, gateway: LiveServer) -> None:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
@@ -77,7 +88,7 @@ async def test_remote_streaming_and_completions_with_stop_strings(server: LiveSe
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
     prompt = "1, 2, 3, 4, 5,"
     direct = httpx.post(
-        f"{server.url}/v1/completions",
+        f"{upstream.url}/v1/completions",
         json={"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0},
         timeout=60,
     ).json()["choices"][0]["text"]
@@ -145,11 +156,11 @@ def _health(url: str) -> dict:  # type: ignore[type-arg]
 
 
 def test_the_health_check_finds_an_upstream_down_before_any_request_and_back_when_it_returns(
-    server: LiveServer,
+    upstream: ServerProcess,
 ) -> None:
     port = _closed_port()
     experts = [
-        ExpertConfig(name="upstream", engine="remote", base_url=f"{server.url}/v1", remote_model=MODEL),
+        ExpertConfig(name="upstream", engine="remote", base_url=f"{upstream.url}/v1", remote_model=MODEL),
         ExpertConfig(
             name="later", engine="remote", base_url=f"http://127.0.0.1:{port}/v1", health_check_interval_s=0.2
         ),
@@ -175,3 +186,51 @@ def test_the_health_check_finds_an_upstream_down_before_any_request_and_back_whe
             upstream.server_close()
     finally:
         live.stop()
+
+
+class _NoUsage(_ModelsOnly):
+    """An upstream whose streams carry no usage (as llama.cpp's server's): three deltas, then stop."""
+
+    PIECES = ("Red", ", green", " and blue.")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for piece in (*self.PIECES, ""):
+            choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None if piece else "stop"}
+            self.wfile.write(
+                f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n".encode()
+            )
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+def test_usage_an_upstream_does_not_report_is_counted_with_the_tokenizer(model_path: Path) -> None:
+    from engine.tokenizer import Tokenizer
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _NoUsage)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{stub.server_address[1]}/v1"
+    experts = [
+        ExpertConfig(name="counted", engine="remote", base_url=base_url, tokenizer=str(model_path)),
+        ExpertConfig(name="uncounted", engine="remote", base_url=base_url),
+    ]
+    live = LiveServer(Settings(experts=experts))
+    live.start()
+    try:
+        tok = Tokenizer(model_path)
+        text = "".join(_NoUsage.PIECES)
+        counted = _post(live.url, "chat/completions", {"model": "counted", "messages": CHAT})
+        assert counted.json()["choices"][0]["message"]["content"] == text
+        assert counted.json()["usage"]["prompt_tokens"] == len(tok.encode_prompt(tok.render_chat(CHAT)))
+        assert counted.json()["usage"]["completion_tokens"] == len(tok.encode(text))
+        uncounted = _post(live.url, "chat/completions", {"model": "uncounted", "messages": CHAT}).json()["usage"]
+        assert (uncounted["prompt_tokens"], uncounted["completion_tokens"]) == (0, len(_NoUsage.PIECES))
+        cards = {c["id"]: c["turnout"] for c in httpx.get(f"{live.url}/v1/models", timeout=10).json()["data"]}
+        assert cards["counted"]["usage"].startswith("upstream, else counted with")
+        assert cards["uncounted"]["usage"] == "upstream"
+    finally:
+        live.stop()
+        stub.shutdown()
+        stub.server_close()
