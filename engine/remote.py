@@ -85,11 +85,13 @@ class RemoteEngine:
             await self._client.aclose()
 
     async def check(self) -> bool:
-        """Ask the upstream for its models: reachable and not failing (< 500) is healthy."""
+        """Ask the upstream for its models: reachable and answering is healthy. A refused key (401,
+        403) or a wrong base_url (404) is not: every request would fail the same way."""
         assert self._client is not None, "start() must run before check()"
         try:
             response = await self._client.get("/models", timeout=min(5.0, self.config.timeout_s))
-            problem = f"GET /models answered {response.status_code}" if response.status_code >= 500 else None
+            failing = response.status_code >= 500 or response.status_code in (401, 403, 404)
+            problem = f"GET /models answered {response.status_code}" if failing else None
         except httpx.TransportError as exc:
             problem = f"{type(exc).__name__}: {exc}"
         self._mark(problem)
@@ -160,7 +162,9 @@ class RemoteEngine:
             "stream_options": {"include_usage": True},
         }
         body.update({k: v for k, v in (("seed", p.seed), ("stop", list(p.stop) or None)) if v is not None})
-        if p.max_tokens < self.config.max_model_len:  # else the client set no limit: the upstream's default
+        # a client that set no limit gets the rest of the context (max_model_len less the prompt, as
+        # far as the gateway counted it): then the upstream's own default, which its count decides
+        if p.max_tokens < self.config.max_model_len - len(request.prompt_ids):
             body["max_tokens"] = p.max_tokens
         if request.messages is not None:
             return "/chat/completions", {**body, "messages": request.messages}

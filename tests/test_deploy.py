@@ -234,6 +234,39 @@ def test_the_overlays_deploy_what_they_say(rendered: dict[str, list[dict[str, An
     assert {t["type"] for t in scaler["spec"]["triggers"]} == {"cpu", "prometheus"}
 
 
+# KEDA's prometheus trigger: its metadata is a free-form map in the CRD, so check the keys here
+PROMETHEUS_TRIGGER_REQUIRED = {"serverAddress", "query", "threshold"}
+PROMETHEUS_TRIGGER_OPTIONAL = {"activationThreshold", "namespace", "ignoreNullValues", "unsafeSsl", "customHeaders"}
+
+
+def test_autoscalers_own_the_replica_count_and_query_what_is_scraped(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for kustomization, objects in rendered.items():
+        scalers = [o for o in objects if o["kind"] in ("ScaledObject", "HorizontalPodAutoscaler")]
+        for target in {o["spec"]["scaleTargetRef"]["name"] for o in scalers}:
+            # a fixed count would be reset by every apply, killing the pods the autoscaler added
+            assert "replicas" not in _one(objects, "Deployment", target)["spec"], f"{kustomization}: {target}"
+        monitored = {
+            s["metadata"]["name"]
+            for m in objects
+            if m["kind"] == "ServiceMonitor"
+            for s in objects
+            if s["kind"] == "Service"
+            and m["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        }
+        for scaler in (o for o in objects if o["kind"] == "ScaledObject"):
+            for trigger in (t for t in scaler["spec"]["triggers"] if t["type"] == "prometheus"):
+                keys = set(trigger["metadata"])
+                assert PROMETHEUS_TRIGGER_REQUIRED <= keys <= PROMETHEUS_TRIGGER_REQUIRED | PROMETHEUS_TRIGGER_OPTIONAL
+                float(trigger["metadata"]["threshold"])
+                query = trigger["metadata"]["query"]
+                # the labels Prometheus Operator puts on what a ServiceMonitor scrapes
+                assert set(re.findall(r'namespace="([^"]+)"', query)) == {"turnout"}, query
+                services = set(re.findall(r'service="([^"]+)"', query))
+                assert services and services <= monitored, f"{kustomization}: {query} reads no scraped Service"
+
+
 def test_autoscaler_queries_name_metrics_turnout_exports(rendered: dict[str, list[dict[str, Any]]]) -> None:
     stats = {"x": EngineStats(num_running=1, num_waiting=2, kv_cache_usage=0.5)}
     exported = set(re.findall(r"^(turnout:\w+)", generate_latest(Metrics(lambda: stats, dict).registry).decode(), re.M))

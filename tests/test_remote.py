@@ -206,6 +206,41 @@ class _NoUsage(_ModelsOnly):
         self.wfile.write(b"data: [DONE]\n\n")
 
 
+class _Unfinished(_ModelsOnly):
+    """An upstream that accepts a streamed request and ends the stream with nothing in it (how
+    llama.cpp's server rejects one), and records what it was asked."""
+
+    bodies: list[dict] = []  # type: ignore[type-arg]
+
+    def do_POST(self) -> None:
+        self.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_an_unfinished_upstream_stream_is_a_502_and_an_unset_limit_is_not_sent(model_path: Path) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Unfinished)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{stub.server_address[1]}/v1"
+    expert = ExpertConfig(name="stub", engine="remote", base_url=base_url, tokenizer=str(model_path))
+    live = LiveServer(Settings(experts=[expert]))
+    live.start()
+    try:
+        answer = _post(live.url, "chat/completions", {"model": "stub", "messages": CHAT})
+        assert answer.status_code == 502 and "without finishing" in answer.json()["error"]["message"]
+        # no max_tokens from the client: none sent, whatever the gateway counted for the prompt
+        assert "max_tokens" not in _Unfinished.bodies[-1]
+        _post(live.url, "chat/completions", {"model": "stub", "messages": CHAT, "max_tokens": 7})
+        assert _Unfinished.bodies[-1]["max_tokens"] == 7
+        assert httpx.get(f"{live.url}/health", timeout=10).json()["status"] == "ok"
+    finally:
+        live.stop()
+        stub.shutdown()
+        stub.server_close()
+
+
 def test_usage_an_upstream_does_not_report_is_counted_with_the_tokenizer(model_path: Path) -> None:
     from engine.tokenizer import Tokenizer
 
