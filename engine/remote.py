@@ -176,8 +176,10 @@ class RemoteEngine:
     ) -> AsyncIterator[RequestOutput]:
         request_id, finish, reported, done, pieces = request.request_id, None, False, False, []
         async for line in response.aiter_lines():
-            done = done or line.strip() == "data: [DONE]"
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+            if line.strip() == "data: [DONE]":
+                done = True
+                continue
+            if not line.startswith("data:"):
                 continue
             chunk = json.loads(line[5:])
             if "error" in chunk:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _answers(url: str, timeout: float, alive: Callable[[], bool]) -> bool:
+    """Whether ``url`` answers 200 within ``timeout`` while the server serving it stays ``alive``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def streamed_text(chunks: list[Any]) -> str:
+    """The text of a streamed chat completion (openai client chunks)."""
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
 class LiveServer:
     """uvicorn serving ``create_app(settings)`` in a background thread."""
 
@@ -61,15 +79,8 @@ class LiveServer:
 
     def start(self, timeout: float = 300) -> None:
         self.thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
+        if not _answers(f"{self.url}/ready", timeout, lambda: self.thread.is_alive()):
+            raise RuntimeError("server did not become ready")
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -149,18 +160,12 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 300) -> ServerProcess:
-        self.process = subprocess.Popen(self.command, cwd=self.cwd)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.command[0]} exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        process = self.process = subprocess.Popen(self.command, cwd=self.cwd)
+        if _answers(f"{self.url}{self.ready_path}", timeout, lambda: process.poll() is None):
+            return self
         self.stop()
+        if process.returncode is not None:
+            raise RuntimeError(f"{self.command[0]} exited with {process.returncode}")
         raise RuntimeError(f"{self.command} did not become ready")
 
     def stop(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import MODEL
+from tests.conftest import MODEL, streamed_text
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -67,7 +67,7 @@ async def test_streaming_chat_with_usage_chunk(client) -> None:
     )
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = streamed_text(chunks)
     assert text == full.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [full.choices[0].finish_reason]

@@ -23,7 +23,7 @@ from engine.speculative.speculator import SpeculativeConfig
 from engine.tokenizer import Tokenizer
 from kernels import h2o
 from server.config import ExpertConfig, Settings, apply_overrides
-from tests.conftest import LiveServer, greedy_ids, started
+from tests.conftest import LiveServer, greedy_ids, started, streamed_text
 
 # --- the eviction arithmetic ------------------------------------------------------------------
 
@@ -329,7 +329,7 @@ def test_server_reports_the_budget_and_counts_evictions(model_path: Path) -> Non
         )
         chunks = list(stream)
         assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 64
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed_text(chunks)
         metrics = httpx.get(f"{live.url}/metrics").text
         evicted = next(
             line

@@ -20,7 +20,7 @@ from openai import BadRequestError, InternalServerError, OpenAI
 
 from engine import zoo
 from server.config import CoESettings, CostConfig, ExpertConfig, RouterSettings, Settings
-from tests.conftest import LiveServer, ServerProcess
+from tests.conftest import LiveServer, ServerProcess, streamed_text
 
 pytestmark = pytest.mark.peer
 PEER_PYTHON = os.environ.get("TURNOUT_PEER_PYTHON")
@@ -108,7 +108,7 @@ def test_completions_and_streaming_with_usage(llama: ServerProcess, gateway: Liv
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert streamed_text(chunks) == whole.choices[0].message.content
     assert chunks[-1].usage is not None and whole.usage is not None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens

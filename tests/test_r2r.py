@@ -16,7 +16,7 @@ from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.factory import build_embedded, build_r2r
 from engine.r2r import TokenRouter, load_token_router
 from router.r2r.label import small_view
-from tests.conftest import greedy_ids
+from tests.conftest import greedy_ids, streamed_text
 
 SMALL, LARGE = "smollm2-small", "smollm2-135m-instruct"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
@@ -164,7 +164,7 @@ async def test_served_r2r_reports_who_wrote_the_tokens_in_usage_and_metrics(r2r_
     chunks = [c async for c in stream]
     usage = chunks[-1].usage.model_extra["r2r"]  # type: ignore[union-attr]
     assert usage["threshold"] == 0.0 and usage["small_tokens"] == 0  # every token the large model's
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = streamed_text(chunks)
     stop = text.split()[1] if len(text.split()) > 1 else text[:2]
     stopped = await client.chat.completions.create(
         model="r2r", messages=messages, max_tokens=16, temperature=0, stop=[stop], extra_body={"r2r_threshold": 0.0}

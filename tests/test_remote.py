@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.config import CoESettings, ExpertConfig, RouterSettings, Settings
-from tests.conftest import MODEL, LiveServer, ServerProcess
+from tests.conftest import MODEL, LiveServer, ServerProcess, streamed_text
 
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
@@ -84,7 +84,7 @@ async def test_remote_streaming_and_completions_with_stop_strings(upstream: Serv
         stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert streamed_text(chunks) == whole.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
     prompt = "1, 2, 3, 4, 5,"
     direct = httpx.post(
