@@ -37,6 +37,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     steps.update()
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]  # a GGUF names none; servers such as vLLM need it
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
+
+# config.json's model_type -> the class name servers load it as (a GGUF names none)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -184,10 +188,21 @@ def pull(name: str) -> Path:
     entry = resolve(name)
     out = converted_dir(entry)
     if is_converted(out):
+        name_architecture(out)
         return out
     gguf = fetch_gguf(entry)
     convert_gguf(gguf, out)
     return out
+
+
+def name_architecture(out: Path) -> None:
+    """A directory converted before the converter wrote ``architectures`` gets it (other servers,
+    vLLM among them, pick the model class by it, also for a draft model)."""
+    config = json.loads((out / "config.json").read_text())
+    if not config.get("architectures"):
+        if architecture := ARCHITECTURES.get(config.get("model_type", "")):
+            config["architectures"] = [architecture]
+            (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def assemble(entry: DistilledEntry) -> Path:
@@ -200,6 +215,8 @@ def assemble(entry: DistilledEntry) -> Path:
         raise FileNotFoundError(f"{entry.name}: {own} is missing; build it with `turnout distill`")
     out = cache_root() / "models" / entry.name
     if is_converted(out) and out.joinpath("model.safetensors").stat().st_mtime >= own.stat().st_mtime:
+        if out.joinpath("config.json").read_bytes() != entry.assets.joinpath("config.json").read_bytes():
+            shutil.copy2(entry.assets / "config.json", out / "config.json")
         return out
     base = pull(entry.base)
     state = load_file(own)
