@@ -66,10 +66,12 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
     state.router_expected = settings.router.coe is not None
 
     async def load() -> None:
+        started: list[Expert] = []
         try:
             experts = await asyncio.to_thread(expert_factory, settings)
             for expert in experts.values():
                 await expert.engine.start()
+                started.append(expert)
             state.experts.update(experts)
             router = await asyncio.to_thread(build_router, settings)  # loads and warms the embedder
             if router is not None:
@@ -78,6 +80,9 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
         except Exception as exc:
             log.exception("loading experts failed")
             state.load_error = f"{type(exc).__name__}: {exc}"
+            for expert in started:  # e.g. a vLLM child started before another expert failed
+                if expert.name not in state.experts:
+                    await expert.engine.stop()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

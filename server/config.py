@@ -104,9 +104,23 @@ class R2RSettings(_Strict):
         return value
 
 
+class VLLMSettings(_Strict):
+    """engine: vllm: the gateway starts `vllm serve` for the expert on loopback, waits for it,
+    relays to it, and stops it with itself. The expert's model, dtype, max_model_len,
+    max_batch_size and speculative settings become vLLM's options."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    port: int = Field(default=0, ge=0, le=65535)  # on 127.0.0.1; 0: a free one
+    startup_timeout_s: float = Field(default=1200, gt=0)  # weights, CUDA graphs, compilation
+    args: list[str] = Field(default_factory=list)  # more `vllm serve` options, as written
+    env: dict[str, str] = Field(default_factory=dict)  # added to its environment (CUDA_VISIBLE_DEVICES, HF_HOME)
+    command: list[str] | None = None  # default: the `vllm` next to this Python, else on PATH; then `serve`
+
+
 class ExpertConfig(_Strict):
     name: str = Field(min_length=1)
-    engine: Literal["embedded", "remote"] = "embedded"
+    engine: Literal["embedded", "remote", "vllm"] = "embedded"
     model: str = "smollm2-135m-instruct"  # zoo name, GGUF file, or converted HF directory
     # engine: remote (any OpenAI-compatible server): where, which model there, and the env var holding its key
     base_url: str | None = None
@@ -116,6 +130,7 @@ class ExpertConfig(_Strict):
     # a zoo name or converted directory with the upstream model's tokenizer: counts the usage of an
     # upstream whose streams report none (llama.cpp's server)
     tokenizer: str | None = None
+    vllm: VLLMSettings | None = None  # engine vllm: its launch options (null: the defaults)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int4", "nf4"] = "none"
     quantization_options: QuantizationOptions = Field(default_factory=QuantizationOptions)
@@ -135,7 +150,7 @@ class ExpertConfig(_Strict):
 
     @model_validator(mode="after")
     def _h2o_on_a_single_model(self) -> ExpertConfig:
-        if self.kv_cache.policy == "h2o" and (self.r2r is not None or self.engine == "remote"):
+        if self.kv_cache.policy == "h2o" and (self.r2r is not None or self.engine != "embedded"):
             raise ValueError(f"expert {self.name!r}: kv_cache h2o is for embedded single-model experts")
         return self
 
@@ -144,7 +159,25 @@ class ExpertConfig(_Strict):
         if self.engine == "remote" and not self.base_url:
             raise ValueError(f"expert {self.name!r}: engine remote needs base_url (e.g. http://vllm:8000/v1)")
         if self.engine != "remote" and self.tokenizer is not None:
-            raise ValueError(f"expert {self.name!r}: tokenizer is for remote experts (embedded ones use their model's)")
+            raise ValueError(f"expert {self.name!r}: tokenizer is for remote experts (others use their model's)")
+        if self.engine != "remote" and self.base_url is not None:
+            raise ValueError(f"expert {self.name!r}: base_url is for remote experts")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_serves_what_it_can(self) -> ExpertConfig:
+        if self.engine != "vllm":
+            if self.vllm is not None:
+                raise ValueError(f"expert {self.name!r}: vllm options need engine: vllm")
+            return self
+        if self.r2r is not None:
+            raise ValueError(f"expert {self.name!r}: an r2r expert runs embedded (vLLM has no token router)")
+        drafted = self.speculative.draft_quantization if self.speculative else "same"
+        if self.quantization != "none" or drafted not in ("same", "none"):
+            raise ValueError(
+                f"expert {self.name!r}: int4 and nf4 are turnout's own CPU formats; vLLM serves a pre-quantized "
+                "checkpoint (AWQ, GPTQ, ...) as it is, or quantizes in flight to fp8 (vllm.args: [--quantization, fp8])"
+            )
         return self
 
     @model_validator(mode="after")
