@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install serve test test-peer lint bench pull clean
+.PHONY: install serve test test-peer test-vllm lint bench pull clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,23 @@ $(PEER_VENV)/.installed:
 test-peer: pull $(PEER_VENV)/.installed
 	TURNOUT_PEER_PYTHON=$(abspath $(PEER_VENV))/bin/python $(PY) -m pytest -q -m peer tests/test_peer.py
 
+# engine: vllm against vLLM itself: its own parser checks the command line turnout builds (any
+# machine); the gateway serving through a real vLLM server runs where CUDA is. vLLM's
+# torchvision/torchaudio wheels are CUDA builds that cannot load beside a CPU torch, and neither
+# is needed to serve text, so a CPU torch goes without them.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(VLLM_VENV)/bin/pip install --progress-bar on -e ".[dev,vllm]"
+	$(VLLM_VENV)/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
+		&& $(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	touch $@
+
+test-vllm: pull $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server router engine kernels tests benchmarks deploy
 	$(VENV)/bin/mypy server router engine kernels
@@ -53,4 +70,4 @@ bench: pull
 	$(PY) benchmarks/kv_cache.py
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) *.egg-info
+	rm -rf $(VENV) $(PEER_VENV) $(VLLM_VENV) *.egg-info
