@@ -304,3 +304,25 @@ def test_docker_compose_reads_the_compose_file() -> None:
     services = yaml.safe_load(out.stdout)["services"]
     assert set(services) == {"turnout", "prometheus", "grafana"}
     assert services["turnout"]["build"]["target"] == "cpu"
+
+
+def test_the_dockerfile_stages_hold_together() -> None:
+    """No Docker engine here: the stage graph is read from the file. Every stage a FROM or a
+    COPY --from names is defined above it, `docker build` without a target gives cpu, and the
+    gpu target installs the extras `engine: vllm` and the Triton kernels need."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages: dict[str, str] = {}
+    for line in text.splitlines():
+        if m := re.match(r"FROM (\S+) AS (\S+)", line):
+            parent, stage = m.groups()
+            assert parent.startswith("${") or parent in stages, f"{stage} is built FROM unknown {parent}"
+            stages[stage] = ""
+        elif stages:
+            stages[list(stages)[-1]] += line + "\n"
+            if m := re.search(r"COPY --from=(\S+)", line):
+                assert m.group(1) in stages, f"COPY --from={m.group(1)} names no earlier stage"
+    assert list(stages)[-1] == "cpu"  # the default target
+    assert 'pip install --no-cache-dir -e ".[gpu,vllm]"' in stages["build-gpu"]
+    assert "--index-url" not in stages["build-gpu"]  # PyPI's torch: the CUDA build
+    for target, venv in (("cpu", "build"), ("gpu", "build-gpu")):
+        assert f"COPY --from={venv} /opt/venv /opt/venv" in stages[target]
