@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +69,10 @@ class VLLMLaunch:
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
-    def argv(self, port: int, api_key: str) -> list[str]:
+    def argv(self, port: int) -> list[str]:
+        """The command line (the key goes in the environment, VLLM_API_KEY: not in /proc/*/cmdline)."""
         args = [*self.command, self.model, "--served-model-name", self.served_name]
-        args += ["--host", "127.0.0.1", "--port", str(port), "--api-key", api_key]
+        args += ["--host", "127.0.0.1", "--port", str(port)]
         args += ["--dtype", DTYPES[self.dtype], "--max-model-len", str(self.max_model_len)]
         args += ["--max-num-seqs", str(self.max_num_seqs), "--tensor-parallel-size", str(self.tensor_parallel_size)]
         args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
@@ -127,10 +128,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the gateway's process dies (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+def _die_with_parent() -> Callable[[], None] | None:
+    """What the child runs before exec: SIGTERM when the thread that started it (the gateway's
+    event loop) ends (Linux PR_SET_PDEATHSIG). ``prctl`` is looked up here, in the gateway: the
+    forked child of a threaded process must not load libraries or allocate before exec.
+    vLLM's own engine and worker processes stop with their API server."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 class VLLMEngine:
@@ -161,23 +168,25 @@ class VLLMEngine:
 
     async def start(self) -> None:
         port, key = self.launch.port or free_port(), secrets.token_urlsafe(24)
-        argv = self.launch.argv(port, key)
-        log.info("starting vLLM for %s: %s", self.launch.served_name, " ".join(a if a != key else "***" for a in argv))
+        argv = self.launch.argv(port)
+        log.info("starting vLLM for %s: %s", self.launch.served_name, " ".join(argv))
         self._process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **self.launch.env},
-            preexec_fn=_die_with_parent,
+            env={**os.environ, **self.launch.env, "VLLM_API_KEY": key},
+            preexec_fn=_die_with_parent(),
         )
         self._relay = asyncio.create_task(self._relay_output())
-        base = f"http://127.0.0.1:{port}"
         try:
-            await self._wait_until_serving(base)
-        except BaseException:
-            await self._terminate()
+            await self._serve(f"http://127.0.0.1:{port}", key)
+        except BaseException:  # a failure or a cancelled load: the child goes too
+            await self.stop()
             raise
+
+    async def _serve(self, base: str, key: str) -> None:
+        await self._wait_until_serving(base)
         self._tasks.append(asyncio.create_task(self._watch_exit()))
         launch = self.launch
         config = RemoteConfig(
@@ -185,8 +194,7 @@ class VLLMEngine:
         )
         self.remote = RemoteEngine(config, self.tokenizer, "the model's tokenizer")
         await self.remote.start()
-        if self.health_interval_s > 0:
-            self._tasks.append(asyncio.create_task(self._poll_metrics(base)))
+        self._tasks.append(asyncio.create_task(self._poll_metrics(base)))
 
     async def _wait_until_serving(self, base: str) -> None:
         assert self._process is not None
@@ -195,7 +203,7 @@ class VLLMEngine:
             while time.monotonic() < deadline:
                 if self._process.returncode is not None:
                     if self._relay is not None:  # its last lines, which say why
-                        with contextlib.suppress(TimeoutError):
+                        with contextlib.suppress(Exception):
                             await asyncio.wait_for(asyncio.shield(self._relay), 5.0)
                     raise EngineError(
                         f"vLLM for {self.launch.served_name} exited with {self._process.returncode} before "
@@ -211,12 +219,19 @@ class VLLMEngine:
         )
 
     async def _relay_output(self) -> None:
+        """Its output into the gateway's log, in chunks: a line of any length (or a progress bar
+        redrawn with \\r) never stops the reading, and an unread pipe would block vLLM."""
         assert self._process is not None and self._process.stdout is not None
-        name = self.launch.served_name
-        async for raw in self._process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self._output.append(line)
-            log.info("vllm[%s] %s", name, line)
+        name, pending = self.launch.served_name, ""
+        while chunk := await self._process.stdout.read(1 << 16):
+            *lines, pending = (pending + chunk.decode(errors="replace")).replace("\r", "\n").split("\n")
+            for line in filter(None, (raw.rstrip() for raw in lines)):
+                self._output.append(line[:2000])
+                log.info("vllm[%s] %s", name, line)
+            pending = pending[-(1 << 16) :]
+        if pending.strip():
+            self._output.append(pending.rstrip()[:2000])
+            log.info("vllm[%s] %s", name, pending.rstrip())
 
     async def _watch_exit(self) -> None:
         assert self._process is not None
@@ -232,9 +247,9 @@ class VLLMEngine:
                 try:
                     response = await client.get(f"{base}/metrics")
                     self._queue = queue_stats(response.text) if response.status_code == 200 else None
-                except (httpx.TransportError, ValueError):
+                except Exception:  # unreachable, or an exposition it cannot read: the relay's counts
                     self._queue = None
-                await asyncio.sleep(min(self.health_interval_s, 2.0))
+                await asyncio.sleep(min(self.health_interval_s, 2.0) if self.health_interval_s > 0 else 2.0)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -247,7 +262,7 @@ class VLLMEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._relay is not None:  # ends with the child's output
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._relay, 5.0)
 
     async def _terminate(self) -> None:
@@ -268,7 +283,7 @@ class VLLMEngine:
         return self._process.pid if self._process is not None else None
 
     def ready(self) -> bool:
-        return self.remote is not None and self.remote.ready()
+        return self.remote is not None and self.remote.ready()  # loaded; a vLLM that died is unhealthy
 
     def healthy(self) -> bool:
         return self._exited is None and (self.remote is None or self.remote.healthy())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -53,6 +54,14 @@ class AppState:
         return decision
 
 
+async def _stop(expert: Expert) -> None:
+    """One expert's engine stops; a failure there does not keep the others running."""
+    try:
+        await expert.engine.stop()
+    except Exception:
+        log.exception("stopping %s failed", expert.name)
+
+
 def _read_keys(path: Path | None) -> frozenset[str]:
     if path is None:
         return frozenset()
@@ -77,20 +86,25 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
             if router is not None:
                 state.router, state.serving.fallback = RequestRouter(router), router.config.fallback
             log.info("ready: %s%s", ", ".join(experts), f", {AUTO}" if router else "")
-        except Exception as exc:
-            log.exception("loading experts failed")
-            state.load_error = f"{type(exc).__name__}: {exc}"
+        except BaseException as exc:  # a failure, or shutdown while loading
+            if isinstance(exc, Exception):
+                log.exception("loading experts failed")
+                state.load_error = f"{type(exc).__name__}: {exc}"
             for expert in started:  # e.g. a vLLM child started before another expert failed
                 if expert.name not in state.experts:
-                    await expert.engine.stop()
+                    await _stop(expert)
+            if not isinstance(exc, Exception):
+                raise
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(load())
         yield
         loader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader  # stops what it had started
         for expert in state.experts.values():
-            await expert.engine.stop()
+            await _stop(expert)
 
     app = FastAPI(title="turnout", lifespan=lifespan)
     app.state.turnout = state

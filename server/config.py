@@ -117,6 +117,17 @@ class VLLMSettings(_Strict):
     env: dict[str, str] = Field(default_factory=dict)  # added to its environment (CUDA_VISIBLE_DEVICES, HF_HOME)
     command: list[str] | None = None  # default: the `vllm` next to this Python, else on PATH; then `serve`
 
+    @field_validator("args")
+    @classmethod
+    def _gateway_options_stay(cls, value: list[str]) -> list[str]:
+        """The options the gateway sets itself (where vLLM listens, what it is called, its key, the
+        context length the gateway checks prompts against) are not overridden in args."""
+        owned = ("--model", "--host", "--port", "--served-model-name", "--api-key", "--max-model-len")
+        taken = sorted({a.split("=", 1)[0] for a in value if a.split("=", 1)[0] in owned})
+        if taken:
+            raise ValueError(f"vllm.args: {', '.join(taken)} set by the gateway (use the expert's own keys)")
+        return value
+
 
 class ExpertConfig(_Strict):
     name: str = Field(min_length=1)

@@ -57,10 +57,10 @@ def vllm_parse(argv: list[str]) -> tuple[argparse.Namespace, Any]:
 def test_vllm_parses_the_command_line_turnout_builds(fields: dict[str, Any]) -> None:
     cfg = ExpertConfig.model_validate({"name": "big", "engine": "vllm", "model": "smollm2-135m-instruct", **fields})
     launch = build_vllm(cfg).launch
-    argv = launch.argv(8123, "secret")
+    argv = launch.argv(8123)
     assert argv[:2] == list(launch.command)
     args, engine = vllm_parse(argv[1:])  # argv[0] is the `vllm` script
-    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8123, ["secret"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8123, None)  # the key: VLLM_API_KEY
     assert engine.model == launch.model and engine.served_model_name == ["big"]
     assert (engine.max_model_len, engine.max_num_seqs) == (cfg.max_model_len, cfg.max_batch_size)
     assert engine.tensor_parallel_size == launch.tensor_parallel_size

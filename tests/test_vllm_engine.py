@@ -5,6 +5,7 @@ line through vLLM's own parser and, on a GPU, the real server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,14 +44,13 @@ def test_the_expert_settings_become_vllm_options(model_path: Path) -> None:
         speculative={"draft": "ngram", "num_draft_tokens": 5},
         vllm={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5, "args": ["--enforce-eager"], "command": ["v"]},
     )
-    argv = build_vllm(cfg).launch.argv(8123, "secret")
+    argv = build_vllm(cfg).launch.argv(8123)
     assert argv[:2] == ["v", str(model_path)]
     options = dict(zip(argv[2:-1:2], argv[3::2]))
     assert options == {
         "--served-model-name": "big",
         "--host": "127.0.0.1",
         "--port": "8123",
-        "--api-key": "secret",
         "--dtype": "bfloat16",
         "--max-model-len": "2048",
         "--max-num-seqs": "8",
@@ -69,7 +69,7 @@ def test_a_draft_model_and_a_model_vllm_fetches_itself() -> None:
         vllm={"command": ["v"]},
     )
     engine = build_vllm(cfg)
-    argv = engine.launch.argv(1, "k")
+    argv = engine.launch.argv(1)
     assert argv[1] == "Qwen/Qwen2.5-7B-Instruct"  # not a zoo name, file or directory: vLLM's to resolve
     assert "--hf-overrides" not in argv
     spec = json.loads(argv[argv.index("--speculative-config") + 1])
@@ -101,6 +101,8 @@ def test_a_config_naming_no_architecture_gets_one(tmp_path: Path) -> None:
         ({"r2r": {}}, "r2r expert runs embedded"),
         ({"tokenizer": "smollm2-135m-instruct"}, "tokenizer is for remote"),
         ({"base_url": "http://x/v1"}, "base_url is for remote"),
+        ({"vllm": {"args": ["--port=9000"]}}, "--port set by the gateway"),
+        ({"vllm": {"args": ["--max-model-len", "9"]}}, "--max-model-len set by the gateway"),
     ],
 )
 def test_settings_vllm_cannot_serve_are_refused(fields: dict[str, object], message: str) -> None:
@@ -256,7 +258,10 @@ def test_a_vllm_that_dies_makes_the_expert_unhealthy_and_the_gateway_stops_it(mo
 
 
 def test_a_vllm_that_fails_to_start_fails_the_load_with_its_output(model_path: Path, tmp_path: Path) -> None:
-    crash = [sys.executable, "-c", "print('RuntimeError: no CUDA GPUs are available'); raise SystemExit(1)"]
+    # a line far longer than asyncio's line limit, a progress bar redrawn with \r, and more output
+    # than a pipe holds: the gateway must go on reading, or the child blocks and never exits
+    chatter = "print('x' * 200_000); print('loading 10%\\rloading 90%'); [print(i) for i in range(30_000)]"
+    crash = [sys.executable, "-c", chatter + "; print('RuntimeError: no CUDA GPUs are available'); raise SystemExit(1)"]
     live = _gateway(tmp_path, model_path, crash)
     live.thread.start()
     deadline, health = time.monotonic() + 60, None
@@ -278,3 +283,30 @@ def _listening(live: LiveServer) -> bool:
         return True
     except httpx.TransportError:
         return False
+
+
+def test_a_gateway_stopped_while_vllm_starts_stops_it(model_path: Path, tmp_path: Path) -> None:
+    live = _gateway(tmp_path, model_path, STANDIN)
+    live.thread.start()
+    pid_file = live.argv_file.with_suffix(".pid")  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{live.url}/ready").status_code == 503  # still loading its model
+    live.stop()
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(ChildProcessError):  # reaped by the gateway, or a zombie
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    return True

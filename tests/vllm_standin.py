@@ -5,11 +5,12 @@ turnout's own embedded engine, keeping the vLLM behaviours the gateway relies on
 
 - ``/health`` answers 200 only once the model serves (vLLM's server listens only after its engine
   loaded; turnout's ``/health`` answers while loading);
-- ``--api-key`` guards ``/v1``;
+- the key in ``VLLM_API_KEY`` guards ``/v1``;
 - ``/metrics`` also carries ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and
   ``vllm:kv_cache_usage_perc``, with vLLM's labels, from the engine's own counts.
 
-``TURNOUT_STANDIN_ARGV`` names a file the command line is written to, for tests to read.
+``TURNOUT_STANDIN_ARGV`` names a file the command line is written to (and its process id beside it,
+``.pid``), for tests to read.
 tests/test_vllm.py checks the same command line against vLLM's own parser where vLLM is installed.
 """
 
@@ -41,7 +42,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--served-model-name", required=True)
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--api-key", required=True)
     p.add_argument("--dtype", choices=sorted(TURNOUT_DTYPES), required=True)
     p.add_argument("--max-model-len", type=int, required=True)
     p.add_argument("--max-num-seqs", type=int, required=True)
@@ -74,8 +74,9 @@ def main() -> None:
     args = parse(sys.argv[1:])
     if path := os.environ.get("TURNOUT_STANDIN_ARGV"):
         Path(path).write_text(json.dumps(sys.argv[1:]))
+        Path(path).with_suffix(".pid").write_text(str(os.getpid()))
     keys = Path(tempfile.mkdtemp()) / "keys"
-    keys.write_text(args.api_key + "\n")
+    keys.write_text(os.environ["VLLM_API_KEY"] + "\n")
     app = create_app(settings(args, keys))
     state = app.state.turnout
 
