@@ -40,7 +40,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.base import EngineError, EngineStats, GenerationRequest, ModelInfo, RequestOutput
 from engine.remote import RemoteConfig, RemoteEngine, UpstreamError
 from engine.tokenizer import Tokenizer
-from engine.zoo import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +89,6 @@ def default_command() -> tuple[str, ...]:
     if found is None:
         raise EngineError("engine vllm: vLLM is not installed here (pip install 'turnout[vllm]', on a CUDA machine)")
     return (found, "serve")
-
-
-def missing_architecture(model_dir: Path) -> str | None:
-    """The class vLLM should load when ``config.json`` names none (directories converted from GGUF)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("architectures"):
-        return None
-    return ARCHITECTURES.get(config.get("model_type", ""))
 
 
 def queue_stats(exposition: str) -> EngineStats:

@@ -195,14 +195,22 @@ def pull(name: str) -> Path:
     return out
 
 
+def missing_architecture(model_dir: Path) -> str | None:
+    """The class a server should load when ``config.json`` names none (directories converted from
+    a GGUF by an earlier converter); None when it names one, or the model type is not known."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("architectures"):
+        return None
+    return ARCHITECTURES.get(config.get("model_type", ""))
+
+
 def name_architecture(out: Path) -> None:
     """A directory converted before the converter wrote ``architectures`` gets it (other servers,
     vLLM among them, pick the model class by it, also for a draft model)."""
-    config = json.loads((out / "config.json").read_text())
-    if not config.get("architectures"):
-        if architecture := ARCHITECTURES.get(config.get("model_type", "")):
-            config["architectures"] = [architecture]
-            (out / "config.json").write_text(json.dumps(config, indent=2))
+    if architecture := missing_architecture(out):
+        config = json.loads((out / "config.json").read_text())
+        config["architectures"] = [architecture]
+        (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def assemble(entry: DistilledEntry) -> Path:

@@ -9,7 +9,8 @@ from engine.embedded import EmbeddedConfig
 from engine.factory import build_embedded, build_r2r, resolve_model_path
 from engine.remote import RemoteConfig, RemoteEngine
 from engine.tokenizer import Tokenizer
-from engine.vllm import VLLMEngine, VLLMLaunch, default_command, missing_architecture
+from engine.vllm import VLLMEngine, VLLMLaunch, default_command
+from engine.zoo import missing_architecture
 from server.config import ExpertConfig, Settings, VLLMSettings
 from server.serving import Expert
 

@@ -21,8 +21,8 @@ from openai import APIStatusError, OpenAI
 from pydantic import ValidationError
 
 from engine.base import EngineError
-from engine.vllm import default_command, missing_architecture, queue_stats
-from engine.zoo import name_architecture
+from engine.vllm import default_command, queue_stats
+from engine.zoo import missing_architecture, name_architecture
 from server.config import ExpertConfig, Settings
 from server.experts import build_vllm
 from tests.conftest import LiveServer, streamed_text
