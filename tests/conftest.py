@@ -63,6 +63,17 @@ def streamed_text(chunks: list[Any]) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+def chat_both_ways(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[Any, list[Any]]:
+    """A greedy chat completion whole and streamed with ``include_usage`` (official sync client):
+    the stream must give the same text and end with the usage chunk. Returns (whole, chunks)."""
+    kwargs: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert streamed_text(chunks) == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and whole.usage is not None
+    return whole, chunks
+
+
 class LiveServer:
     """uvicorn serving ``create_app(settings)`` in a background thread."""
 

@@ -20,7 +20,7 @@ from openai import BadRequestError, InternalServerError, OpenAI
 
 from engine import zoo
 from server.config import CoESettings, CostConfig, ExpertConfig, RouterSettings, Settings
-from tests.conftest import LiveServer, ServerProcess, streamed_text
+from tests.conftest import LiveServer, ServerProcess, chat_both_ways
 
 pytestmark = pytest.mark.peer
 PEER_PYTHON = os.environ.get("TURNOUT_PEER_PYTHON")
@@ -98,18 +98,7 @@ def test_completions_and_streaming_with_usage(llama: ServerProcess, gateway: Liv
     assert relayed.choices[0].text == direct.choices[0].text
     assert relayed.usage is not None and direct.usage is not None
     assert relayed.usage.prompt_tokens == direct.usage.prompt_tokens
-    whole = _client(gateway.url).chat.completions.create(model="llama", messages=CHAT, max_tokens=12, temperature=0)
-    stream = _client(gateway.url).chat.completions.create(
-        model="llama",
-        messages=CHAT,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    assert streamed_text(chunks) == whole.choices[0].message.content
-    assert chunks[-1].usage is not None and whole.usage is not None
+    whole, chunks = chat_both_ways(_client(gateway.url), "llama", CHAT, 12)
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 

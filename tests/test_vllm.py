@@ -13,7 +13,7 @@ import pytest
 
 from server.config import ExpertConfig, Settings
 from server.experts import build_vllm
-from tests.conftest import LiveServer, streamed_text
+from tests.conftest import LiveServer, chat_both_ways
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm installs it)")
 pytestmark = pytest.mark.vllm
@@ -95,20 +95,9 @@ def test_the_gateway_serves_through_a_real_vllm(model_path: Path) -> None:
     live.start(timeout=900)
     try:
         client = OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        chat = client.chat.completions.create(model="big", messages=CHAT, max_tokens=32, temperature=0)  # type: ignore[arg-type]
+        chat, chunks = chat_both_ways(client, "big", CHAT, 32)
         assert chat.choices[0].message.content and chat.usage is not None and chat.usage.prompt_tokens > 0
-        chunks = list(
-            client.chat.completions.create(
-                model="big",
-                messages=CHAT,  # type: ignore[arg-type]
-                max_tokens=32,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
-        assert streamed_text(chunks) == chat.choices[0].message.content
-        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+        assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
         text = httpx.get(f"{live.url}/metrics").text
         assert 'turnout:generation_tokens_total{model_name="big"}' in text
         assert httpx.get(f"{live.url}/health").json()["status"] == "ok"

@@ -25,7 +25,7 @@ from engine.vllm import default_command, queue_stats
 from engine.zoo import missing_architecture, name_architecture
 from server.config import ExpertConfig, Settings
 from server.experts import build_vllm
-from tests.conftest import LiveServer, streamed_text
+from tests.conftest import LiveServer, chat_both_ways
 
 STANDIN = [sys.executable, str(Path(__file__).with_name("vllm_standin.py")), "serve"]
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -191,21 +191,10 @@ def test_the_gateway_serves_through_the_vllm_it_started(gateway: LiveServer) -> 
     client = _client(gateway)
     card = client.models.list().data[0].model_dump()
     assert card["id"] == "big" and card["turnout"]["engine"] == "vllm" and card["turnout"]["quantization"] == "fp8"
-    chat = client.chat.completions.create(model="big", messages=CHAT, max_tokens=16, temperature=0)  # type: ignore[arg-type]
+    chat, chunks = chat_both_ways(client, "big", CHAT, 16)  # greedy: the stream gives the same answer
     assert chat.choices[0].message.content and chat.usage is not None
     assert chat.usage.prompt_tokens == len(engine.tokenize_chat(CHAT)) and chat.usage.completion_tokens > 0
-    chunks = list(
-        client.chat.completions.create(
-            model="big",
-            messages=CHAT,  # type: ignore[arg-type]
-            max_tokens=16,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
-    assert streamed_text(chunks) == chat.choices[0].message.content  # greedy: the same answer
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
     completion = client.completions.create(model="big", prompt="The capital of France is", max_tokens=8)
     assert completion.choices[0].text and completion.usage is not None and completion.usage.prompt_tokens > 0
 
