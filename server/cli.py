@@ -23,7 +23,7 @@ def _distill(args: argparse.Namespace) -> int:
 def _train_coe(args: argparse.Namespace) -> int:
     from engine.zoo import ASSETS
     from router.coe.classifier import TrainConfig
-    from router.coe.data import DATA, load_examples
+    from router.coe.data import DATA
     from router.coe.train import train_coe
 
     args.data = args.data or DATA / "prompts.jsonl"
@@ -35,11 +35,19 @@ def _train_coe(args: argparse.Namespace) -> int:
         print(f"calibrated min_confidence {result['min_confidence']} (routed accuracy >= {args.target_accuracy:.0%})")
         print(f"wrote {args.out}/head.safetensors, head.json and confusion.png")
     if args.propose_map or args.propose_map_only:
-        from router.coe.propose import propose
+        from router.coe.propose import Floor, propose_from_results
 
-        experts = dict(item.split("=", 1) for item in args.experts.split(","))
-        body = propose(experts, load_examples(args.eval_data or DATA / "eval.jsonl"), args.cost_budget, args.out)
-        print(f"proposed map: {body['categories']} (wrote {args.out}/map.json and map.png)")
+        floor = Floor(args.accuracy_floor, args.bits_floor)
+        body = propose_from_results(args.scores, floor, args.cost_budget, args.out)
+        print(
+            f"proposed map: {body['categories']}, fallback {body['fallback']} (wrote {args.out}/map.json and map.png)"
+        )
+        cost = body["mean_activated_params_per_token"] / 1e6
+        print(f"mean accuracy {body['mean_accuracy']:.1%} at {cost:.1f}M activated parameters per token")
+        if "accuracy_given_up" in body:
+            given = ", ".join(f"{c} {100 * v:.1f}" for c, v in body["accuracy_given_up"].items() if v)
+            lost = 100 * body["mean_accuracy_given_up"]
+            print(f"the cost budget gives up {lost:.1f} points of mean accuracy ({given or 'none'})")
     return 0
 
 
@@ -175,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     coe = sub.add_parser("train-coe", help="train the CoE router's classifier head (and propose its expert map)")
     coe.add_argument("--data", type=Path, default=None, help="labelled prompts (default: the project's set)")
     coe.add_argument("--out", type=Path, default=None, help="where the head goes (default: assets/coe)")
-    coe.add_argument("--epochs", type=int, default=400)
+    coe.add_argument("--epochs", type=int, default=300)
     coe.add_argument("--seed", type=int, default=0)
     coe.add_argument(
         "--target-accuracy",
@@ -183,19 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9,
         help="calibrate min_confidence: the lowest whose held-out routed accuracy reaches this",
     )
-    coe.add_argument("--propose-map", action="store_true", help="also score the experts and propose the map")
-    coe.add_argument("--propose-map-only", action="store_true", help="only score the experts and propose the map")
+    coe.add_argument("--propose-map", action="store_true", help="also propose the expert map from benchmark scores")
+    coe.add_argument("--propose-map-only", action="store_true", help="only propose the map")
     coe.add_argument(
-        "--experts",
-        default="smollm2-135m=smollm2-135m-instruct,gemma3-270m=gemma3-270m,smollm2-small=smollm2-small",
-        help="expert=model pairs, comma separated, for --propose-map",
+        "--scores",
+        type=Path,
+        default=Path("benchmarks/results/routing_quality.json"),
+        help="a run of benchmarks/routing_quality.py (accuracy per category on its dev split, bits per byte)",
     )
-    coe.add_argument("--eval-data", type=Path, default=None, help="prompts with reference answers")
+    coe.add_argument("--accuracy-floor", type=float, default=0.02, help="points of accuracy a cheaper expert may lose")
+    coe.add_argument("--bits-floor", type=float, default=0.05, help="share of bits per byte a cheaper expert may lose")
     coe.add_argument(
         "--cost-budget",
         type=float,
-        default=0.75,
-        help="mean activated parameters per token, as a fraction of the best-quality map's",
+        default=None,
+        help="opt in to trading quality for cost: mean activated parameters per token as a share of the "
+        "quality-first map's (reports the accuracy given up)",
     )
     coe.set_defaults(func=_train_coe)
 

@@ -12,13 +12,31 @@ from engine.zoo import ASSETS
 from router.coe import CATEGORIES
 from router.coe.classifier import load
 from router.coe.data import DATA, load_examples
-from router.coe.embedder import SentenceEmbedder
-from router.coe.features import FEATURES, conversation_features, split_turns
-from router.coe.propose import ExpertScores, best_map
+from router.coe.embedder import DIM, SentenceEmbedder
+from router.coe.features import (
+    CONTEXT_BINS,
+    FEATURES,
+    LAST,
+    LEXICAL_BINS,
+    conversation_features,
+    hashed,
+    ngrams,
+    split_turns,
+)
+from router.coe.propose import (
+    ExpertScores,
+    Floor,
+    ThresholdPoint,
+    propose_map,
+    quality_first,
+    r2r_threshold_choice,
+    scores_from_results,
+)
 from router.coe.router import CoEConfig, CoERouter
 from router.coe.train import confusion, featurize, report
 
 CLASSIFIER = ASSETS / "coe"
+ROOT = Path(__file__).resolve().parent.parent
 MAP = {"math": "m", "code": "c", "knowledge": "k", "writing": "w", "summarize": "s", "chat": "h"}
 CODE_CHAT = [
     {"role": "user", "content": "Write a Python function that checks whether a string is a palindrome."},
@@ -49,9 +67,32 @@ def test_features_hold_the_last_turn_the_mean_of_the_others_and_a_history_flag(e
     features = conversation_features(embedder, [single, CODE_CHAT])
     assert features.shape == (2, FEATURES)
     vectors = embedder.embed([m["content"] for m in CODE_CHAT])
-    torch.testing.assert_close(features[1, :384], vectors[2])
-    torch.testing.assert_close(features[1, 384:768], vectors[:2].mean(0))
-    assert features[0, 384:].abs().sum() == 0 and features[1, -1] == 1
+    torch.testing.assert_close(features[1, :DIM], vectors[2])
+    torch.testing.assert_close(
+        features[1, DIM : DIM + LEXICAL_BINS], hashed(CODE_CHAT[2]["content"], LEXICAL_BINS, True)
+    )
+    torch.testing.assert_close(features[1, LAST : LAST + DIM], vectors[:2].mean(0))
+    assert features[1, LAST + DIM] == 1  # the history flag
+    torch.testing.assert_close(
+        features[1, LAST + DIM + 1 :], hashed(" ".join(m["content"] for m in CODE_CHAT[:2]), CONTEXT_BINS, False)
+    )
+    assert features[0, LAST:].abs().sum() == 0  # no history: the context half is empty
+
+
+def test_lexical_features_count_hashed_ngrams_at_unit_length() -> None:
+    assert set(ngrams("TL;DR this", characters=False)) == {
+        "w:tl",
+        "w:;",
+        "w:dr",
+        "w:this",
+        "b:tl ;",
+        "b:; dr",
+        "b:dr this",
+    }
+    assert "c:<def" in ngrams("def add", characters=True) and "o:def" in ngrams("def add", characters=True)
+    vector = hashed("write a poem, a short poem", 64, characters=False)
+    assert float(vector.norm()) == pytest.approx(1.0) and int((vector > 0).sum()) <= 11  # 5 words, 6 bigrams
+    assert float(hashed("", 64, characters=True).abs().sum()) == 0
 
 
 def test_cached_embeddings_equal_fresh_ones_and_are_not_recomputed(embedder: SentenceEmbedder) -> None:
@@ -116,23 +157,60 @@ def test_the_prompt_set_has_sixty_training_prompts_per_category_and_a_held_out_s
     assert len({e.id for e in examples}) == len(examples)
 
 
-def test_the_proposed_map_is_the_best_quality_within_the_cost_budget() -> None:
-    cheap = ExpertScores("cheap", 1.0, {c: 2.0 for c in CATEGORIES})
-    dear = ExpertScores("dear", 3.0, {c: 1.0 if c in ("math", "code") else 1.9 for c in CATEGORIES})
-    everything_dear, _, cost = best_map([cheap, dear], budget=3.0)
-    assert set(everything_dear.values()) == {"dear"} and cost == 3.0
-    mapping, quality, cost = best_map([cheap, dear], budget=1.7)  # room for two dear categories of six
-    assert mapping["math"] == mapping["code"] == "dear"
-    assert all(mapping[c] == "cheap" for c in CATEGORIES if c not in ("math", "code"))
-    assert cost == pytest.approx(10 / 6) and quality == pytest.approx(10 / 6)
+def scores(name: str, cost: float, accuracy: float | dict[str, float], bits: float | None = None) -> ExpertScores:
+    acc = accuracy if isinstance(accuracy, dict) else {c: accuracy for c in CATEGORIES}
+    return ExpertScores(name, cost, acc, {} if bits is None else {c: bits for c in CATEGORIES})
+
+
+def test_a_cheaper_expert_serves_a_category_only_within_the_floor_of_the_best() -> None:
+    best = scores("best", 3.0, 0.60, bits=1.00)
+    close = scores("close", 2.0, 0.585, bits=1.04)  # 1.5 points and 4% worse: within the floor
+    far = scores("far", 1.0, 0.57, bits=1.00)  # 3 points worse: below it
+    assert set(quality_first([best, close, far], Floor()).values()) == {"close"}
+    blurry = scores("blurry", 2.0, 0.60, bits=1.06)  # as accurate, but 6% more bits per byte
+    assert set(quality_first([best, blurry], Floor()).values()) == {"best"}
+    unscored = scores("unscored", 2.0, 0.59)  # no bits per byte (an r2r or remote expert): accuracy alone
+    assert set(quality_first([best, unscored], Floor()).values()) == {"unscored"}
+    assert set(quality_first([best, close], Floor(accuracy_points=0.01)).values()) == {"best"}
+
+
+def test_each_category_gets_its_own_best_and_an_expert_worse_everywhere_is_never_mapped() -> None:
+    maths = {c: 0.9 if c == "math" else 0.3 for c in CATEGORIES}
+    words = {c: 0.2 if c == "math" else 0.6 for c in CATEGORIES}
+    worse = scores("worse", 0.5, 0.1)  # the cheapest by far
+    body = propose_map([scores("maths", 5.0, maths), scores("words", 1.0, words), worse])
+    assert body["categories"] == {c: "maths" if c == "math" else "words" for c in CATEGORIES}
+    assert "worse" not in body["categories"].values() and body["fallback"] == "words"
+    assert body["mean_accuracy"] == pytest.approx((0.9 + 5 * 0.6) / 6)
+    assert body["mean_activated_params_per_token"] == round((5.0 + 5 * 1.0) / 6)
+
+
+def test_a_cost_budget_trades_quality_for_cost_and_reports_what_it_gives_up() -> None:
+    dear = scores("dear", 3.0, {c: 0.8 if c in ("math", "code") else 0.5 for c in CATEGORIES})
+    cheap = scores("cheap", 1.0, 0.4)
+    assert set(propose_map([dear, cheap])["categories"].values()) == {"dear"}
+    body = propose_map([dear, cheap], cost_budget=10 / 18)  # room for two dear categories of six
+    assert body["categories"] == {c: "dear" if c in ("math", "code") else "cheap" for c in CATEGORIES}
+    assert body["accuracy_given_up"] == {c: 0.0 if c in ("math", "code") else pytest.approx(0.1) for c in CATEGORIES}
+    assert body["mean_accuracy_given_up"] == round(0.4 / 6, 4)
     with pytest.raises(ValueError, match="no map fits"):
-        best_map([cheap, dear], budget=0.5)
+        propose_map([dear, cheap], cost_budget=0.1)
 
 
-def test_the_shipped_map_names_zoo_experts() -> None:
-    proposed = json.loads((CLASSIFIER / "map.json").read_text())
-    assert set(proposed["categories"]) <= set(CATEGORIES)
-    assert set(proposed["categories"].values()) <= {"smollm2-135m", "gemma3-270m", "smollm2-small"}
+def test_r2r_takes_the_fewest_large_tokens_that_answer_as_well_as_the_large_model() -> None:
+    points = [ThresholdPoint(0.9, 0.30, 0.2), ThresholdPoint(0.3, 0.49, 0.6), ThresholdPoint(0.05, 0.50, 0.8)]
+    assert r2r_threshold_choice(points, large_accuracy=0.50, floor_points=0.02)["threshold"] == 0.3
+    fallback = r2r_threshold_choice(points, large_accuracy=0.70, floor_points=0.02)
+    assert fallback["threshold"] == 0.05 and "no threshold" in fallback["reason"]
+
+
+def test_the_shipped_map_is_what_the_shipped_benchmark_scores_propose() -> None:
+    results = json.loads((ROOT / "benchmarks" / "results" / "routing_quality.json").read_text())
+    shipped = json.loads((CLASSIFIER / "map.json").read_text())
+    floor = Floor(**{k: shipped["floor"][k] for k in ("accuracy_points", "bits_per_byte_ratio")})
+    proposed = propose_map(scores_from_results(results, "dev"), floor)
+    assert shipped["categories"] == proposed["categories"] and shipped["fallback"] == proposed["fallback"]
+    assert set(shipped["categories"].values()) <= set(results["systems"])
 
 
 def test_the_classifier_refuses_a_head_trained_for_other_categories(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ class CategoryHead(nn.Module):
 
 @dataclass
 class TrainConfig:
-    epochs: int = 400
+    epochs: int = 300
     lr: float = 3e-3
     weight_decay: float = 1e-2
     seed: int = 0

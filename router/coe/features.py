@@ -1,7 +1,16 @@
-"""A conversation as the classifier's input: its latest user turn and everything before it."""
+"""A conversation as the classifier's input: its latest user turn and everything before it.
+
+Each side gets its sentence embedding and hashed lexical features: word unigrams and bigrams,
+character 4-grams and the opening words (the latest turn only), and a few shape measures (length,
+lines, digits, code punctuation, a code fence). Embeddings carry the topic; the lexical features
+carry the cues an embedding blurs ("tl;dr this", "def", a pasted passage, "write a poem").
+"""
 
 from __future__ import annotations
 
+import math
+import re
+import zlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -9,8 +18,15 @@ from torch import Tensor
 
 from router.coe.embedder import DIM, SentenceEmbedder
 
-FEATURES = 2 * DIM + 1  # latest user message, mean of the other messages, whether there are any
+LEXICAL_BINS = 4096  # hashed n-grams of the latest user turn
+CONTEXT_BINS = 1024  # hashed word n-grams of the rest of the conversation
+SHAPE = 6
+LAST = DIM + LEXICAL_BINS + SHAPE  # the latest turn's features come first
+FEATURES = LAST + DIM + 1 + CONTEXT_BINS  # then the others' mean embedding, a history flag, their n-grams
+OPENING_WORDS = 6
 Message = Mapping[str, str]
+_TOKEN = re.compile(r"[^\W\d_]+|\d+|[^\w\s]")
+_CODE_PUNCTUATION = set("{}()[];=<>_/\\|`$#")
 
 
 def split_turns(messages: Sequence[Message]) -> tuple[str, list[str]]:
@@ -22,6 +38,39 @@ def split_turns(messages: Sequence[Message]) -> tuple[str, list[str]]:
     return texts[last], [t for i, t in enumerate(texts) if i != last and t.strip()]
 
 
+def ngrams(text: str, characters: bool) -> list[str]:
+    words = _TOKEN.findall(text.lower())
+    grams = [f"w:{w}" for w in words] + [f"b:{a} {b}" for a, b in zip(words, words[1:])]
+    if characters:
+        grams += [f"o:{w}" for w in words[:OPENING_WORDS]]
+        for word in (f"<{w}>" for w in words if w.isalpha()):
+            grams += [f"c:{word[i : i + 4]}" for i in range(len(word) - 3)]
+    return grams
+
+
+def hashed(text: str, bins: int, characters: bool) -> Tensor:
+    """``[bins]``: log counts of the hashed n-grams, unit length (zeros for no text)."""
+    counts = torch.zeros(bins)
+    for gram in ngrams(text, characters):
+        counts[zlib.crc32(gram.encode()) % bins] += 1
+    counts = counts.log1p()
+    return counts / counts.norm().clamp(min=1e-6)
+
+
+def shape(text: str) -> Tensor:
+    n = max(len(text), 1)
+    return torch.tensor(
+        [
+            math.log1p(len(text)) / 8,
+            text.count("\n") / max(1.0, len(text) / 40),
+            5 * sum(c.isdigit() for c in text) / n,
+            10 * sum(c in _CODE_PUNCTUATION for c in text) / n,
+            float("```" in text),
+            float(len(text.split()) > 60),  # a pasted passage rather than a question
+        ]
+    )
+
+
 def conversation_features(embedder: SentenceEmbedder, conversations: Sequence[Sequence[Message]]) -> Tensor:
     """``[n, FEATURES]``: every distinct message is embedded once for the whole batch."""
     turns = [split_turns(c) for c in conversations]
@@ -31,5 +80,16 @@ def conversation_features(embedder: SentenceEmbedder, conversations: Sequence[Se
     rows = []
     for last, context in turns:
         ctx = vectors[[index[t] for t in context]].mean(0) if context else torch.zeros(DIM)
-        rows.append(torch.cat([vectors[index[last]], ctx, torch.tensor([float(bool(context))])]))
+        rows.append(
+            torch.cat(
+                [
+                    vectors[index[last]],
+                    hashed(last, LEXICAL_BINS, characters=True),
+                    shape(last),
+                    ctx,
+                    torch.tensor([float(bool(context))]),
+                    hashed(" ".join(context), CONTEXT_BINS, characters=False),
+                ]
+            )
+        )
     return torch.stack(rows)

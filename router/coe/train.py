@@ -13,8 +13,8 @@ from tqdm import tqdm
 from router.coe import CATEGORIES
 from router.coe.classifier import CategoryHead, TrainConfig, fit, save
 from router.coe.data import DATA, Example, load_examples
-from router.coe.embedder import DIM, SentenceEmbedder
-from router.coe.features import conversation_features
+from router.coe.embedder import SentenceEmbedder
+from router.coe.features import LAST, conversation_features
 
 BATCH = 32
 
@@ -29,7 +29,7 @@ def featurize(embedder: SentenceEmbedder, examples: list[Example], desc: str) ->
 def last_message_only(features: torch.Tensor) -> torch.Tensor:
     """The same features with the conversation before the last user turn blanked out."""
     out = features.clone()
-    out[:, DIM:] = 0
+    out[:, LAST:] = 0
     return out
 
 
