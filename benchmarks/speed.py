@@ -283,10 +283,17 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 def turnout_server(dtype: str, max_len: int, quantization: str) -> Iterator[str]:
     """A turnout server on a free loopback port, stopped on exit; yields its base URL."""
     port = free_port()
+    with serving(server_command(port, dtype, max_len, quantization), port) as url:
+        yield url
+
+
+@contextmanager
+def serving(command: list[str], port: int) -> Iterator[str]:
+    """Run ``command`` (a server listening on ``port``) until it is ready, yield its base URL, stop
+    it on exit; its output goes to a log that is kept only when something failed."""
     fd, name = tempfile.mkstemp(prefix="turnout-bench-", suffix=".log")
     log = Path(name)
     with os.fdopen(fd, "wb") as sink:
-        command = server_command(port, dtype, max_len, quantization)
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     failed = True
     try:

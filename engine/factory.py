@@ -138,14 +138,16 @@ def build_r2r(
     quantization: QuantSpec | None = None,
 ) -> EmbeddedEngine:
     """A composite R2R expert: ``small`` writes, the router in ``router_dir`` flags tokens for
-    ``large`` to rewrite. ``threshold`` None takes the one calibrated with the router."""
+    ``large`` to rewrite. ``threshold`` None takes the router's served threshold (chosen end to end
+    by benchmarks/routing_quality.py), else the one calibrated with it."""
     small_path, small_model, label = load_engine_model(small, dtype, quantization)
     _, large_model, _ = load_engine_model(large, dtype, quantization)
     if small_model.args.vocab_size != large_model.args.vocab_size:
         raise ValueError(f"r2r: {small} and {large} must share a tokenizer")
     router, meta = load_token_router(router_dir)
     source = "checkpoint" if threshold is None else "config"
-    threshold = float(meta["threshold"]) if threshold is None else threshold  # type: ignore[arg-type]
+    if threshold is None:
+        threshold = float(meta.get("served_threshold", meta["threshold"]))  # type: ignore[arg-type]
     log.info(
         "r2r: %s writes, %s rewrites flagged tokens; threshold %.4f (from the %s)", small, large, threshold, source
     )

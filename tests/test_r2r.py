@@ -97,7 +97,7 @@ async def test_the_checkpoint_threshold_applies_unless_the_config_or_request_ove
 async def test_served_decisions_equal_the_offline_routers_on_the_same_tokens() -> None:
     engine = build_r2r(SMALL, LARGE, zoo.ASSETS / "r2r", None, "float32", _config())
     router, meta = load_token_router(zoo.ASSETS / "r2r")
-    threshold = float(meta["threshold"])  # type: ignore[arg-type]
+    threshold = float(meta.get("served_threshold", meta["threshold"]))  # type: ignore[arg-type]
     prompts = [engine.tokenize_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     n = 24
     served = await _run(

@@ -1,10 +1,14 @@
-"""Propose the category -> expert map (the CoE idea): score each expert on each category of the
-project's evaluation set, then pick the best quality per category under an average-cost budget.
+"""Propose the category -> expert map (the CoE idea), quality first.
 
-Quality is how likely an expert finds a good reference answer, teacher-forced after the prompt in
-the expert's own chat format, in bits per UTF-8 byte of the answer: lower is better, and bytes
-(not tokens) keep experts with different tokenizers comparable. Cost is the parameters a decode
-step activates per token, the unit the usage extension reports.
+Quality is measured two ways. Accuracy: the share of an evaluation category's checkable items an
+expert answers right end to end (benchmarks/routing_quality.py, through the HTTP API). Bits per
+byte: how likely the expert finds a good reference answer, teacher-forced after the prompt in its
+own chat format (lower is better; bytes, not tokens, keep tokenizers comparable). Cost is the
+parameters a decode step activates per token, the unit the usage extension reports.
+
+Each category goes to the cheapest expert whose quality there is within a floor of the best
+expert's (default: 2 points of accuracy and 5% bits per byte); cost is saved only above the floor.
+Trading quality for cost is an explicit opt-in (``cost_budget``), which reports what it gives up.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -27,11 +32,27 @@ from router.coe.data import Example
 class ExpertScores:
     name: str
     cost: float  # activated parameters per token
-    bits_per_byte: dict[str, float]  # category -> mean over its evaluation items
+    accuracy: dict[str, float]  # category -> share of checkable answers right (the end-to-end benchmark)
+    bits_per_byte: dict[str, float] = field(default_factory=dict)  # category -> mean; absent: not scored
 
 
-def score_expert(name: str, model: str, examples: list[Example]) -> ExpertScores:
-    """Teacher-force every reference answer through the expert's embedded engine (float32)."""
+@dataclass(frozen=True)
+class Floor:
+    """How much worse than a category's best expert a cheaper expert may be and still serve it."""
+
+    accuracy_points: float = 0.02  # absolute: 0.02 is 2 points of accuracy
+    bits_per_byte_ratio: float = 0.05  # relative: 5% more bits per byte
+
+    def admits(self, s: ExpertScores, best: ExpertScores, best_bits: float | None, category: str) -> bool:
+        if s.accuracy[category] < best.accuracy[category] - self.accuracy_points - 1e-9:
+            return False
+        bits = s.bits_per_byte.get(category)
+        return best_bits is None or bits is None or bits <= best_bits * (1 + self.bits_per_byte_ratio) + 1e-9
+
+
+def bits_per_byte(name: str, model: str, examples: list[Example]) -> dict[str, float]:
+    """Category -> mean bits per byte of the reference answers, teacher-forced through the
+    expert's embedded engine (float32)."""
     from engine.embedded import EmbeddedConfig
     from engine.factory import build_embedded
 
@@ -43,82 +64,167 @@ def score_expert(name: str, model: str, examples: list[Example]) -> ExpertScores
         logits = engine.runner.verify([prompt + answer], [0])[0, len(prompt) - 1 : -1].float()
         nats = -logits.log_softmax(-1).gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
         per_category[ex.category].append(float(nats) / math.log(2) / len(ex.reference.encode()))
-    means = {c: sum(v) / len(v) for c, v in per_category.items() if v}
-    return ExpertScores(name, float(engine.info.activated_params_per_token), means)
+    return {c: sum(v) / len(v) for c, v in per_category.items() if v}
 
 
-def best_map(scores: list[ExpertScores], budget: float) -> tuple[dict[str, str], float, float]:
-    """(category -> expert, mean bits per byte, mean cost) with the least mean bits per byte whose
-    mean cost over the categories (equal traffic each) is at most ``budget``; exhaustive search."""
-    categories = [c for c in CATEGORIES if all(c in s.bits_per_byte for s in scores)]
-    best: tuple[dict[str, str], float, float] | None = None
-    for choice in itertools.product(scores, repeat=len(categories)):
-        cost = sum(s.cost for s in choice) / len(choice)
+def best_for(category: str, scores: list[ExpertScores]) -> ExpertScores:
+    """The most accurate expert; ties go to fewer bits per byte, then to the cheaper."""
+    return min(scores, key=lambda s: (-s.accuracy[category], s.bits_per_byte.get(category, math.inf), s.cost))
+
+
+def quality_first(scores: list[ExpertScores], floor: Floor) -> dict[str, str]:
+    """Per category, the cheapest expert within ``floor`` of the best one (ties: more accurate)."""
+    mapping = {}
+    for category in CATEGORIES:
+        best = best_for(category, scores)
+        bits = [s.bits_per_byte[category] for s in scores if category in s.bits_per_byte]
+        admitted = [s for s in scores if floor.admits(s, best, min(bits) if bits else None, category)]
+        mapping[category] = min(admitted, key=lambda s: (s.cost, -s.accuracy[category])).name
+    return mapping
+
+
+def mean_cost(mapping: Mapping[str, str], scores: list[ExpertScores]) -> float:
+    cost = {s.name: s.cost for s in scores}
+    return sum(cost[e] for e in mapping.values()) / len(mapping)
+
+
+def mean_accuracy(mapping: Mapping[str, str], scores: list[ExpertScores]) -> float:
+    by_name = {s.name: s for s in scores}
+    return sum(by_name[e].accuracy[c] for c, e in mapping.items()) / len(mapping)
+
+
+def within_budget(scores: list[ExpertScores], budget: float) -> dict[str, str]:
+    """The most accurate map (equal traffic per category) whose mean cost is at most ``budget``;
+    exhaustive search, ties to the cheaper."""
+    best: tuple[float, float, dict[str, str]] | None = None
+    for choice in itertools.product(scores, repeat=len(CATEGORIES)):
+        mapping = {c: s.name for c, s in zip(CATEGORIES, choice)}
+        cost = mean_cost(mapping, scores)
         if cost > budget * (1 + 1e-9):
             continue
-        quality = sum(s.bits_per_byte[c] for s, c in zip(choice, categories)) / len(choice)
-        if best is None or quality < best[1]:
-            best = ({c: s.name for s, c in zip(choice, categories)}, quality, cost)
+        key = (-mean_accuracy(mapping, scores), cost)
+        if best is None or key < best[:2]:
+            best = (*key, mapping)
     if best is None:
         cheapest = min(s.cost for s in scores)
         raise ValueError(f"no map fits a budget of {budget:.3g} parameters per token (cheapest {cheapest:.3g})")
-    return best
+    return best[2]
 
 
-def frontier(scores: list[ExpertScores], steps: int = 24) -> list[tuple[float, float]]:
-    """(mean cost, mean bits per byte) of the best map at budgets from the cheapest to the dearest."""
-    low, high = min(s.cost for s in scores), max(s.cost for s in scores)
-    points = {best_map(scores, low + (high - low) * i / steps)[1:] for i in range(steps + 1)}
-    return sorted((cost, quality) for quality, cost in points)
-
-
-def propose(
-    experts: Mapping[str, str], examples: Iterable[Example], budget_fraction: float, out: Path
-) -> dict[str, object]:
-    """Score ``experts`` (name -> model) and pick the best map whose mean cost is at most
-    ``budget_fraction`` of what the best map regardless of cost would cost; writes ``out``/map.json
-    and map.png and returns the map file's body."""
-    items = list(examples)
-    scores = [score_expert(name, model, items) for name, model in experts.items()]
-    budget = budget_fraction * best_map(scores, math.inf)[2]  # a share of the best-quality map's cost
-    mapping, quality, cost = best_map(scores, budget)
-    body: dict[str, object] = {
+def propose_map(scores: list[ExpertScores], floor: Floor = Floor(), cost_budget: float | None = None) -> dict[str, Any]:
+    """The map file's body. Quality first: each category goes to the cheapest expert within
+    ``floor`` of its best. ``cost_budget`` (a share of that map's mean cost) opts into trading
+    quality for cost instead, and reports what the trade gives up per category."""
+    if not scores:
+        raise ValueError("no expert scores to propose a map from")
+    first = quality_first(scores, floor)
+    mapping = first if cost_budget is None else within_budget(scores, cost_budget * mean_cost(first, scores))
+    by_name = {s.name: s for s in scores}
+    body: dict[str, Any] = {
         "categories": mapping,
-        "budget_fraction": budget_fraction,  # of the cost of the best map regardless of cost
-        "budget_activated_params_per_token": round(budget),
-        "mean_bits_per_byte": round(quality, 4),
-        "mean_activated_params_per_token": round(cost),
-        "experts": {s.name: {"cost": s.cost, "bits_per_byte": s.bits_per_byte} for s in scores},
+        # the expert that is best over all categories: where the router is unsure, it answers
+        "fallback": min(scores, key=lambda s: (-sum(s.accuracy.values()), s.cost)).name,
+        "rule": "quality first"
+        if cost_budget is None
+        else f"most accurate within {cost_budget:g} of the quality-first cost",
+        "floor": {"accuracy_points": floor.accuracy_points, "bits_per_byte_ratio": floor.bits_per_byte_ratio},
+        "mean_accuracy": round(mean_accuracy(mapping, scores), 4),
+        "mean_activated_params_per_token": round(mean_cost(mapping, scores)),
+        "best_per_category": {c: best_for(c, scores).name for c in CATEGORIES},
+        "experts": {s.name: {"cost": s.cost, "accuracy": s.accuracy, "bits_per_byte": s.bits_per_byte} for s in scores},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "map.json").write_text(json.dumps(body, indent=2) + "\n")
-    plot_scores(scores, frontier(scores), (cost, quality), out / "map.png")
+    if cost_budget is not None:
+        body["cost_budget"] = cost_budget
+        body["accuracy_given_up"] = {
+            c: round(by_name[first[c]].accuracy[c] - by_name[e].accuracy[c], 4) for c, e in mapping.items()
+        }
+        body["mean_accuracy_given_up"] = round(mean_accuracy(first, scores) - mean_accuracy(mapping, scores), 4)
     return body
 
 
-def plot_scores(
-    scores: list[ExpertScores], curve: list[tuple[float, float]], chosen: tuple[float, float], out: Path
-) -> None:
+@dataclass(frozen=True)
+class ThresholdPoint:
+    threshold: float
+    accuracy: float  # mean over categories
+    large_fraction: float
+    tokens_per_second: float | None = None
+
+
+def r2r_threshold_choice(points: list[ThresholdPoint], large_accuracy: float, floor_points: float) -> dict[str, Any]:
+    """The threshold that sends the fewest tokens to the large model while answering within
+    ``floor_points`` of the large model alone; if none does, the most accurate one."""
+    if not points:
+        raise ValueError("no r2r thresholds were measured")
+    good = [p for p in points if p.accuracy >= large_accuracy - floor_points - 1e-9]
+    if good:
+        chosen = min(good, key=lambda p: (p.large_fraction, -p.accuracy))
+        reason = f"fewest large tokens within {100 * floor_points:g} points of the large model alone"
+    else:
+        chosen = max(points, key=lambda p: (p.accuracy, -p.large_fraction))
+        reason = f"no threshold came within {100 * floor_points:g} points of the large model alone: the most accurate"
+    return {
+        "threshold": chosen.threshold,
+        "accuracy": chosen.accuracy,
+        "large_fraction": chosen.large_fraction,
+        "reason": reason,
+    }
+
+
+def scores_from_results(results: Mapping[str, Any], split: str = "dev") -> list[ExpertScores]:
+    """The experts' scores from benchmarks/routing_quality.py's JSON: accuracy on ``split`` and
+    bits per byte where scored."""
+    bits = results.get("bits_per_byte", {})
+    return [
+        ExpertScores(
+            name, s["summary"][split]["activated_params_per_token"], s["summary"][split]["accuracy"], bits.get(name, {})
+        )
+        for name, s in results["systems"].items()
+        if s.get("kind") == "expert"
+    ]
+
+
+def propose_from_results(results_file: Path, floor: Floor, cost_budget: float | None, out: Path) -> dict[str, Any]:
+    """``turnout train-coe --propose-map``: the map from a routing-quality benchmark run, written to
+    ``out``/map.json and map.png."""
+    body = propose_map(scores_from_results(json.loads(results_file.read_text())), floor, cost_budget)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "map.json").write_text(json.dumps(body, indent=2) + "\n")
+    plot_map(body, out / "map.png")
+    return body
+
+
+def plot_map(body: Mapping[str, Any], out: Path) -> None:
+    """Accuracy per category and expert (the chosen expert's bar outlined), and each expert's mean
+    accuracy against its cost beside the map's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    experts = body["experts"]
     fig, (bars, front) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(scores)
-    for i, s in enumerate(scores):
+    width = 0.8 / len(experts)
+    for i, (name, e) in enumerate(experts.items()):
         xs = [j + i * width for j in range(len(CATEGORIES))]
-        bars.bar(xs, [s.bits_per_byte.get(c, 0.0) for c in CATEGORIES], width, label=s.name)
+        chosen = ["black" if body["categories"].get(c) == name else "none" for c in CATEGORIES]
+        bars.bar(
+            xs, [100 * e["accuracy"].get(c, 0.0) for c in CATEGORIES], width, label=name, edgecolor=chosen, linewidth=2
+        )
     bars.set_xticks([j + 0.4 - width / 2 for j in range(len(CATEGORIES))], CATEGORIES)
-    bars.set_ylabel("bits per byte of the reference answer (lower is better)")
-    bars.legend()
-    front.plot([c / 1e6 for c, _ in curve], [q for _, q in curve], "o-", label="best map at each budget")
-    for s in scores:
-        mean = sum(s.bits_per_byte.values()) / len(s.bits_per_byte)
-        front.plot(s.cost / 1e6, mean, "s", label=f"{s.name} for everything")
-    front.plot(chosen[0] / 1e6, chosen[1], "*", markersize=16, label="proposed map")
+    bars.set_ylabel("accuracy on the dev split (%); outlined: mapped")
+    bars.legend(fontsize=8)
+    for name, e in experts.items():
+        mean = sum(e["accuracy"].values()) / len(e["accuracy"])
+        front.plot(e["cost"] / 1e6, 100 * mean, "s", label=f"{name} for everything")
+    front.plot(
+        body["mean_activated_params_per_token"] / 1e6,
+        100 * body["mean_accuracy"],
+        "*",
+        markersize=16,
+        label=f"proposed map ({body['rule']})",
+    )
     front.set_xlabel("mean activated parameters per token (millions)")
-    front.set_ylabel("mean bits per byte")
+    front.set_ylabel("mean accuracy (%)")
     front.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
