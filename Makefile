@@ -66,6 +66,8 @@ bench: pull
 	$(PY) benchmarks/quality.py --model tiny-scratch
 	$(PY) benchmarks/speculative.py
 	$(PY) benchmarks/routing.py
+	$(PY) benchmarks/routing_quality.py --fresh --write-map
+	$(PY) benchmarks/footprint.py
 	$(PY) benchmarks/r2r.py
 	$(PY) benchmarks/kv_cache.py
 

@@ -13,7 +13,7 @@ chooses nothing. Also per system: mean activated parameters per token and `cost_
 `r2r_threshold`) and its default threshold is chosen from the sweep on the dev split.
 
 Answers are cached in benchmarks/results/routing_quality.json per system and evaluation-set hash,
-so a run only asks the systems it has no answers from (``--rerun`` asks again). ``--write-map``
+so a run only asks for the answers it does not have (``--rerun NAME`` or ``--fresh`` ask again). ``--write-map``
 writes the proposal to assets/coe/map.json (+ map.png) and the chosen r2r threshold to
 assets/r2r/router.json. Also writes benchmarks/results/routing_quality.png.
 """
@@ -122,8 +122,10 @@ def grade(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     spec = {item["id"]: item["check"] for item in items}
     with ThreadPoolExecutor(max_workers=2) as pool:
         failures = list(pool.map(lambda row: check(row["reply"], spec[row["id"]]), rows))
+    by_id = {item["id"]: item for item in items}
     for row, failed in zip(rows, failures):
         row["failed"], row["correct"] = failed, not failed
+        row["category"], row["split"] = by_id[row["id"]]["category"], by_id[row["id"]]["split"]
 
 
 def run_system(
@@ -203,7 +205,7 @@ def ask_system(
     """Answers from ``key`` to every item, asking only for those not cached under the same item
     text and system ``entry``; stores them with their summary per split."""
     old = results["systems"].get(key, {})
-    same = key not in args.rerun and all(old.get(k) == v for k, v in entry.items())
+    same = not args.fresh and key not in args.rerun and all(old.get(k) == v for k, v in entry.items())
     cached = {r["id"]: r for r in old.get("rows", []) if same and r.get("item_sha") == item_sha(items, r["id"])}
     todo = [item for item in items if item["id"] not in cached]
     if todo:
@@ -327,9 +329,13 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=[*EXPERTS, "auto"], help="experts to ask, and auto")
     parser.add_argument("--rerun", nargs="*", default=[], help="systems to ask again although answers are cached")
     parser.add_argument("--r2r-thresholds", nargs="*", type=float, default=[0.05, 0.3, 0.6])
+    parser.add_argument("--fresh", action="store_true", help="ask every system again (no cached answers)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--accuracy-floor", type=float, default=0.02, help="points of accuracy (0.02: 2 points)")
     parser.add_argument("--bits-floor", type=float, default=0.05, help="relative bits per byte (0.05: 5%%)")
+    parser.add_argument(
+        "--noise-z", type=float, default=1.645, help="a category's lead must be this many standard errors"
+    )
     parser.add_argument(
         "--write-map", action="store_true", help="ship the proposal: assets/coe/map.json, r2r's threshold"
     )
@@ -340,7 +346,7 @@ def main() -> None:
     results["machine"] = machine_info()
     for name in [n for n in args.systems if n in EXPERTS]:
         ask_system(results, name, {"kind": "expert"}, {"experts": [EXPERTS[name]]}, name, items, args)
-    if not all(results.get("bits_per_byte", {}).values()) or "bpb" in args.rerun:
+    if not all(results.get("bits_per_byte", {}).values()) or "bpb" in args.rerun or args.fresh:
         results["bits_per_byte"] = reference_bits(list(EXPERTS))
         save(results)
     if "r2r" in args.systems:
@@ -348,7 +354,7 @@ def main() -> None:
         results["r2r_threshold"] = choose_r2r_threshold(results, args.accuracy_floor)
         save(results)
 
-    floor = Floor(args.accuracy_floor, args.bits_floor)
+    floor = Floor(args.accuracy_floor, args.bits_floor, args.noise_z)
     body = propose_map(scores_from_results(results, "dev"), floor)
     results["map"] = body
     if "auto" in args.systems:

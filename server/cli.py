@@ -37,7 +37,7 @@ def _train_coe(args: argparse.Namespace) -> int:
     if args.propose_map or args.propose_map_only:
         from router.coe.propose import Floor, propose_from_results
 
-        floor = Floor(args.accuracy_floor, args.bits_floor)
+        floor = Floor(args.accuracy_floor, args.bits_floor, args.noise_z)
         body = propose_from_results(args.scores, floor, args.cost_budget, args.out)
         print(
             f"proposed map: {body['categories']}, fallback {body['fallback']} (wrote {args.out}/map.json and map.png)"
@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     coe.add_argument("--accuracy-floor", type=float, default=0.02, help="points of accuracy a cheaper expert may lose")
     coe.add_argument("--bits-floor", type=float, default=0.05, help="share of bits per byte a cheaper expert may lose")
+    coe.add_argument(
+        "--noise-z",
+        type=float,
+        default=1.645,
+        help="a category leaves the best expert overall only for a lead this many standard errors clear (paired)",
+    )
     coe.add_argument(
         "--cost-budget",
         type=float,

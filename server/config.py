@@ -215,21 +215,19 @@ def _default_experts() -> list[ExpertConfig]:
     return [ExpertConfig(name="smollm2-135m", model="smollm2-135m-instruct")]
 
 
-# `turnout serve` with no config file: every zoo expert, the r2r composite of two of them, and
-# `auto` routing between them
-ZOO_EXPERTS = (
-    ("smollm2-135m", "smollm2-135m-instruct"),
-    ("gemma3-270m", "gemma3-270m"),
-    ("smollm2-small", "smollm2-small"),
-)
+# `turnout serve` with no config file: the experts the shipped CoE map (assets/coe/map.json) sends
+# traffic to, and `auto` in front of them. The routing-quality benchmark found SmolLM2-135M-Instruct
+# the most accurate expert in every category, so it is the only one loaded by default; the other
+# zoo experts (gemma3-270m, smollm2-small, an r2r composite) are served when a config names them.
+DEFAULT_EXPERTS = (("smollm2-135m", "smollm2-135m-instruct"),)
 
 
 class CoESettings(_Strict):
     classifier: Path = ASSETS / "coe"  # head.safetensors + head.json (+ map.json) from `turnout train-coe`
-    # category -> expert; unset: the map `turnout train-coe` proposed (classifier/map.json), each
-    # category whose proposed expert is not configured going to the fallback
+    # category -> expert; unset: the quality-first map proposed from benchmarks/routing_quality.py
+    # (classifier/map.json), each category whose proposed expert is not configured going to the fallback
     categories: dict[str, str] | None = None
-    fallback: str | None = None  # default: the first expert
+    fallback: str | None = None  # default: the proposed map's fallback if configured, else the first expert
     # top probability below this -> fallback; unset: the value `turnout train-coe` calibrated on
     # the held-out split (head.json), else 0.5
     min_confidence: float | None = Field(default=None, ge=0, le=1)
@@ -262,11 +260,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _zoo_by_default(cls, data: Any) -> Any:
-        """No experts and no router given: serve every zoo expert behind `auto`."""
+    def _default_experts_behind_auto(cls, data: Any) -> Any:
+        """No experts and no router given: the default experts behind `auto`."""
         if isinstance(data, dict) and "experts" not in data and "router" not in data:
-            experts: list[dict[str, Any]] = [{"name": name, "model": model} for name, model in ZOO_EXPERTS]
-            experts.append({"name": "r2r", "r2r": {}})  # smollm2-small writes, smollm2-135m rewrites
+            experts = [{"name": name, "model": model} for name, model in DEFAULT_EXPERTS]
             return {**data, "experts": experts, "router": {"coe": {}}}
         return data
 

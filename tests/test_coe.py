@@ -185,6 +185,21 @@ def test_each_category_gets_its_own_best_and_an_expert_worse_everywhere_is_never
     assert body["mean_activated_params_per_token"] == round((5.0 + 5 * 1.0) / 6)
 
 
+def test_a_category_leaves_the_best_expert_overall_only_for_a_lead_clear_of_the_noise() -> None:
+    def judged(name: str, cost: float, right: dict[str, int]) -> ExpertScores:
+        outcomes = {c: [i < right.get(c, 10) for i in range(20)] for c in CATEGORIES}  # 20 items each
+        return ExpertScores(name, cost, {c: sum(o) / 20 for c, o in outcomes.items()}, {}, outcomes)
+
+    overall = judged("overall", 1.0, {})
+    lucky = judged("lucky", 2.0, {"math": 11, "code": 5})  # one item ahead in math: noise
+    strong = judged("strong", 2.0, {"math": 19, "code": 5})  # nine items ahead: clear
+    assert set(propose_map([overall, lucky])["categories"].values()) == {"overall"}
+    mapping = propose_map([overall, strong])["categories"]
+    assert mapping["math"] == "strong" and {mapping[c] for c in CATEGORIES if c != "math"} == {"overall"}
+    exact = propose_map([overall, lucky], Floor(noise_z=0.0))["categories"]  # taken at face value
+    assert exact["math"] == "lucky"
+
+
 def test_a_cost_budget_trades_quality_for_cost_and_reports_what_it_gives_up() -> None:
     dear = scores("dear", 3.0, {c: 0.8 if c in ("math", "code") else 0.5 for c in CATEGORIES})
     cheap = scores("cheap", 1.0, 0.4)
@@ -207,7 +222,7 @@ def test_r2r_takes_the_fewest_large_tokens_that_answer_as_well_as_the_large_mode
 def test_the_shipped_map_is_what_the_shipped_benchmark_scores_propose() -> None:
     results = json.loads((ROOT / "benchmarks" / "results" / "routing_quality.json").read_text())
     shipped = json.loads((CLASSIFIER / "map.json").read_text())
-    floor = Floor(**{k: shipped["floor"][k] for k in ("accuracy_points", "bits_per_byte_ratio")})
+    floor = Floor(**shipped["floor"])
     proposed = propose_map(scores_from_results(results, "dev"), floor)
     assert shipped["categories"] == proposed["categories"] and shipped["fallback"] == proposed["fallback"]
     assert set(shipped["categories"].values()) <= set(results["systems"])

@@ -158,10 +158,7 @@ def test_auto_completions_route_on_the_prompt_text_and_refuse_token_ids(routed: 
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
 
 
-def test_the_default_configuration_serves_every_zoo_expert_behind_auto() -> None:
-    settings = Settings()
-    assert [e.name for e in settings.experts] == ["smollm2-135m", "gemma3-270m", "smollm2-small", "r2r"]
-    assert settings.router.coe is not None
+def test_the_router_config_names_only_configured_experts_and_no_expert_takes_auto() -> None:
     with pytest.raises(ValueError, match="not configured"):
         Settings(experts=[ExpertConfig(name="a")], router=RouterSettings(coe=CoESettings(fallback="b")))
     with pytest.raises(ValueError, match="routed model id"):

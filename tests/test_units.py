@@ -72,7 +72,7 @@ def test_sampling_params_validation() -> None:
 
 def test_settings_default_yaml_env_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     default = load_settings()
-    assert [e.name for e in default.experts] == ["smollm2-135m", "gemma3-270m", "smollm2-small", "r2r"]
+    assert [e.name for e in default.experts] == ["smollm2-135m"]
     assert default.router.coe is not None and default.router.coe.fallback is None
     assert default.server.port == 8000
     cfg = tmp_path / "turnout.yaml"

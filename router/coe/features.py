@@ -13,6 +13,7 @@ import re
 import zlib
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,11 +51,9 @@ def ngrams(text: str, characters: bool) -> list[str]:
 
 def hashed(text: str, bins: int, characters: bool) -> Tensor:
     """``[bins]``: log counts of the hashed n-grams, unit length (zeros for no text)."""
-    counts = torch.zeros(bins)
-    for gram in ngrams(text, characters):
-        counts[zlib.crc32(gram.encode()) % bins] += 1
-    counts = counts.log1p()
-    return counts / counts.norm().clamp(min=1e-6)
+    index = np.fromiter((zlib.crc32(gram.encode()) % bins for gram in ngrams(text, characters)), dtype=np.int64)
+    counts = np.log1p(np.bincount(index, minlength=bins).astype(np.float32))  # numpy: torch's small ops cost ms
+    return torch.from_numpy(counts / max(float(np.linalg.norm(counts)), 1e-6))
 
 
 def shape(text: str) -> Tensor:

@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class ExpertScores:
     cost: float  # activated parameters per token
     accuracy: dict[str, float]  # category -> share of checkable answers right (the end-to-end benchmark)
     bits_per_byte: dict[str, float] = field(default_factory=dict)  # category -> mean; absent: not scored
+    # category -> right/wrong per evaluation item, in the same item order for every expert (the
+    # paired test below); absent: accuracies are taken as exact
+    outcomes: dict[str, list[bool]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class Floor:
 
     accuracy_points: float = 0.02  # absolute: 0.02 is 2 points of accuracy
     bits_per_byte_ratio: float = 0.05  # relative: 5% more bits per byte
+    # a category leaves the expert that is best overall only for one whose lead there is this many
+    # standard errors clear of zero (paired, one-sided; 1.645: 95%): one item in 20 is noise
+    noise_z: float = 1.645
 
     def admits(self, s: ExpertScores, best: ExpertScores, best_bits: float | None, category: str) -> bool:
         if s.accuracy[category] < best.accuracy[category] - self.accuracy_points - 1e-9:
@@ -67,16 +73,36 @@ def bits_per_byte(name: str, model: str, examples: list[Example]) -> dict[str, f
     return {c: sum(v) / len(v) for c, v in per_category.items() if v}
 
 
-def best_for(category: str, scores: list[ExpertScores]) -> ExpertScores:
-    """The most accurate expert; ties go to fewer bits per byte, then to the cheaper."""
-    return min(scores, key=lambda s: (-s.accuracy[category], s.bits_per_byte.get(category, math.inf), s.cost))
+def overall_best(scores: list[ExpertScores]) -> ExpertScores:
+    """The most accurate expert over all categories (ties: the cheaper): the map's fallback."""
+    return min(scores, key=lambda s: (-sum(s.accuracy.values()), s.cost))
+
+
+def clearly_ahead(s: ExpertScores, other: ExpertScores, category: str, z: float) -> bool:
+    """Whether ``s`` beats ``other`` in ``category`` by more than the noise of its items: a paired
+    one-sided z-test on the per-item differences (any lead when the items are not known)."""
+    mine, theirs = s.outcomes.get(category), other.outcomes.get(category)
+    if not mine or not theirs or len(mine) != len(theirs) or len(mine) < 2:
+        return s.accuracy[category] > other.accuracy[category]
+    diffs = [float(a) - float(b) for a, b in zip(mine, theirs)]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean - z * math.sqrt(variance / len(diffs)) > 0
+
+
+def best_for(category: str, scores: list[ExpertScores], z: float = 0.0) -> ExpertScores:
+    """The most accurate expert (ties: fewer bits per byte, then the cheaper), unless its lead over
+    the expert that is best overall is within the noise (``z`` standard errors): then that one."""
+    top = min(scores, key=lambda s: (-s.accuracy[category], s.bits_per_byte.get(category, math.inf), s.cost))
+    overall = overall_best(scores)
+    return top if top is overall or clearly_ahead(top, overall, category, z) else overall
 
 
 def quality_first(scores: list[ExpertScores], floor: Floor) -> dict[str, str]:
     """Per category, the cheapest expert within ``floor`` of the best one (ties: more accurate)."""
     mapping = {}
     for category in CATEGORIES:
-        best = best_for(category, scores)
+        best = best_for(category, scores, floor.noise_z)
         bits = [s.bits_per_byte[category] for s in scores if category in s.bits_per_byte]
         admitted = [s for s in scores if floor.admits(s, best, min(bits) if bits else None, category)]
         mapping[category] = min(admitted, key=lambda s: (s.cost, -s.accuracy[category])).name
@@ -123,14 +149,14 @@ def propose_map(scores: list[ExpertScores], floor: Floor = Floor(), cost_budget:
     body: dict[str, Any] = {
         "categories": mapping,
         # the expert that is best over all categories: where the router is unsure, it answers
-        "fallback": min(scores, key=lambda s: (-sum(s.accuracy.values()), s.cost)).name,
+        "fallback": overall_best(scores).name,
         "rule": "quality first"
         if cost_budget is None
         else f"most accurate within {cost_budget:g} of the quality-first cost",
-        "floor": {"accuracy_points": floor.accuracy_points, "bits_per_byte_ratio": floor.bits_per_byte_ratio},
+        "floor": asdict(floor),
         "mean_accuracy": round(mean_accuracy(mapping, scores), 4),
         "mean_activated_params_per_token": round(mean_cost(mapping, scores)),
-        "best_per_category": {c: best_for(c, scores).name for c in CATEGORIES},
+        "best_per_category": {c: best_for(c, scores, floor.noise_z).name for c in CATEGORIES},
         "experts": {s.name: {"cost": s.cost, "accuracy": s.accuracy, "bits_per_byte": s.bits_per_byte} for s in scores},
     }
     if cost_budget is not None:
@@ -174,13 +200,16 @@ def scores_from_results(results: Mapping[str, Any], split: str = "dev") -> list[
     """The experts' scores from benchmarks/routing_quality.py's JSON: accuracy on ``split`` and
     bits per byte where scored."""
     bits = results.get("bits_per_byte", {})
-    return [
-        ExpertScores(
-            name, s["summary"][split]["activated_params_per_token"], s["summary"][split]["accuracy"], bits.get(name, {})
-        )
-        for name, s in results["systems"].items()
-        if s.get("kind") == "expert"
-    ]
+    out = []
+    for name, system in results["systems"].items():
+        if system.get("kind") != "expert":
+            continue
+        rows = sorted((r for r in system["rows"] if r["split"] == split), key=lambda r: r["id"])
+        outcomes = {c: [bool(r["correct"]) for r in rows if r["category"] == c] for c in CATEGORIES}
+        summary = system["summary"][split]
+        cost, accuracy = summary["activated_params_per_token"], summary["accuracy"]
+        out.append(ExpertScores(name, cost, accuracy, bits.get(name, {}), outcomes))
+    return out
 
 
 def propose_from_results(results_file: Path, floor: Floor, cost_budget: float | None, out: Path) -> dict[str, Any]:
