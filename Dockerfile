@@ -46,10 +46,11 @@ WORKDIR /app
 RUN pip install --no-cache-dir -e ".[gpu,vllm]"
 
 FROM build AS models
-# every zoo model converted, the CoE embedder unpacked, the C++ kernels compiled: one cached layer
+# every zoo model converted, the CoE embedder unpacked, the C++ kernels compiled for every
+# instruction-set variant (a node loads the one its CPU runs, so no SIGILL): one cached layer
 RUN turnout models pull \
     && python -c "from router.coe.embedder import fetch; fetch()" \
-    && python -c "from kernels import cpu; [cpu.load(n) for n in ('decode', 'a8', 'nf4')]"
+    && python -c "from kernels import cpu; [cpu.build(n, i) for i in cpu.ISAS for n in ('decode', 'a8', 'nf4', 'int4')]"
 
 FROM base AS runtime
 RUN useradd --create-home --uid 10001 turnout

@@ -19,6 +19,7 @@ import torch
 import uvicorn
 
 from engine import zoo
+from kernels import cpu
 from server.app import create_app
 from server.config import ExpertConfig, Settings
 
@@ -32,6 +33,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+CPU_KERNELS = ("a8", "decode", "nf4", "int4")
+
+
+@pytest.fixture(params=cpu.runnable_isas())
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each instruction-set variant of the C++ kernels this CPU runs (scalar included), selected
+    as ``TURNOUT_ISA`` would. Where a compiler exists every kernel must build: a failure fails."""
+    if not cpu.compiler_available():
+        pytest.skip("no C++ compiler here: the torch path serves")
+    for name in CPU_KERNELS:
+        cpu.build(name, request.param)
+    monkeypatch.setenv("TURNOUT_ISA", request.param)
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,7 @@ def test_nf4_bits_per_weight() -> None:
         assert stored == pytest.approx(nf4.bits_per_weight(64, dq), abs=1e-3)
 
 
-@pytest.mark.skipif(not nf4.cpu_kernel_available(), reason="the nf4 CPU kernel could not be built")
+@pytest.mark.usefixtures("isa")
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 37])
@@ -141,6 +141,7 @@ def test_nf4_cpu_matmul_matches_the_reference(shape: tuple[int, int], double_qua
     assert torch.allclose(nf4.dequantize_cpu(q), nf4.dequantize(q), atol=1e-6)
 
 
+@pytest.mark.usefixtures("isa")
 def test_nf4_cpu_matmul_handles_batched_and_empty_inputs() -> None:
     q = nf4.quantize(fresh((40, 64), seed=7))
     x = fresh((2, 3, 64), seed=8)

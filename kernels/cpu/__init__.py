@@ -1,27 +1,106 @@
-"""C++ CPU kernels, compiled on first use with the system compiler and cached on disk."""
+"""C++ CPU kernels, compiled on first use with the system compiler and cached on disk.
+
+Each kernel is built once per instruction-set variant, with explicit flags rather than the build
+host's ``-march=native``, so a binary never carries instructions its variant does not name:
+
+    avx512  AVX-512 F/BW/VL/DQ + VNNI (and the AVX2/FMA/F16C below)
+    avx2    AVX2, FMA, F16C
+    scalar  the x86-64 baseline: the portable twins of the SIMD bodies
+
+At run time the widest variant the CPU supports is loaded (``/proc/cpuinfo`` flags);
+``TURNOUT_ISA=avx2`` or ``=scalar`` forces a narrower one, so every path can be tested on one
+machine. The build cache (``$TURNOUT_CACHE``, else ``$XDG_CACHE_HOME/turnout``, else
+``~/.cache/turnout``, under ``extensions/``) is keyed on the sources, the variant and its flags,
+and the torch version. Where nothing can be built (no compiler) the caller falls back to torch
+with a warning; ``build()`` raises instead, which is what the tests call.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_LOADED: dict[str, ModuleType | None] = {}
+_LOADED: dict[tuple[str, str], ModuleType | None] = {}
+
+# widest first: (variant, compiler flags, /proc/cpuinfo flags the CPU must have)
+VARIANTS: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
+    (
+        "avx512",
+        ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+        frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+    ),
+    ("avx2", ("-mavx2", "-mfma", "-mf16c"), frozenset({"avx2", "fma", "f16c"})),
+    ("scalar", (), frozenset()),
+)
+ISAS = tuple(name for name, _, _ in VARIANTS)
 
 
-def _build_dir(source: Path) -> Path:
-    """One build per content of the source and the shared headers beside it."""
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def runnable_isas(flags: frozenset[str] | None = None) -> list[str]:
+    """The variants this CPU can run, widest first (``scalar`` always)."""
+    have = cpu_flags() if flags is None else flags
+    return [name for name, _, needs in VARIANTS if needs <= have]
+
+
+def selected_isa() -> str:
+    """``$TURNOUT_ISA`` if set (it must name a variant this CPU runs), else the widest it runs."""
+    runnable = runnable_isas()
+    forced = os.environ.get("TURNOUT_ISA", "").strip().lower()
+    if not forced:
+        return runnable[0]
+    if forced not in ISAS:
+        raise ValueError(f"TURNOUT_ISA={forced!r}: expected one of {', '.join(ISAS)}")
+    if forced not in runnable:
+        raise ValueError(f"TURNOUT_ISA={forced!r}: this CPU runs only {', '.join(runnable)}")
+    return forced
+
+
+def compiler_available() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def cache_root() -> Path:
+    """The same root as the model zoo's."""
+    if env := os.environ.get("TURNOUT_CACHE"):
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "turnout"
+
+
+def _flags(isa: str) -> tuple[str, ...]:
+    return next(flags for name, flags, _ in VARIANTS if name == isa)
+
+
+def _build_dir(source: Path, isa: str) -> Path:
+    """One build per content of the source and its headers, variant, flags and torch version."""
+    import torch
+
     h = hashlib.sha256(source.read_bytes())
     for header in sorted(source.parent.glob("*.h")):
         h.update(header.read_bytes())
-    digest = h.hexdigest()[:12]
-    root = Path(os.environ.get("TURNOUT_CACHE", Path.home() / ".cache" / "turnout")).expanduser()
-    path = root / "extensions" / f"{source.stem}-{digest}"
+    h.update(" ".join((isa, *_flags(isa), torch.__version__)).encode())
+    path = cache_root() / "extensions" / f"{source.stem}-{isa}-{h.hexdigest()[:12]}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -37,25 +116,40 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
 
 
+def build(name: str, isa: str | None = None) -> ModuleType:
+    """The compiled ``<name>.cpp`` for ``isa`` (default: the selected one); raises KernelBuildError."""
+    isa = isa or selected_isa()
+    key = (name, isa)
+    if _LOADED.get(key) is not None:
+        return _LOADED[key]  # type: ignore[return-value]
+    source = _HERE / f"{name}.cpp"
+    try:
+        from torch.utils import cpp_extension
+
+        _put_ninja_on_path()
+        log.info("loading the %s CPU kernel for %s (compiled once, ~1 minute, then cached)", name, isa)
+        module = cpp_extension.load(
+            name=f"turnout_{name}_{isa}",
+            sources=[str(source)],
+            extra_cflags=["-O3", "-fopenmp", *_flags(isa)],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(_build_dir(source, isa)),
+            verbose=False,
+        )
+    except Exception as exc:
+        raise KernelBuildError(f"could not build the {name} CPU kernel for {isa}: {exc}") from exc
+    _LOADED[key] = module
+    return module
+
+
 def load(name: str) -> ModuleType | None:
-    """The compiled ``<name>.cpp`` module, or None (with a warning) where it cannot be built."""
-    if name not in _LOADED:
-        source = _HERE / f"{name}.cpp"
+    """The compiled ``<name>.cpp`` for the selected variant, or None (with one warning) where it
+    cannot be built: the callers then take the slower torch path."""
+    key = (name, selected_isa())
+    if key not in _LOADED:
         try:
-            from torch.utils import cpp_extension
-
-            _put_ninja_on_path()
-
-            log.info("loading the %s CPU kernel (compiled once, ~1 minute, then cached)", name)
-            _LOADED[name] = cpp_extension.load(
-                name=f"turnout_{name}",
-                sources=[str(source)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(_build_dir(source)),
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no headers: fall back to the torch path
-            log.warning("could not build the %s CPU kernel (%s); using the slower torch path", name, exc)
-            _LOADED[name] = None
-    return _LOADED[name]
+            build(*key)
+        except KernelBuildError as exc:
+            log.warning("%s; using the slower torch path", exc)
+            _LOADED[key] = None
+    return _LOADED[key]
