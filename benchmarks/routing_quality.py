@@ -60,8 +60,9 @@ BITS_PER_BYTE_MODELS = {
 
 def load_items() -> list[dict[str, Any]]:
     items = [json.loads(line) for line in ITEMS.read_text().splitlines() if line.strip()]
-    for item in items:
-        item["sha"] = hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()[:16]
+    for item in items:  # what is asked (the checks are applied afresh on every run)
+        asked = {"messages": item["messages"], "max_tokens": MAX_TOKENS[item["category"]]}
+        item["sha"] = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
     return items
 
 
@@ -106,7 +107,13 @@ async def answer_all(
 
     async def one(item: dict[str, Any]) -> dict[str, Any]:
         async with gate:
-            row = await ask(client, model, item, extra)
+            try:
+                row = await ask(client, model, item, extra)
+            except Exception as exc:  # one failed request is that item's wrong answer, not a lost run
+                tqdm.write(f"{desc}: {item['id']}: {exc}")
+                row = {"id": item["id"], "reply": "", "error": str(exc)[:300], "completion_tokens": 0}
+                row.update(dict.fromkeys(("activated_params_per_token", "cost_usd", "decode_ms", "expert"), None))
+                row.update(dict.fromkeys(("category_routed", "large_fraction", "r2r_threshold", "finish_reason"), None))
         bar.update()
         return row
 
@@ -119,9 +126,9 @@ async def answer_all(
 
 def grade(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     """Adds ``failed`` (the constraints missed) and ``correct`` to each row; code runs in parallel."""
-    spec = {item["id"]: item["check"] for item in items}
+    spec = {item["id"]: (item["check"], item["messages"][-1]["content"]) for item in items}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        failures = list(pool.map(lambda row: check(row["reply"], spec[row["id"]]), rows))
+        failures = list(pool.map(lambda row: check(row["reply"], *spec[row["id"]]), rows))
     by_id = {item["id"]: item for item in items}
     for row, failed in zip(rows, failures):
         row["failed"], row["correct"] = failed, not failed
@@ -203,23 +210,29 @@ def ask_system(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Answers from ``key`` to every item, asking only for those not cached under the same item
-    text and system ``entry``; stores them with their summary per split."""
+    text and system ``entry`` (its kind, served configuration and token limits); stores them with
+    their summary per split. Answers are saved as soon as they arrive, before grading."""
+    entry = {**entry, "config": config, "request": extra or {}, "max_tokens": MAX_TOKENS}
     old = results["systems"].get(key, {})
     same = not args.fresh and key not in args.rerun and all(old.get(k) == v for k, v in entry.items())
-    cached = {r["id"]: r for r in old.get("rows", []) if same and r.get("item_sha") == item_sha(items, r["id"])}
+    sha = {item["id"]: item["sha"] for item in items}
+    cached = {r["id"]: r for r in old.get("rows", []) if same and r.get("item_sha") == sha.get(r["id"])}
     todo = [item for item in items if item["id"] not in cached]
     if todo:
         for row in run_system(key, config, model, todo, args, extra):
-            cached[row["id"]] = {**row, "item_sha": item_sha(items, row["id"])}
-    rows = [cached[item["id"]] for item in items]
-    grade(items, rows)  # cached answers too: the checks may have changed since they were asked
-    splits = sorted({item["split"] for item in items})
-    results["systems"][key] = {**entry, "rows": rows, "summary": {s: summary(items, rows, s) for s in splits}}
+            cached[row["id"]] = {**row, "item_sha": sha[row["id"]]}
+    results["systems"][key] = {**entry, "rows": [cached[item["id"]] for item in items]}
+    save(results)
+    regrade(results["systems"][key], items)
     save(results)
 
 
-def item_sha(items: list[dict[str, Any]], item_id: str) -> str:
-    return next(item["sha"] for item in items if item["id"] == item_id)
+def regrade(system: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    """Grade a system's answers with the current checks and summarise them per split it answered."""
+    grade(items, system["rows"])
+    answered = {row["id"] for row in system["rows"]}
+    splits = sorted({item["split"] for item in items if item["id"] in answered})
+    system["summary"] = {s: summary(items, system["rows"], s) for s in splits}
 
 
 def r2r_sweep(results: dict[str, Any], items: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -328,7 +341,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="+", default=[*EXPERTS, "auto"], help="experts to ask, and auto")
     parser.add_argument("--rerun", nargs="*", default=[], help="systems to ask again although answers are cached")
-    parser.add_argument("--r2r-thresholds", nargs="*", type=float, default=[0.05, 0.3, 0.6])
+    parser.add_argument("--r2r-thresholds", nargs="*", type=float, default=[0.02, 0.1, 0.3, 0.6])
     parser.add_argument("--fresh", action="store_true", help="ask every system again (no cached answers)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--accuracy-floor", type=float, default=0.02, help="points of accuracy (0.02: 2 points)")
@@ -346,7 +359,10 @@ def main() -> None:
     results["machine"] = machine_info()
     for name in [n for n in args.systems if n in EXPERTS]:
         ask_system(results, name, {"kind": "expert"}, {"experts": [EXPERTS[name]]}, name, items, args)
-    if not all(results.get("bits_per_byte", {}).values()) or "bpb" in args.rerun or args.fresh:
+    for system in results["systems"].values():  # the ones not asked in this run too: current checks
+        regrade(system, items)
+    bits = results.get("bits_per_byte", {})
+    if set(bits) != set(BITS_PER_BYTE_MODELS) or not all(bits.values()) or "bpb" in args.rerun or args.fresh:
         results["bits_per_byte"] = reference_bits(list(EXPERTS))
         save(results)
     if "r2r" in args.systems:

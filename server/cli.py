@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     coe.add_argument(
         "--scores",
         type=Path,
-        default=Path("benchmarks/results/routing_quality.json"),
+        default=Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "routing_quality.json",
         help="a run of benchmarks/routing_quality.py (accuracy per category on its dev split, bits per byte)",
     )
     coe.add_argument("--accuracy-floor", type=float, default=0.02, help="points of accuracy a cheaper expert may lose")

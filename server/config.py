@@ -227,7 +227,8 @@ class CoESettings(_Strict):
     # category -> expert; unset: the quality-first map proposed from benchmarks/routing_quality.py
     # (classifier/map.json), each category whose proposed expert is not configured going to the fallback
     categories: dict[str, str] | None = None
-    fallback: str | None = None  # default: the proposed map's fallback if configured, else the first expert
+    # default: with the proposed map (categories unset), its fallback if configured; else the first expert
+    fallback: str | None = None
     # top probability below this -> fallback; unset: the value `turnout train-coe` calibrated on
     # the held-out split (head.json), else 0.5
     min_confidence: float | None = Field(default=None, ge=0, le=1)

@@ -21,14 +21,13 @@ def coe_config(settings: Settings) -> CoEConfig | None:
     if coe is None:
         return None
     names = [e.name for e in settings.experts]
-    proposed_file = coe.classifier / "map.json"
-    proposed = json.loads(proposed_file.read_text()) if proposed_file.exists() else {}
-    # unset: the proposal's fallback (the best expert over all categories) if configured, else the first
-    best = str(proposed.get("fallback"))
-    fallback = coe.fallback or (best if best in names else names[0])
-    categories = coe.categories
+    fallback, categories = coe.fallback or names[0], coe.categories
     if categories is None:  # the map the routing-quality benchmark proposed, kept to the experts configured here
+        proposed_file = coe.classifier / "map.json"
+        proposed = json.loads(proposed_file.read_text()) if proposed_file.exists() else {}
         categories = {c: e for c, e in proposed.get("categories", {}).items() if e in names}
+        if coe.fallback is None and proposed.get("fallback") in names:  # the best expert over all categories
+            fallback = str(proposed["fallback"])
     min_confidence = coe.min_confidence
     if min_confidence is None:
         head = coe.classifier / "head.json"

@@ -172,6 +172,11 @@ def test_a_cheaper_expert_serves_a_category_only_within_the_floor_of_the_best() 
     unscored = scores("unscored", 2.0, 0.59)  # no bits per byte (an r2r or remote expert): accuracy alone
     assert set(quality_first([best, unscored], Floor()).values()) == {"unscored"}
     assert set(quality_first([best, close], Floor(accuracy_points=0.01)).values()) == {"best"}
+    # the bits-per-byte floor is measured from the best expert's own bits, not the lowest anyone has
+    terse = scores("terse", 1.0, 0.60, bits=1.2)  # the most accurate and the cheapest
+    wordy = scores("wordy", 2.0, 0.59, bits=1.0)
+    assert set(quality_first([terse, wordy], Floor()).values()) == {"terse"}
+    assert set(quality_first([terse, scores("weak", 2.0, 0.30, bits=1.0)], Floor()).values()) == {"terse"}
 
 
 def test_each_category_gets_its_own_best_and_an_expert_worse_everywhere_is_never_mapped() -> None:
@@ -262,3 +267,16 @@ def test_an_unset_min_confidence_is_the_one_calibrated_with_the_shipped_head() -
     assert config.categories == {}  # the proposed map names no configured expert: all to the fallback
     explicit = Settings(experts=[ExpertConfig(name="a")], router=RouterSettings(coe=CoESettings(min_confidence=0.2)))
     assert coe_config(explicit).min_confidence == 0.2  # type: ignore[union-attr]
+
+
+def test_the_maps_fallback_applies_only_with_the_map() -> None:
+    from server.config import CoESettings, ExpertConfig, RouterSettings, Settings
+    from server.routing import coe_config
+
+    shipped = json.loads((CLASSIFIER / "map.json").read_text())
+    experts = [ExpertConfig(name="first"), ExpertConfig(name=shipped["fallback"])]
+    with_map = coe_config(Settings(experts=experts, router=RouterSettings(coe=CoESettings())))
+    assert with_map is not None and with_map.fallback == shipped["fallback"]  # the best expert overall
+    own = CoESettings(categories={"math": shipped["fallback"]})
+    with_own_map = coe_config(Settings(experts=experts, router=RouterSettings(coe=own)))
+    assert with_own_map is not None and with_own_map.fallback == "first"  # not benchmarked together: the first

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from router.coe import CATEGORIES
-from router.coe.checks import check, fenced_code, numbers, run_code
+from router.coe.checks import _STOPWORDS, check, fenced_code, language_of, numbers, run_code
 from router.coe.data import DATA, load_examples
 
 ITEMS = [json.loads(line) for line in (DATA / "quality.jsonl").read_text().splitlines() if line.strip()]
@@ -26,16 +27,35 @@ def test_the_code_checker_runs_the_answer_against_its_tests() -> None:
 
 def test_an_answer_that_loops_forever_times_out() -> None:
     looping = "```python\ndef add(a, b):\n    while True:\n        pass\n```"
-    assert run_code(fenced_code(looping) + "\nadd(1, 2)", timeout_s=1.0) == (False, "timeout")
-    assert check(looping, ADD) == ["code"]  # the item's own tests hit the loop: the default timeout
+    assert run_code(fenced_code(looping), "add(1, 2)", timeout_s=1.0) == (False, "timeout")
     assert run_code("print('fine')", timeout_s=1.0) == (True, "")
+    assert check(looping, ADD) == ["code"]  # the item's own tests hit the loop: the default timeout
 
 
-def test_answers_get_no_network_and_no_file_left_behind() -> None:
-    ok, reason = run_code("import socket\nsocket.create_connection(('127.0.0.1', 9))")
-    assert not ok and "network access is disabled" in reason
-    ok, reason = run_code("open('/tmp/turnout-check-probe', 'w').write('x' * (1 << 21))")
-    assert not ok  # larger than the file-size limit
+def test_an_answer_that_exits_before_its_tests_fails() -> None:
+    for exit_early in ("import sys\nsys.exit(0)", "raise SystemExit", "import os\nos._exit(0)"):
+        assert check(f"def add(a, b):\n    return 0\n{exit_early}\n", ADD) == ["code"], exit_early
+
+
+def test_answers_get_no_network_processes_or_writes_outside_their_directory(tmp_path: Path) -> None:
+    refused = {
+        "import socket\nsocket.create_connection(('127.0.0.1', 9))": "socket",
+        "import _socket\n_socket.socket()": "socket",
+        "import subprocess\nsubprocess.run(['true'])": "subprocess.Popen",
+        "import os\nos.fork()": "os.fork",
+        f"open({str(tmp_path / 'escaped')!r}, 'w').write('x')": "writing outside",
+    }
+    for program, reason in refused.items():
+        ok, why = run_code(program)
+        assert not ok and reason in why, program
+    assert not (tmp_path / "escaped").exists()
+    assert run_code("open('scratch.txt', 'w').write('x')\nassert open('scratch.txt').read() == 'x'")[0]
+    assert not run_code("open('big', 'w').write('x' * (1 << 21))")[0]  # past the file-size limit
+
+
+def test_an_answer_that_floods_its_output_is_cut_off_not_buffered() -> None:
+    ok, reason = run_code("while True:\n    print('x' * 100000)", timeout_s=2.0)
+    assert not ok and "File too large" in reason  # its output went to a capped file, not to us
 
 
 def test_number_fact_and_word_checks() -> None:
@@ -46,11 +66,22 @@ def test_number_fact_and_word_checks() -> None:
     assert check("6 * 7 is 40 + 2 = 42", {"number": 42}) == []  # the last
     assert check("It is 40, or maybe 42, or 44", {"number": 42}) == ["number"]  # one in between does not count
     assert check("Paris.", {"any_of": ["Paris"]}) == []
+    yes = {"any_of": ["yes"], "none_of": ["no"]}
+    assert check("Yes, always.", yes) == [] and check("1. Yes\n2. No", yes) == ["none_of"]
     assert check("Parisian food is great, the capital is Lyon.", {"any_of": ["Paris"]}) == ["any_of"]
     facts = {"facts": [["Armstrong"], ["moon", "lunar"]], "max_words": 8}
     assert check("Armstrong walked on the Moon in 1969.", facts) == []
     assert check("Armstrong walked on the Moon in 1969 and then flew home.", facts) == ["max_words"]
     assert check("Aldrin flew.", facts) == ["facts"]
+
+
+def test_a_reply_that_repeats_the_request_fails() -> None:
+    prompt = "Greet me in under ten words and mention my name, Sam."
+    spec = {"max_words": 12, "required_words": ["Sam"]}
+    assert check(prompt, spec) == []  # the constraints alone would let it through
+    assert check(prompt, spec, prompt) == ["echo"]
+    assert check("Hello Sam, good to see you!", spec, prompt) == []
+    assert "echo" in check("Sure! Greet me in under ten words and mention my name, Sam: hi Sam", spec, prompt)
 
 
 def test_format_and_language_checks() -> None:
@@ -64,6 +95,12 @@ def test_format_and_language_checks() -> None:
     assert check("**Dear Sam,** thanks!", {"starts_with": "dear", "ends_with": "!"}) == []
     assert check("Je suis très content de vous voir, et le temps est beau.", {"language": "fr"}) == []
     assert check("I am very happy to see you, and the weather is nice.", {"language": "fr"}) == ["language"]
+    assert language_of("La maison de mon grand-père est en Bretagne, et je suis très content.") == "fr"
+    assert language_of("Es ist ein schöner Tag, und ich bin froh.") == "de"
+    assert language_of("El perro está en la casa y es muy grande.") == "es"
+    assert language_of("OK 42") == "unknown"
+    lists = [set(words.split()) for words in _STOPWORDS.values()]
+    assert all(not (a & b) for i, a in enumerate(lists) for b in lists[i + 1 :])  # no word in two
     assert check("no forbidden words here", {"forbidden_words": ["here"]}) == ["forbidden_words"]
     with pytest.raises(ValueError, match="unknown check keys"):
         check("x", {"rhymes": True})
@@ -79,5 +116,7 @@ def test_the_evaluation_set_is_balanced_checkable_and_apart_from_the_training_pr
     for item in ITEMS:
         assert item["messages"][-1]["role"] == "user"
         assert item["messages"][-1]["content"].strip().lower() not in training
-        assert check(item["reference"], item["check"]) == [], item["id"]  # a right answer passes
-        assert check("", item["check"]), item["id"]  # and an empty one fails
+        prompt = item["messages"][-1]["content"]
+        assert check(item["reference"], item["check"], prompt) == [], item["id"]  # a right answer passes
+        assert check("", item["check"], prompt), item["id"]  # an empty one fails
+        assert check(prompt, item["check"], prompt), item["id"]  # and so does the request repeated back

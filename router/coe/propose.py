@@ -66,7 +66,7 @@ def bits_per_byte(name: str, model: str, examples: list[Example]) -> dict[str, f
     per_category: dict[str, list[float]] = {c: [] for c in CATEGORIES}
     for ex in tqdm(examples, desc=f"scoring {name}", unit="answer"):
         prompt = engine.tokenize_chat([dict(m) for m in ex.messages])
-        answer = engine.tokenize(ex.reference)
+        answer = engine.tokenizer.encode(ex.reference)  # no <bos> in the middle of a sequence
         logits = engine.runner.verify([prompt + answer], [0])[0, len(prompt) - 1 : -1].float()
         nats = -logits.log_softmax(-1).gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
         per_category[ex.category].append(float(nats) / math.log(2) / len(ex.reference.encode()))
@@ -74,8 +74,13 @@ def bits_per_byte(name: str, model: str, examples: list[Example]) -> dict[str, f
 
 
 def overall_best(scores: list[ExpertScores]) -> ExpertScores:
-    """The most accurate expert over all categories (ties: the cheaper): the map's fallback."""
-    return min(scores, key=lambda s: (-sum(s.accuracy.values()), s.cost))
+    """The most accurate expert over all categories (ties: fewer bits per byte, then the cheaper):
+    the map's fallback."""
+
+    def bits(s: ExpertScores) -> float:
+        return sum(s.bits_per_byte.values()) / len(s.bits_per_byte) if s.bits_per_byte else math.inf
+
+    return min(scores, key=lambda s: (-sum(s.accuracy.values()), bits(s), s.cost))
 
 
 def clearly_ahead(s: ExpertScores, other: ExpertScores, category: str, z: float) -> bool:
@@ -103,8 +108,7 @@ def quality_first(scores: list[ExpertScores], floor: Floor) -> dict[str, str]:
     mapping = {}
     for category in CATEGORIES:
         best = best_for(category, scores, floor.noise_z)
-        bits = [s.bits_per_byte[category] for s in scores if category in s.bits_per_byte]
-        admitted = [s for s in scores if floor.admits(s, best, min(bits) if bits else None, category)]
+        admitted = [s for s in scores if s is best or floor.admits(s, best, best.bits_per_byte.get(category), category)]
         mapping[category] = min(admitted, key=lambda s: (s.cost, -s.accuracy[category])).name
     return mapping
 
