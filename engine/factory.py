@@ -21,6 +21,8 @@ from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
 from engine.speculative.speculator import NGRAM, SpeculativeConfig
 from engine.tokenizer import Tokenizer
+from kernels import cpu
+from kernels import decode as fused_decode
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +183,22 @@ def capabilities(model: EngineModel) -> dict[str, object]:
             "quantization": ["none", "int4", "nf4"],
             "kv_cache": ["full"] if gemma else ["full", "h2o"],
             "speculative": ["ngram", "draft model sharing the tokenizer"],
-            "decode_path": "PyTorch attention (generic, slower)" if gemma else "fused C++ decode kernels",
         },
+        "decode_path": decode_path(model, gemma),
+        "cpu_isa": cpu.selected_isa(),
     }
+
+
+def decode_path(model: EngineModel, gemma: bool) -> str:
+    """Which code runs a decode step's attention and norms, as it really is on this machine."""
+    if gemma:
+        return "PyTorch operators (Gemma 3 has no fused C++ decode kernels)"
+    compute = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if compute != torch.float32:
+        return f"PyTorch operators ({_name(compute)} compute; the fused C++ decode kernels take float32)"
+    if fused_decode.fused(compute) is None:
+        return "PyTorch operators (the C++ kernels could not be built here)"
+    return f"fused C++ decode kernels ({cpu.selected_isa()})"
 
 
 def draft_quant_spec(spec: SpeculativeConfig, target: QuantSpec | None) -> QuantSpec | None:

@@ -113,3 +113,15 @@ def test_verifying_drafts_gives_bit_identical_logits_to_decoding_them_one_by_one
         ]
         together = model(drafts, AttentionBatch.build(1, torch.arange(10, 14)[None]))[0]  # the other slot
     assert torch.equal(torch.stack(one_by_one), together)
+
+
+def test_the_models_card_says_which_decode_path_runs_here(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.factory import capabilities
+
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, intermediate_size=96, max_seq_len=64)
+    model = Transformer(args).eval()
+    card = capabilities(model)
+    assert card["decode_path"] == f"fused C++ decode kernels ({isa})" and card["cpu_isa"] == isa
+    assert "bfloat16 compute" in str(capabilities(model.to(torch.bfloat16))["decode_path"])
+    monkeypatch.setattr(decode, "fused", lambda dtype: None)  # no compiler: the torch path serves, and says so
+    assert capabilities(model.float())["decode_path"] == "PyTorch operators (the C++ kernels could not be built here)"

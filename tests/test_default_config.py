@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from engine.zoo import ASSETS
+from kernels import cpu
 from server.config import Settings
 from tests.conftest import LiveServer
 
@@ -47,6 +48,8 @@ def test_every_zoo_expert_and_auto_are_listed_with_what_they_support(zoo_server:
     assert cards["gemma3-270m"]["turnout"]["architecture"] == "gemma3"
     assert cards["smollm2-135m"]["turnout"]["architecture"] == "llama"
     assert cards["r2r"]["turnout"]["r2r"]["small"] == "smollm2-small"
+    assert cards["gemma3-270m"]["turnout"]["decode_path"].startswith("PyTorch operators")  # no fused kernels
+    assert cards["smollm2-135m"]["turnout"]["cpu_isa"] == cpu.selected_isa()
     for name in ZOO:
         supports = cards[name]["turnout"]["supports"]
         assert supports["quantization"] == ["none", "int4", "nf4"] and "ngram" in supports["speculative"]
@@ -63,4 +66,5 @@ def test_each_expert_answers_and_the_base_model_stops_before_inventing_the_next_
         assert "\nUser:" not in text
     auto = {"model": "auto", "messages": [{"role": "user", "content": "What is 12 squared?"}], "max_tokens": 4}
     routed = httpx.post(f"{zoo_server.url}/v1/chat/completions", json=auto, timeout=120)
-    assert routed.status_code == 200 and routed.headers["x-turnout-expert"] in ZOO
+    assert routed.status_code == 200 and routed.headers["x-turnout-category"] == "math"
+    assert routed.headers["x-turnout-expert"] == "r2r"  # the config's map, not the shipped one
