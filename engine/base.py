@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 
@@ -161,20 +161,67 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class KVPoolInfo:
+    """An embedded expert's KV pool: what a sequence may hold and how many sequences fit."""
+
+    policy: str  # full | h2o
+    slot_tokens: int  # entries a sequence may hold
+    slots: int  # sequences the pool holds at once
+    slot_bytes: int
+    settings: dict[str, object] = field(default_factory=dict)  # the policy's ratios or budget, as configured
+
+
+@dataclass(frozen=True)
+class R2RInfo:
+    small: str
+    large: str
+    threshold: float
+    small_params: int  # activated per token, paid on every token
+    large_params: int  # paid on the share of tokens the large model writes
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """What the gateway tells clients (and metrics) about an expert's engine."""
+    """What the gateway tells clients (and metrics) about an expert's engine. The typed fields are
+    what the server reads; ``details`` are only shown (``card()``, the /v1/models extension)."""
 
     max_model_len: int
     vocab_size: int
     activated_params_per_token: int
     dtype: str
-    features: dict[str, object] = field(default_factory=dict)
+    engine: str = "embedded"  # embedded | remote | vllm
+    quantization: str | None = "none"  # None: not known here (a remote server's)
+    draft: str | None = None  # speculative decoding's drafter (ngram or a model); None: no speculation
+    weight_bytes: int | None = None
+    kv_pool: KVPoolInfo | None = None
+    r2r: R2RInfo | None = None
+    details: dict[str, object] = field(default_factory=dict)
     # stop strings every chat request gets (a base model answering a plain transcript would
     # otherwise go on to write the user's next line)
     chat_stop: tuple[str, ...] = ()
     # the engine takes text (GenerationRequest.messages / prompt_text) and counts tokens itself:
     # a remote OpenAI-compatible server
     text_only: bool = False
+
+    def card(self) -> dict[str, object]:
+        """The /v1/models extension, as JSON."""
+        out: dict[str, object] = {"dtype": self.dtype}
+        if self.engine != "embedded":
+            out["engine"] = self.engine
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
+        if self.kv_pool is not None:
+            pool = self.kv_pool
+            out["kv_cache"] = pool.policy
+            out["kv_cache_slots"] = {**pool.settings, "slot_tokens": pool.slot_tokens, "slots": pool.slots}
+            out["kv_cache_slots"]["slot_bytes"] = pool.slot_bytes  # type: ignore[index]
+        if self.engine == "embedded" or self.draft is not None:
+            out["speculative"] = self.draft
+        if self.weight_bytes is not None:
+            out["weight_bytes"] = self.weight_bytes
+        if self.r2r is not None:
+            out["r2r"] = asdict(self.r2r)
+        return {**out, **self.details}
 
 
 class Engine(Protocol):

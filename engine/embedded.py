@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.base import EngineStats, GenerationRequest, ModelInfo, RequestOutput, SamplingParams, TokenLogprob
+from engine.base import (
+    EngineStats,
+    GenerationRequest,
+    KVPoolInfo,
+    ModelInfo,
+    R2RInfo,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from engine.model.h2o_cache import KVPolicy
 from engine.r2r import R2RDecoder
 from engine.runner import ModelRunner
@@ -43,6 +52,16 @@ class EmbeddedConfig:
             raise ValueError("kv_memory_mb must be positive")
 
 
+@dataclass(frozen=True)
+class Described:
+    """What the loader knows about a model and the engine does not: for ModelInfo."""
+
+    quantization: str = "none"
+    weight_bytes: int | None = None
+    r2r: R2RInfo | None = None
+    details: dict[str, object] = field(default_factory=dict)  # shown in /v1/models only
+
+
 class EmbeddedEngine:
     def __init__(
         self,
@@ -50,7 +69,7 @@ class EmbeddedEngine:
         tokenizer: Tokenizer,
         config: EmbeddedConfig,
         dtype: str,
-        features: dict[str, object] | None = None,
+        described: Described | None = None,
         draft: ModelDrafter | None = None,
         r2r: R2RDecoder | None = None,
     ) -> None:
@@ -59,24 +78,27 @@ class EmbeddedEngine:
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         self.draft, self.r2r = draft, r2r
         args = runner.model.args
+        described = described or Described()
+        kv = config.kv.describe(config.max_model_len)
+        pool = KVPoolInfo(
+            policy=config.kv.policy,
+            slot_tokens=int(kv.pop("slot_tokens")),  # type: ignore[call-overload]
+            slots=config.max_batch_size,
+            slot_bytes=runner.slot_bytes(),
+            settings=kv,
+        )
         self.info = ModelInfo(
             max_model_len=config.max_model_len,
             vocab_size=args.vocab_size,
             activated_params_per_token=args.activated_params_per_token(),
             dtype=dtype,
+            quantization=described.quantization,
+            draft=config.speculative.draft if config.speculative else None,
+            weight_bytes=described.weight_bytes,
+            kv_pool=pool,
+            r2r=described.r2r,
+            details={"max_batch_size": config.max_batch_size, **described.details},
             chat_stop=tokenizer.chat_stop,
-            features={
-                "quantization": "none",
-                "kv_cache": config.kv.policy,
-                "kv_cache_slots": {
-                    **config.kv.describe(config.max_model_len),
-                    "slots": config.max_batch_size,
-                    "slot_bytes": runner.slot_bytes(),
-                },
-                "speculative": config.speculative.draft if config.speculative else None,
-                "max_batch_size": config.max_batch_size,
-                **(features or {}),
-            },
         )
         self.scheduler = Scheduler(config.max_batch_size, self._move_slot)
         self.speculator = Speculator(config.speculative, draft) if config.speculative else None

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from engine import zoo
-from engine.embedded import EmbeddedConfig, EmbeddedEngine
+from engine.base import R2RInfo
+from engine.embedded import Described, EmbeddedConfig, EmbeddedEngine
 from engine.loader import EngineModel, convert_gguf, load_transformer, read_args, token_embedding
 from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
@@ -89,13 +90,12 @@ def build_embedded(
 ) -> EmbeddedEngine:
     path, transformer, label = load_engine_model(model, dtype, quantization)
     held = weight_bytes(transformer)
-    features: dict[str, object] = {
-        "quantization": quantization.tag if quantization else "none",
-        "weight_bytes": held,
-        "decode_read_bytes": decode_read_bytes(transformer),
-        **capabilities(transformer),
-    }
-    log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, features["quantization"], held / 1e6)
+    described = Described(
+        quantization=quantization.tag if quantization else "none",
+        weight_bytes=held,
+        details={"decode_read_bytes": decode_read_bytes(transformer), **capabilities(transformer)},
+    )
+    log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, described.quantization, held / 1e6)
     draft = None
     spec = config.speculative
     if spec is not None and spec.draft != NGRAM:
@@ -111,7 +111,7 @@ def build_embedded(
         draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len))
     config = fit_kv_pool(transformer, config)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv)
-    return EmbeddedEngine(runner, Tokenizer(path), config, label, features, draft)
+    return EmbeddedEngine(runner, Tokenizer(path), config, label, described, draft)
 
 
 def fit_kv_pool(model: EngineModel, config: EmbeddedConfig) -> EmbeddedConfig:
@@ -157,20 +157,14 @@ def build_r2r(
     small_runner = ModelRunner(small_model, config.max_batch_size, config.max_model_len)
     large_runner = ModelRunner(large_model, config.max_batch_size, config.max_model_len)
     params = (small_model.args.activated_params_per_token(), large_model.args.activated_params_per_token())
-    features: dict[str, object] = {
-        "quantization": quantization.tag if quantization else "none",
-        "weight_bytes": weight_bytes(small_model) + weight_bytes(large_model),
-        "r2r": {
-            "small": small,
-            "large": large,
-            "threshold": threshold,
-            "small_params": params[0],
-            "large_params": params[1],
-        },
-        **capabilities(small_model),
-    }
+    described = Described(
+        quantization=quantization.tag if quantization else "none",
+        weight_bytes=weight_bytes(small_model) + weight_bytes(large_model),
+        r2r=R2RInfo(small, large, threshold, *params),
+        details=capabilities(small_model),
+    )
     decoder = R2RDecoder(small_runner, large_runner, router, embedding, threshold)
-    return EmbeddedEngine(small_runner, Tokenizer(small_path), config, label, features, None, decoder)
+    return EmbeddedEngine(small_runner, Tokenizer(small_path), config, label, described, None, decoder)
 
 
 def capabilities(model: EngineModel) -> dict[str, object]:

@@ -59,7 +59,9 @@ class RemoteEngine:
             vocab_size=0,
             activated_params_per_token=0,  # unknown: the upstream does not say
             dtype="remote",
-            features={"engine": "remote", "base_url": config.base_url, "remote_model": config.model, "usage": usage},
+            engine="remote",
+            quantization=None,
+            details={"base_url": config.base_url, "remote_model": config.model, "usage": usage},
             text_only=True,
         )
         self._warned_usage = False

@@ -138,16 +138,24 @@ class VLLMEngine:
         self.launch = launch
         self.tokenizer = tokenizer  # counts prompts here, so an over-long one is refused with the usual 400
         self.health_interval_s = health_interval_s
-        features: dict[str, object] = {
-            "engine": "vllm",
-            "model": launch.model,
-            "quantization": _option(launch.extra_args, "--quantization") or "as in the checkpoint",
-            "tensor_parallel_size": launch.tensor_parallel_size,
-            "usage": "vLLM",
-        }
-        if launch.speculative:
-            features["speculative"] = launch.speculative
-        self.info = ModelInfo(launch.max_model_len, 0, 0, f"vllm {launch.dtype}", features, text_only=True)
+        self.info = ModelInfo(
+            launch.max_model_len,
+            0,
+            0,
+            f"vllm {launch.dtype}",
+            engine="vllm",
+            quantization=_option(launch.extra_args, "--quantization") or "as in the checkpoint",
+            draft=str(launch.speculative.get("model") or launch.speculative.get("method"))
+            if launch.speculative
+            else None,
+            details={
+                "model": launch.model,
+                "tensor_parallel_size": launch.tensor_parallel_size,
+                "usage": "vLLM",
+                **({"speculative_config": launch.speculative} if launch.speculative else {}),
+            },
+            text_only=True,
+        )
         self.remote: RemoteEngine | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._output: deque[str] = deque(maxlen=40)  # its last lines, for the error when it dies

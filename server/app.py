@@ -140,7 +140,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         # liveness probes restart on it. A remote expert's upstream being down is another
         # process's trouble; it is reported ("degraded") and routed around, not restarted for.
         sick = [n for n, e in state.experts.items() if not e.engine.healthy()]
-        own = [n for n in sick if state.experts[n].engine.info.features.get("engine") != "remote"]
+        own = [n for n in sick if state.experts[n].engine.info.engine != "remote"]
         ok = state.load_error is None and not own
         status = "unhealthy" if not ok else "degraded" if sick else "ok"
         body = {"status": status, "error": state.load_error, "unhealthy_experts": sick}
@@ -162,7 +162,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             ModelCard(
                 id=n,
                 max_model_len=e.engine.info.max_model_len,
-                turnout={"dtype": e.engine.info.dtype, **e.engine.info.features},
+                turnout=e.engine.info.card(),
             )
             for n, e in state.experts.items()
         ]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.base import RequestStats, TokenLogprob
+from engine.base import R2RInfo, RequestStats, TokenLogprob
 from server.config import CostConfig
 from server.protocol import Usage
 
@@ -61,15 +61,15 @@ def build_usage(
     )
 
 
-def r2r_usage(choices: list[ChoiceState], r2r: dict[str, Any]) -> tuple[dict[str, Any], int]:
+def r2r_usage(choices: list[ChoiceState], r2r: R2RInfo) -> tuple[dict[str, Any], int]:
     """``usage.r2r`` and the activated parameters per token: the small model's on every token,
     plus the large model's on the share it wrote."""
     stats = [c.stats.r2r for c in choices if c.stats is not None]
     small, large = sum(s.small_tokens for s in stats), sum(s.large_tokens for s in stats)
     fraction = large / (small + large) if small + large else 0.0
-    threshold = next((s.threshold for s in stats if s.threshold is not None), r2r["threshold"])
+    threshold = next((s.threshold for s in stats if s.threshold is not None), r2r.threshold)
     body = {"small_tokens": small, "large_tokens": large, "large_fraction": round(fraction, 4), "threshold": threshold}
-    return body, round(r2r["small_params"] + fraction * r2r["large_params"])
+    return body, round(r2r.small_params + fraction * r2r.large_params)
 
 
 def chat_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:

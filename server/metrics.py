@@ -68,15 +68,13 @@ class EngineStatsCollector(Collector):
         )
         slots = GaugeMetricFamily("turnout:kv_cache_slots", "Sequences the KV pool holds at once", labels=LABEL)
         for name, info in self._infos().items():
-            f = info.features
-            if isinstance(pool := f.get("kv_cache_slots"), dict):
-                budget.add_metric([name], float(pool["slot_tokens"]))
-                slots.add_metric([name], float(pool["slots"]))
-            draft = f.get("speculative") or "none"
-            labels = [name, str(f.get("quantization", "none")), str(f.get("kv_cache", "full")), str(draft)]
-            config.add_metric(labels, {})
-            if isinstance(f.get("weight_bytes"), int):
-                weights.add_metric([name], float(f["weight_bytes"]))  # type: ignore[arg-type]
+            if (pool := info.kv_pool) is not None:
+                budget.add_metric([name], float(pool.slot_tokens))
+                slots.add_metric([name], float(pool.slots))
+            kv_policy = pool.policy if pool is not None else "full"
+            config.add_metric([name, info.quantization or "none", kv_policy, info.draft or "none"], {})
+            if info.weight_bytes is not None:
+                weights.add_metric([name], float(info.weight_bytes))
         return [config, weights, budget, slots]
 
     def _live(self) -> Iterable[Metric]:

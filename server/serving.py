@@ -277,13 +277,13 @@ class OpenAIServing:
 
     def _usage(self, job: Job, states: list[ChoiceState]) -> dict[str, Any]:
         info = job.expert.engine.info
-        speculative = bool(info.features.get("speculative"))
+        speculative = info.draft is not None
         prompt_tokens = job.prompt_tokens
         if info.text_only:  # the upstream's count, once per prompt
             prompt_tokens = sum(s.stats.prompt_tokens for s in states if s.stats and job.first_of_prompt(s.index))
         usage = build_usage(states, prompt_tokens, info.activated_params_per_token, speculative)
-        if isinstance(r2r := info.features.get("r2r"), dict):
-            usage.r2r, usage.activated_params_per_token = r2r_usage(states, r2r)
+        if info.r2r is not None:
+            usage.r2r, usage.activated_params_per_token = r2r_usage(states, info.r2r)
         if job.route is not None:
             usage.route = route_usage(job.route, job.expert.name)
         return usage.model_dump(exclude_none=True)

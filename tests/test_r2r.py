@@ -87,7 +87,7 @@ async def test_the_checkpoint_threshold_applies_unless_the_config_or_request_ove
     from_config = build_r2r(SMALL, LARGE, random_router, 0.25, "float32", _config(1))
     assert from_checkpoint.r2r is not None and from_checkpoint.r2r.threshold == 0.5
     assert from_config.r2r is not None and from_config.r2r.threshold == 0.25
-    assert from_config.info.features["r2r"]["threshold"] == 0.25  # type: ignore[index]
+    assert from_config.info.r2r is not None and from_config.info.r2r.threshold == 0.25
     ids = from_config.tokenize(PROMPTS[0])
     ((_, stats),) = await _run(from_config, [(ids, SamplingParams(max_tokens=4, temperature=0, r2r_threshold=0.75))])
     assert stats.r2r.threshold == 0.75  # type: ignore[attr-defined]

@@ -242,7 +242,7 @@ def draft_engines(model_path: Path):  # type: ignore[no-untyped-def]
     spec = SpeculativeConfig("smollm2-small", num_draft_tokens=3, max_batch_size=2)
     plain = build_embedded(str(model_path), "float32", EmbeddedConfig(2, 1024))
     drafting = build_embedded(str(model_path), "float32", EmbeddedConfig(2, 1024, speculative=spec))
-    assert drafting.draft is not None and drafting.info.features["speculative"] == "smollm2-small"
+    assert drafting.draft is not None and drafting.info.draft == "smollm2-small"
     yield from started(plain, drafting)
 
 
