@@ -32,13 +32,12 @@ from tqdm import tqdm
 
 from engine.factory import resolve_model_path
 from engine.loader import load_transformer
-from engine.model import quantized
 from engine.model.footprint import weight_bytes
 from engine.model.kv_cache import AttentionBatch
 from engine.model.llama import Transformer
 from engine.model.quantized import QuantSpec, load_quantized_transformer
 from engine.tokenizer import Tokenizer
-from kernels import nf4
+from kernels import dispatch, nf4
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FLOAT = "float"
@@ -113,13 +112,13 @@ def bits_per_weight(spec: QuantSpec | None) -> float:
 @contextmanager
 def int8_activations_everywhere(spec: QuantSpec | None) -> Iterator[None]:
     """Route every input, not only decode-sized ones, through the int8-activation kernel."""
-    saved = quantized.A8_MAX_ROWS
+    saved = dispatch.DECODE_MAX_ROWS
     if spec is not None and spec.activations == "int8":
-        quantized.A8_MAX_ROWS = 1 << 30
+        dispatch.DECODE_MAX_ROWS = 1 << 30
     try:
         yield
     finally:
-        quantized.A8_MAX_ROWS = saved
+        dispatch.DECODE_MAX_ROWS = saved
 
 
 def measure(path: Path, ids: list[int], window: int) -> list[dict[str, Any]]:

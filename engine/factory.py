@@ -22,7 +22,7 @@ from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
 from engine.speculative.speculator import NGRAM, SpeculativeConfig
 from engine.tokenizer import Tokenizer
-from kernels import cpu
+from kernels import cpu, dispatch
 from kernels import decode as fused_decode
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,6 @@ def native_bf16() -> bool:
         getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
     )
-
-
-NARROW_ROWS = 4  # decode batches up to this many rows read the 16-bit weight copy
 
 
 def resolve_dtype(name: str) -> tuple[torch.dtype, torch.dtype | None]:
@@ -79,9 +76,11 @@ def load_engine_model(model: str, dtype: str, quantization: QuantSpec | None = N
         transformer = load_quantized_transformer(path, quantization, compute)
     label = _name(compute)
     if narrow is not None:
-        added = add_narrow_copies(transformer, narrow, NARROW_ROWS)
+        added = add_narrow_copies(transformer, narrow, dispatch.NARROW_MAX_ROWS)
         if added:
-            label += f" ({_name(narrow)} weight copy for decode batches <= {NARROW_ROWS}, {added / 1e6:.0f} MB)"
+            label += (
+                f" ({_name(narrow)} weight copy for decode batches <= {dispatch.NARROW_MAX_ROWS}, {added / 1e6:.0f} MB)"
+            )
     return path, transformer, label
 
 

@@ -16,10 +16,6 @@ from torch import Tensor
 
 from kernels import cpu
 
-# Forward passes with at most this many new tokens per sequence (decode, a token plus its drafts)
-# use the fused kernels; longer ones (prefill) use torch's attention.
-MAX_TOKENS_PER_ROW = 17
-
 
 def fused(dtype: torch.dtype) -> ModuleType | None:
     """The compiled decode kernels for ``dtype`` inputs, or None (other dtypes, no compiler)."""

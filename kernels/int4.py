@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu
+from kernels import cpu, dispatch
 
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's packed CPU kernel accepts
 CPU_ROW_MULTIPLE = 64  # the kernel wants N % 16 == 0; 64 also whole-blocks every ISA layout
@@ -184,16 +184,13 @@ def to_cpu_layout(q: Int4Weight) -> Int4CPUWeight:
     return Int4CPUWeight(packed, scales_and_zeros, q.group_size, q.in_features, n)
 
 
-PACKED_MAX_ROWS = 32  # wider inputs (prefill) are faster as one float32 GEMM on the dequantized weight
-
-
 def matmul_cpu(x: Tensor, w: Int4CPUWeight) -> Tensor:
     """``x [..., K] @ W.T``: PyTorch's packed int4 kernel for decode-sized inputs (bf16 activations),
     a float32 GEMM on the weight dequantized from the same packed copy for wide ones."""
     shape = x.shape
     rows = x.numel() // shape[-1]
     kp = w.packed.shape[1] * 2
-    if rows > PACKED_MAX_ROWS and (wt := dequantize_cpu_t(w)) is not None:
+    if not dispatch.decode_rows(rows) and (wt := dequantize_cpu_t(w)) is not None:
         y = x.reshape(rows, shape[-1]).float() @ wt[: shape[-1]]
     else:
         x2 = x.reshape(rows, shape[-1]).to(torch.bfloat16)

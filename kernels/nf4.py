@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu
+from kernels import cpu, dispatch
 from kernels.int4 import PackedRows, pack_nibbles, padded_width, unpack_nibbles
 
 # The NF4 code book: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA, Appendix E).
@@ -132,7 +132,8 @@ def matmul_cpu(x: Tensor, q: NF4Weight) -> Tensor:
     x2 = x.reshape(-1, shape[-1]).float()
     if q.padded_in_features != shape[-1]:
         x2 = F.pad(x2, (0, q.padded_in_features - shape[-1]))
-    y = ext.nf4_linear(x2.contiguous(), q.codes, q.absmax, q.chunk_scale, q.offset, CODE_BOOK, q.block_size)
+    args = (x2.contiguous(), q.codes, q.absmax, q.chunk_scale, q.offset, CODE_BOOK, q.block_size)
+    y = ext.nf4_linear(*args, dispatch.DECODE_MAX_ROWS)
     return y.view(*shape[:-1], q.out_features).to(x.dtype)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from engine.model import quantized
 from engine.model.quantized import Int4Linear, NF4Linear
-from kernels import a8, int4, nf4
+from kernels import a8, dispatch, int4, nf4
 from tests.test_kernels import SHAPES, fresh
 
 needs_kernel = pytest.mark.usefixtures("isa")  # every variant this CPU runs; a failed build fails
@@ -86,9 +86,9 @@ def test_linears_use_int8_activations_for_decode_and_float_for_prefill(
     linear = Int4Linear(q, "int8") if isinstance(q, int4.Int4Weight) else NF4Linear(q, "int8")
     decode = fresh((2, 200), seed=6)
     torch.testing.assert_close(linear(decode), a8_reference(decode, q), rtol=0, atol=1e-4)
-    prefill = fresh((quantized.A8_MAX_ROWS + 1, 200), seed=7)
+    prefill = fresh((dispatch.DECODE_MAX_ROWS + 1, 200), seed=7)
     torch.testing.assert_close(linear(prefill), float_reference(prefill, q), rtol=0, atol=1e-4)
-    monkeypatch.setattr(quantized, "A8_MAX_ROWS", 1000)  # what benchmarks/quality.py does
+    monkeypatch.setattr(dispatch, "DECODE_MAX_ROWS", 1000)  # what benchmarks/quality.py does
     torch.testing.assert_close(linear(prefill), a8_reference(prefill, q), rtol=0, atol=1e-4)
 
 

@@ -13,6 +13,7 @@ from engine.model.h2o_cache import H2OKVCache, H2OLayer, KVPolicy
 from engine.model.kv_cache import AttentionBatch, KVCache
 from engine.model.linear import Linear
 from kernels import decode as fused_decode
+from kernels import dispatch
 
 
 class RMSNorm(nn.Module):
@@ -176,7 +177,7 @@ class Transformer(nn.Module):
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
         rotary = Rotary(self.rope_cos, self.rope_sin)
-        wide = tokens.shape[1] > fused_decode.MAX_TOKENS_PER_ROW
+        wide = not dispatch.decode_tokens(tokens.shape[1])
         if wide or self.h2o is not None or fused_decode.fused(self.rope_cos.dtype) is None:
             rotary.cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, S, 1, D]
             rotary.sin = self.rope_sin[batch.positions].unsqueeze(2)

@@ -21,16 +21,12 @@ from tqdm import tqdm
 
 from engine.loader import EngineModel, fused_state, load_transformer, new_model, read_args
 from engine.model.linear import Linear
-from kernels import a8, int4, nf4
+from kernels import a8, dispatch, int4, nf4
 
 log = logging.getLogger(__name__)
 
 METHODS = ("int4", "nf4")
 ACTIVATIONS = ("int8", "float")
-# Inputs of up to this many rows (decode, speculative verify) take the int8-activation kernel;
-# wider ones (prefill) dequantize the weight once into a float32 GEMM. benchmarks/quality.py
-# raises it to score every position with the decode arithmetic.
-A8_MAX_ROWS = 32
 # Written into every quantized cache; a cache from another quantizer version is re-quantized.
 # 3: int4 is min/max again unless range_search (tagged -rs); version 2 always searched.
 QUANTIZER_VERSION = "3"
@@ -73,7 +69,7 @@ class QuantSpec:
 
 def _a8_usable(x: Tensor, block: int) -> bool:
     rows = x.numel() // x.shape[-1]
-    return 0 < rows <= A8_MAX_ROWS and block % a8.BLOCK == 0
+    return dispatch.decode_rows(rows) and block % a8.BLOCK == 0
 
 
 class Int4Linear(nn.Module):

@@ -11,7 +11,6 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;        // rows one pass of the fused kernel handles
-constexpr int64_t kFusedMaxRows = 32;  // matches the int4 path; rows are computed independently  // inputs with more rows are dequantized once and use GEMM
 
 using BlockScales = turnout::NF4Scales;
 
@@ -123,7 +122,8 @@ torch::Tensor dequantize_rows(const torch::Tensor& codes, const BlockScales& sca
 // x: float32 [M, Kp] (already padded); codes: uint8 [N, Kp/2]; absmax: float32 or int8 [N, Kp/block].
 torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
                          c10::optional<torch::Tensor> chunk_scale, double offset, torch::Tensor lut,
-                         int64_t block) {
+                         int64_t block, int64_t max_rows) {
+  // inputs of more than max_rows rows (kernels/dispatch.py) are dequantized once into one GEMM
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "nf4: x must be contiguous float32 [M, K]");
   TORCH_CHECK(codes.scalar_type() == torch::kByte && codes.is_contiguous(), "nf4: codes must be contiguous uint8");
   TORCH_CHECK(x.size(1) == codes.size(1) * 2, "nf4: x has ", x.size(1), " columns, weight has ", codes.size(1) * 2);
@@ -132,7 +132,7 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor abs
   const float* table = lut.data_ptr<float>();
   const int64_t m_rows = x.size(0), n_rows = codes.size(0), kp = x.size(1);
   if (m_rows == 0) return torch::empty({0, n_rows}, torch::kFloat);
-  if (m_rows > kFusedMaxRows) {
+  if (m_rows > max_rows) {
     return torch::matmul(x, dequantize_rows(codes, scales, table, block).t());
   }
   auto out = torch::empty({m_rows, n_rows}, torch::kFloat);
