@@ -14,14 +14,19 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from speed import free_port, machine_info, stop_server, wait_ready  # benchmarks/ is on sys.path as a script
+from speed import (
+    free_port,
+    machine_info,
+    stop_server,
+    turnout_command,
+    wait_ready,
+)  # benchmarks/ is on sys.path as a script
 from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,8 +58,7 @@ def resident_mib(pid: int) -> float:
 def start_once(config: dict[str, Any] | None, directory: Path) -> tuple[float, float]:
     """(seconds to ready, resident MiB when ready) for one start of ``config``."""
     port = free_port()
-    exe = Path(sys.executable).with_name("turnout")
-    command = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    command = [*turnout_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if config is not None:
         path = directory / f"footprint-{port}.yaml"
         path.write_text(yaml.safe_dump(config))

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from typing import Any
 
 import yaml
 from openai import AsyncOpenAI
-from speed import free_port, machine_info, serving  # benchmarks/ is on sys.path when run as a script
+from speed import free_port, machine_info, serving, turnout_command  # benchmarks/ is on sys.path when run as a script
 from tqdm import tqdm
 
 from engine.zoo import ASSETS
@@ -51,11 +50,8 @@ EXPERTS = {  # the default configuration's experts, each served alone
     "smollm2-small": {"name": "smollm2-small", "model": "smollm2-small"},
     "r2r": {"name": "r2r", "r2r": {}},
 }
-BITS_PER_BYTE_MODELS = {
-    "smollm2-135m": "smollm2-135m-instruct",
-    "gemma3-270m": "gemma3-270m",
-    "smollm2-small": "smollm2-small",
-}
+# the single-model experts, whose reference answers are scored in bits per byte
+BITS_PER_BYTE_MODELS = {name: expert["model"] for name, expert in EXPERTS.items() if "model" in expert}
 
 
 def load_items() -> list[dict[str, Any]]:
@@ -69,9 +65,18 @@ def load_items() -> list[dict[str, Any]]:
 def serve_command(config: dict[str, Any], directory: Path, port: int) -> list[str]:
     path = directory / f"routing-quality-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
-    exe = Path(sys.executable).with_name("turnout")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
-    return [*base, "serve", "--config", str(path), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return [
+        *turnout_command(),
+        "serve",
+        "--config",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
 
 
 async def ask(client: AsyncOpenAI, model: str, item: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -217,19 +222,25 @@ def ask_system(
     same = not args.fresh and key not in args.rerun and all(old.get(k) == v for k, v in entry.items())
     sha = {item["id"]: item["sha"] for item in items}
     cached = {r["id"]: r for r in old.get("rows", []) if same and r.get("item_sha") == sha.get(r["id"])}
+    graded = set(cached)  # main regraded the cached answers with the current checks at its start
     todo = [item for item in items if item["id"] not in cached]
     if todo:
         for row in run_system(key, config, model, todo, args, extra):
             cached[row["id"]] = {**row, "item_sha": sha[row["id"]]}
     results["systems"][key] = {**entry, "rows": [cached[item["id"]] for item in items]}
     save(results)
-    regrade(results["systems"][key], items)
+    grade(items, [row for row in results["systems"][key]["rows"] if row["id"] not in graded])
+    summarise(results["systems"][key], items)
     save(results)
 
 
 def regrade(system: dict[str, Any], items: list[dict[str, Any]]) -> None:
     """Grade a system's answers with the current checks and summarise them per split it answered."""
     grade(items, system["rows"])
+    summarise(system, items)
+
+
+def summarise(system: dict[str, Any], items: list[dict[str, Any]]) -> None:
     answered = {row["id"] for row in system["rows"]}
     splits = sorted({item["split"] for item in items if item["id"] in answered})
     system["summary"] = {s: summary(items, system["rows"], s) for s in splits}
@@ -344,11 +355,10 @@ def main() -> None:
     parser.add_argument("--r2r-thresholds", nargs="*", type=float, default=[0.02, 0.1, 0.3, 0.6])
     parser.add_argument("--fresh", action="store_true", help="ask every system again (no cached answers)")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--accuracy-floor", type=float, default=0.02, help="points of accuracy (0.02: 2 points)")
-    parser.add_argument("--bits-floor", type=float, default=0.05, help="relative bits per byte (0.05: 5%%)")
-    parser.add_argument(
-        "--noise-z", type=float, default=1.645, help="a category's lead must be this many standard errors"
-    )
+    floor = Floor()
+    parser.add_argument("--accuracy-floor", type=float, default=floor.accuracy_points, help="0.02: 2 points")
+    parser.add_argument("--bits-floor", type=float, default=floor.bits_per_byte_ratio, help="relative (0.05: 5%%)")
+    parser.add_argument("--noise-z", type=float, default=floor.noise_z, help="a category's lead: standard errors")
     parser.add_argument(
         "--write-map", action="store_true", help="ship the proposal: assets/coe/map.json, r2r's threshold"
     )
@@ -357,10 +367,10 @@ def main() -> None:
     items = load_items()
     results = load_results()
     results["machine"] = machine_info()
+    for system in results["systems"].values():  # cached answers, with the current checks
+        regrade(system, items)
     for name in [n for n in args.systems if n in EXPERTS]:
         ask_system(results, name, {"kind": "expert"}, {"experts": [EXPERTS[name]]}, name, items, args)
-    for system in results["systems"].values():  # the ones not asked in this run too: current checks
-        regrade(system, items)
     bits = results.get("bits_per_byte", {})
     if set(bits) != set(BITS_PER_BYTE_MODELS) or not all(bits.values()) or "bpb" in args.rerun or args.fresh:
         results["bits_per_byte"] = reference_bits(list(EXPERTS))

@@ -222,14 +222,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def turnout_command() -> list[str]:
+    """The ``turnout`` CLI beside this interpreter (or the module where no script is installed)."""
+    exe = Path(sys.executable).with_name("turnout")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+
+
 def server_command(port: int, dtype: str, max_len: int, quantization: str) -> list[str]:
     """``quantization`` is none, int4 or nf4, optionally ``:float`` for float decode activations."""
-    exe = Path(sys.executable).with_name("turnout")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
     method, _, activations = quantization.partition(":")
     extra = ["--activations", activations] if activations else []
     return [
-        *base,
+        *turnout_command(),
         "serve",
         "--host",
         HOST,

@@ -213,8 +213,8 @@ class ModelInfo:
         if self.kv_pool is not None:
             pool = self.kv_pool
             out["kv_cache"] = pool.policy
-            out["kv_cache_slots"] = {**pool.settings, "slot_tokens": pool.slot_tokens, "slots": pool.slots}
-            out["kv_cache_slots"]["slot_bytes"] = pool.slot_bytes  # type: ignore[index]
+            slots = {"slot_tokens": pool.slot_tokens, "slots": pool.slots, "slot_bytes": pool.slot_bytes}
+            out["kv_cache_slots"] = {**pool.settings, **slots}
         if self.engine == "embedded" or self.draft is not None:
             out["speculative"] = self.draft
         if self.weight_bytes is not None:

@@ -79,13 +79,12 @@ class EmbeddedEngine:
         self.draft, self.r2r = draft, r2r
         args = runner.model.args
         described = described or Described()
-        kv = config.kv.describe(config.max_model_len)
         pool = KVPoolInfo(
             policy=config.kv.policy,
-            slot_tokens=int(kv.pop("slot_tokens")),  # type: ignore[call-overload]
+            slot_tokens=config.kv.capacity(config.max_model_len),
             slots=config.max_batch_size,
             slot_bytes=runner.slot_bytes(),
-            settings=kv,
+            settings=config.kv.describe(config.max_model_len),
         )
         self.info = ModelInfo(
             max_model_len=config.max_model_len,

@@ -37,7 +37,12 @@ def _train_coe(args: argparse.Namespace) -> int:
     if args.propose_map or args.propose_map_only:
         from router.coe.propose import Floor, propose_from_results
 
-        floor = Floor(args.accuracy_floor, args.bits_floor, args.noise_z)
+        flags = {
+            "accuracy_points": args.accuracy_floor,
+            "bits_per_byte_ratio": args.bits_floor,
+            "noise_z": args.noise_z,
+        }
+        floor = Floor(**{k: v for k, v in flags.items() if v is not None})
         body = propose_from_results(args.scores, floor, args.cost_budget, args.out)
         print(
             f"proposed map: {body['categories']}, fallback {body['fallback']} (wrote {args.out}/map.json and map.png)"
@@ -199,13 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "routing_quality.json",
         help="a run of benchmarks/routing_quality.py (accuracy per category on its dev split, bits per byte)",
     )
-    coe.add_argument("--accuracy-floor", type=float, default=0.02, help="points of accuracy a cheaper expert may lose")
-    coe.add_argument("--bits-floor", type=float, default=0.05, help="share of bits per byte a cheaper expert may lose")
+    # the floor's defaults are router.coe.propose.Floor's (not imported here: it needs torch)
+    coe.add_argument("--accuracy-floor", type=float, help="accuracy a cheaper expert may lose (default 0.02: 2 points)")
+    coe.add_argument("--bits-floor", type=float, help="share of bits per byte it may lose (default 0.05)")
     coe.add_argument(
         "--noise-z",
         type=float,
-        default=1.645,
-        help="a category leaves the best expert overall only for a lead this many standard errors clear (paired)",
+        help="a category leaves the best expert overall only for a lead this many standard errors clear "
+        "(paired; default 1.645)",
     )
     coe.add_argument(
         "--cost-budget",

@@ -211,15 +211,15 @@ class ServerConfig(_Strict):
     api_keys_file: Path | None = None
 
 
-def _default_experts() -> list[ExpertConfig]:
-    return [ExpertConfig(name="smollm2-135m", model="smollm2-135m-instruct")]
-
-
 # `turnout serve` with no config file: the experts the shipped CoE map (assets/coe/map.json) sends
-# traffic to, and `auto` in front of them. The routing-quality benchmark found SmolLM2-135M-Instruct
-# the most accurate expert in every category, so it is the only one loaded by default; the other
+# traffic to, and `auto` in front of them. The routing-quality benchmark found no expert ahead of
+# SmolLM2-135M-Instruct in any category beyond the noise, so it is the only one loaded by default; the other
 # zoo experts (gemma3-270m, smollm2-small, an r2r composite) are served when a config names them.
 DEFAULT_EXPERTS = (("smollm2-135m", "smollm2-135m-instruct"),)
+
+
+def _default_experts() -> list[ExpertConfig]:
+    return [ExpertConfig(name=name, model=model) for name, model in DEFAULT_EXPERTS]
 
 
 class CoESettings(_Strict):

@@ -120,8 +120,8 @@ def build(name: str, isa: str | None = None) -> ModuleType:
     """The compiled ``<name>.cpp`` for ``isa`` (default: the selected one); raises KernelBuildError."""
     isa = isa or selected_isa()
     key = (name, isa)
-    if _LOADED.get(key) is not None:
-        return _LOADED[key]  # type: ignore[return-value]
+    if (loaded := _LOADED.get(key)) is not None:
+        return loaded
     source = _HERE / f"{name}.cpp"
     try:
         from torch.utils import cpp_extension

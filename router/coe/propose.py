@@ -49,10 +49,12 @@ class Floor:
     # standard errors clear of zero (paired, one-sided; 1.645: 95%): one item in 20 is noise
     noise_z: float = 1.645
 
-    def admits(self, s: ExpertScores, best: ExpertScores, best_bits: float | None, category: str) -> bool:
+    def admits(self, s: ExpertScores, best: ExpertScores, category: str) -> bool:
+        """Whether ``s`` is within the floor of ``best`` in ``category`` (bits per byte compared only
+        where both are scored)."""
         if s.accuracy[category] < best.accuracy[category] - self.accuracy_points - 1e-9:
             return False
-        bits = s.bits_per_byte.get(category)
+        bits, best_bits = s.bits_per_byte.get(category), best.bits_per_byte.get(category)
         return best_bits is None or bits is None or bits <= best_bits * (1 + self.bits_per_byte_ratio) + 1e-9
 
 
@@ -108,7 +110,7 @@ def quality_first(scores: list[ExpertScores], floor: Floor) -> dict[str, str]:
     mapping = {}
     for category in CATEGORIES:
         best = best_for(category, scores, floor.noise_z)
-        admitted = [s for s in scores if s is best or floor.admits(s, best, best.bits_per_byte.get(category), category)]
+        admitted = [s for s in scores if s is best or floor.admits(s, best, category)]
         mapping[category] = min(admitted, key=lambda s: (s.cost, -s.accuracy[category])).name
     return mapping
 
