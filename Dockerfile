@@ -50,7 +50,7 @@ FROM build AS models
 # instruction-set variant (a node loads the one its CPU runs, so no SIGILL): one cached layer
 RUN turnout models pull \
     && python -c "from router.coe.embedder import fetch; fetch()" \
-    && python -c "from kernels import cpu; [cpu.build(n, i) for i in cpu.ISAS for n in ('decode', 'a8', 'nf4', 'int4')]"
+    && python -c "from kernels import cpu; [cpu.build(n, i) for i in cpu.ISAS for n in cpu.KERNELS]"
 
 FROM base AS runtime
 RUN useradd --create-home --uid 10001 turnout

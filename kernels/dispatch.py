@@ -25,3 +25,13 @@ def decode_rows(rows: int) -> bool:
 def decode_tokens(tokens_per_row: int) -> bool:
     """Whether a pass of ``tokens_per_row`` tokens per sequence takes the fused decode attention."""
     return tokens_per_row <= DECODE_MAX_TOKENS_PER_ROW
+
+
+# tokens one native decode step takes (every row of a batch, drafts included); a wider pass runs
+# the torch path, whose prefill GEMMs are faster there
+NATIVE_MAX_TOKENS = 64
+
+
+def native_tokens(tokens: int) -> bool:
+    """Whether a pass of ``tokens`` tokens in all takes the native decode step."""
+    return 0 < tokens <= NATIVE_MAX_TOKENS

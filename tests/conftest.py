@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-CPU_KERNELS = ("a8", "decode", "nf4", "int4")
+CPU_KERNELS = cpu.KERNELS
 
 
 @pytest.fixture(params=cpu.runnable_isas())

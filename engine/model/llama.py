@@ -14,6 +14,7 @@ from engine.model.kv_cache import AttentionBatch, KVCache
 from engine.model.linear import Linear
 from kernels import decode as fused_decode
 from kernels import dispatch
+from kernels.step import NativeStep
 
 
 class RMSNorm(nn.Module):
@@ -119,7 +120,10 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        h = self.w13(x)
+        if dispatch.decode_rows(h.numel() // h.shape[-1]) and (ext := fused_decode.fused(h.dtype)) is not None:
+            return self.w2(ext.silu_mul(h.contiguous()))  # the native step's arithmetic, bit for bit
+        gate, up = h.split(self.hidden, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -148,6 +152,7 @@ class Transformer(nn.Module):
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
         self.h2o: H2OKVCache | None = None
+        self.native: NativeStep | None = None  # the C++ decode step, where it runs (kernels/step.py)
 
     def setup_caches(self, n_slots: int, max_len: int, policy: KVPolicy | None = None) -> None:
         """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position. An
@@ -165,6 +170,7 @@ class Transformer(nn.Module):
             else:
                 layer.attention.kv_cache = KVCache(n_slots, a.n_kv_heads, max_len, a.head_dim, dtype)
         self.rope_cos, self.rope_sin = rope_tables(self.args, dtype)
+        self.native = NativeStep.build(self)
 
     @property
     def kv_caches(self) -> list[KVCache] | list[H2OKVCache]:
@@ -176,6 +182,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, batch: AttentionBatch, last_only: bool = False) -> Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
+        if self.native is not None and not last_only and self.native.fits(tokens.numel()):
+            flat = self.native(tokens.reshape(-1), batch.positions.reshape(-1), batch.slot_index.reshape(-1))
+            return flat.view(*tokens.shape, -1)
         rotary = Rotary(self.rope_cos, self.rope_sin)
         wide = not dispatch.decode_tokens(tokens.shape[1])
         if wide or self.h2o is not None or fused_decode.fused(self.rope_cos.dtype) is None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from engine.loader import EngineModel, fused_state, load_transformer, new_model, read_args
 from engine.model.linear import Linear
-from kernels import a8, dispatch, int4, nf4
+from kernels import a8, cpu, dispatch, int4, nf4, step
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = q.in_features, q.out_features
         self.weight_a8 = q if activations == "int8" and a8.available() else None
         self.weight_q = None if self.weight_a8 is not None else int4.to_cpu_layout(q)
+        self.packed: Tensor | None = None  # the native decode step's tiles (kernels/step.py)
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.weight_a8
@@ -115,6 +116,7 @@ class NF4Linear(nn.Module):
         super().__init__()
         self.weight_q = q
         self.int8_activations = activations == "int8"
+        self.packed: Tensor | None = None  # the native decode step's tiles (kernels/step.py)
         self.in_features, self.out_features = q.in_features, q.out_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -206,6 +208,39 @@ def swap_in(model: EngineModel, tensors: dict[str, Tensor], spec: QuantSpec, dty
         model.tok_embeddings = TiedQuantizedEmbedding(model.output, dtype)  # type: ignore[assignment]
 
 
+def _packable(model: EngineModel) -> dict[str, QuantizedLinear]:
+    out: dict[str, QuantizedLinear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear) and module.weight_a8 is not None:
+            out[name] = module
+        elif isinstance(module, NF4Linear) and module.weight_q.block_size % a8.BLOCK == 0:
+            out[name] = module
+    return out
+
+
+def attach_packed(model: EngineModel, path: Path) -> None:
+    """Give every int8-activation linear the native step's tiles: read from ``path``, or packed
+    from the reference layout once (where the step's kernel builds) and written there."""
+    linears = _packable(model)
+    if not linears:
+        return
+    if path.exists():
+        tensors = load_file(str(path))
+        if set(tensors) == set(linears):
+            for name, module in linears.items():
+                module.packed = tensors[name]
+            return
+    if cpu.load("step") is None:
+        return
+    for module in tqdm(linears.values(), desc="packing for the native step", unit="linear"):
+        q = module.weight_a8 if isinstance(module, Int4Linear) else module.weight_q
+        assert q is not None
+        module.packed = step.pack(q)
+    partial = path.with_suffix(".partial")
+    save_file({name: m.packed for name, m in linears.items() if m.packed is not None}, str(partial))
+    partial.rename(path)
+
+
 def _float_names(model: EngineModel) -> set[str]:
     """Engine parameter names still on the meta device after the swap (norms, maybe the embedding)."""
     return {n for n, p in model.named_parameters() if p.device.type == "meta"}
@@ -243,6 +278,8 @@ def load_quantized_transformer(model_path: Path, spec: QuantSpec, dtype: torch.d
     with torch.device("meta"):
         model = new_model(args)
     swap_in(model, load_file(str(cache)), spec, dtype)
+    if spec.activations == "int8":
+        attach_packed(model, cache.with_name(f"{spec.tag}.step-v{step.PACK_VERSION}.safetensors"))
     hf_state = fused_state(_LazyState(model_path), args, only=_float_names(model))
     model.load_state_dict({k: v.to(dtype) for k, v in hf_state.items()}, assign=True, strict=False)
     if args.tie_embeddings and not spec.quantize_embeddings:

@@ -40,6 +40,7 @@ VARIANTS: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
     ("scalar", (), frozenset()),
 )
 ISAS = tuple(name for name, _, _ in VARIANTS)
+KERNELS = ("a8", "decode", "nf4", "int4", "step")  # every <name>.cpp here
 
 
 class KernelBuildError(RuntimeError):

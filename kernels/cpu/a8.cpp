@@ -76,12 +76,6 @@ inline float bf16_to_float(uint16_t h) {
 using turnout::NF4Scales;
 
 #ifdef __AVX2__
-inline float hsum(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_hadd_ps(h, h);
-  return _mm_cvtss_f32(_mm_hadd_ps(h, h));
-}
-
 // 32 codes of one block as bytes, in the reordered column order (low nibbles, then high).
 inline __m256i nibbles(const uint8_t* codes) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
@@ -93,101 +87,97 @@ inline __m256i dot_block(__m256i w_unsigned, __m256i x_signed) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, x_signed), _mm256_set1_epi16(1));
 }
 
-// acc[m] += scale * d[m, b] * (w . x[m, block b]) for one block of the M input rows.
-template <int M>
-inline void block_step(const Activations& a, int64_t m0, int64_t b, __m256i w, float scale, __m256 (&acc)[M]) {
-  const __m256i w_abs = _mm256_sign_epi8(w, w);
-  const __m256 sv = _mm256_set1_ps(scale);
-  for (int m = 0; m < M; ++m) {
-    const int64_t row = m0 + m;
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.kp + b * kBlock));
-    const __m256 dot = _mm256_cvtepi32_ps(dot_block(w_abs, _mm256_sign_epi8(x, w)));
-    acc[m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * a.blocks + b])), acc[m]);
-  }
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
 }
 
-// Blocks in pairs into two sets of accumulators (two FMA chains, both kept in registers).
-template <int M, typename Block>
-inline void sweep(const Activations& a, int64_t m0, Block&& block, __m256 (&sum)[M]) {
-  __m256 even[M], odd[M];
-  for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 1 < a.blocks; b += 2) {
-    block(b, even);
-    block(b + 1, odd);
-  }
-  if (b < a.blocks) block(b, even);
-  for (int m = 0; m < M; ++m) sum[m] = _mm256_add_ps(even[m], odd[m]);
+// The exact integer dot product of one block's codes (signed bytes) with row m0 + m's activations.
+inline int32_t block_dot(const Activations& a, int64_t row, int64_t b, __m256i w) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + row * a.kp + b * kBlock));
+  return hsum_epi32(dot_block(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));
 }
 
-template <int M>
-void int4_row(const Activations& a, const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
-              int64_t group, int64_t m0, float* out, int64_t out_stride) {
-  const int64_t per_group = group / kBlock, groups = a.kp / group;
-  const __m256i eight = _mm256_set1_epi8(8);
-  __m256 acc[M];
-  sweep<M>(a, m0, [&](int64_t b, __m256 (&part)[M]) {
-    const __m256i w = _mm256_sub_epi8(nibbles(codes + b * (kBlock / 2)), eight);  // centred codes, -8..7
-    block_step<M>(a, m0, b, w, bf16_to_float(scales[b / per_group]), part);
-  }, acc);
-  for (int m = 0; m < M; ++m) {
-    const float* gsum = a.group_sum.data() + (m0 + m) * groups;
-    float offset = 0.f;
-    for (int64_t g = 0; g < groups; ++g) offset += bf16_to_float(zeros[g]) * gsum[g];
-    out[m * out_stride] = hsum(acc[m]) + offset;
-  }
+inline __m256i int4_codes(const uint8_t* codes, int64_t b) {  // centred, -8..7
+  return _mm256_sub_epi8(nibbles(codes + b * (kBlock / 2)), _mm256_set1_epi8(8));
 }
 
-template <int M>
-void nf4_row(const Activations& a, const uint8_t* codes, const NF4Scales& scales, int64_t n, int64_t block,
-             __m256i lut, int64_t m0, float* out, int64_t out_stride) {
-  const int64_t per_block = block / kBlock;
-  __m256 acc[M];
-  sweep<M>(a, m0, [&](int64_t b, __m256 (&part)[M]) {
-    const __m256i w = _mm256_shuffle_epi8(lut, nibbles(codes + b * (kBlock / 2)));
-    block_step<M>(a, m0, b, w, scales.at(n, b / per_block) / 127.f, part);
-  }, acc);
-  for (int m = 0; m < M; ++m) out[m * out_stride] = hsum(acc[m]);
+inline __m256i nf4_codes(const uint8_t* codes, int64_t b, __m256i lut) {
+  return _mm256_shuffle_epi8(lut, nibbles(codes + b * (kBlock / 2)));
 }
 #else
-// Portable twins of the two row kernels (same arithmetic, one weight at a time).
+// Portable twins of the block's exact integer dot product.
 inline int code_at(const uint8_t* codes, int64_t b, int64_t j) {
   const uint8_t byte = codes[b * (kBlock / 2) + j % 16];
   return j < 16 ? (byte & 15) : (byte >> 4);
 }
+#endif
 
+// Both row kernels sum in the native step's order (kernels/cpu/step.cpp), so a decode on the
+// torch path and on the step quantize the same activations to the same codes: per block an exact
+// integer dot product, then per group (int4) or code-book block (nf4) a chain of fused
+// multiply-adds: part = fma(dot_b, d_b, part); acc = fma(part, scale, acc) (+ fma(zero, sum(x), acc)).
 template <int M>
 void int4_row(const Activations& a, const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
               int64_t group, int64_t m0, float* out, int64_t out_stride) {
-  const int64_t per_group = group / kBlock;
-  for (int m = 0; m < M; ++m) {
-    const int64_t row = m0 + m;
-    float acc = 0.f;
-    for (int64_t b = 0; b < a.blocks; ++b) {
-      const float s = bf16_to_float(scales[b / per_group]), z = bf16_to_float(zeros[b / per_group]);
-      int32_t dot = 0;
-      for (int64_t j = 0; j < kBlock; ++j) dot += (code_at(codes, b, j) - 8) * a.q[row * a.kp + b * kBlock + j];
-      acc += s * a.d[row * a.blocks + b] * dot + z * a.sum[row * a.blocks + b];
+  const int64_t per_group = group / kBlock, groups = a.kp / group;
+  float acc[M] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    float part[M] = {};
+    for (int64_t p = 0; p < per_group; ++p) {
+      const int64_t b = g * per_group + p;
+#ifdef __AVX2__
+      const __m256i w = int4_codes(codes, b);
+#endif
+      for (int m = 0; m < M; ++m) {
+        const int64_t row = m0 + m;
+#ifdef __AVX2__
+        const int32_t dot = block_dot(a, row, b, w);
+#else
+        int32_t dot = 0;
+        for (int64_t j = 0; j < kBlock; ++j) dot += (code_at(codes, b, j) - 8) * a.q[row * a.kp + b * kBlock + j];
+#endif
+        part[m] = std::fma(static_cast<float>(dot), a.d[row * a.blocks + b], part[m]);
+      }
     }
-    out[m * out_stride] = acc;
+    for (int m = 0; m < M; ++m) {
+      acc[m] = std::fma(part[m], bf16_to_float(scales[g]), acc[m]);
+      acc[m] = std::fma(bf16_to_float(zeros[g]), a.group_sum[(m0 + m) * groups + g], acc[m]);
+    }
   }
+  for (int m = 0; m < M; ++m) out[m * out_stride] = acc[m];
 }
 
-template <int M>
+template <int M, typename Lut>
 void nf4_row(const Activations& a, const uint8_t* codes, const NF4Scales& scales, int64_t n, int64_t block,
-             const int8_t* lut, int64_t m0, float* out, int64_t out_stride) {
-  for (int m = 0; m < M; ++m) {
-    const int64_t row = m0 + m;
-    float acc = 0.f;
-    for (int64_t b = 0; b < a.blocks; ++b) {
-      int32_t dot = 0;
-      for (int64_t j = 0; j < kBlock; ++j) dot += lut[code_at(codes, b, j)] * a.q[row * a.kp + b * kBlock + j];
-      acc += scales.at(n, b * kBlock / block) / 127.f * a.d[row * a.blocks + b] * dot;
-    }
-    out[m * out_stride] = acc;
-  }
-}
+             Lut lut, int64_t m0, float* out, int64_t out_stride) {
+  const int64_t per_block = block / kBlock, n_blocks = a.kp / block;
+  float acc[M] = {};
+  for (int64_t s = 0; s < n_blocks; ++s) {
+    float part[M] = {};
+    for (int64_t p = 0; p < per_block; ++p) {
+      const int64_t b = s * per_block + p;
+#ifdef __AVX2__
+      const __m256i w = nf4_codes(codes, b, lut);
 #endif
+      for (int m = 0; m < M; ++m) {
+        const int64_t row = m0 + m;
+#ifdef __AVX2__
+        const int32_t dot = block_dot(a, row, b, w);
+#else
+        int32_t dot = 0;
+        for (int64_t j = 0; j < kBlock; ++j) dot += lut[code_at(codes, b, j)] * a.q[row * a.kp + b * kBlock + j];
+#endif
+        part[m] = std::fma(static_cast<float>(dot), a.d[row * a.blocks + b], part[m]);
+      }
+    }
+    const float scale = scales.at(n, s) / 127.f;
+    for (int m = 0; m < M; ++m) acc[m] = std::fma(part[m], scale, acc[m]);
+  }
+  for (int m = 0; m < M; ++m) out[m * out_stride] = acc[m];
+}
 
 // Runs row_fn<M>(m0, n) over all input rows (passes of up to 4) and output rows (in parallel).
 template <typename F>

@@ -135,8 +135,25 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// h [..., 2 H] (gate, then up) -> silu(gate) * up [..., H]
+torch::Tensor silu_mul(torch::Tensor h) {
+  check_float(h, "silu_mul: h");
+  const int64_t width = h.size(-1), hidden = width / 2, rows = h.numel() / width;
+  auto sizes = h.sizes().vec();
+  sizes.back() = hidden;
+  auto out = torch::empty(sizes, h.options());
+  const float* hp = h.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *gate = hp + r * width, *up = gate + hidden;
+    for (int64_t i = 0; i < hidden; ++i) op[r * hidden + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension (float32)");
   m.def("rope_store", &rope_store, "RoPE for queries and keys, keys and values into the cache");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection (float32)");
   m.def("decode_attention", &decode_attention, "attention of one new token per sequence over its cache");
 }

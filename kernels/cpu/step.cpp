@@ -1,0 +1,844 @@
+// The native decode step: one call runs a Llama-family model over every token of an engine step
+// (a token per sequence, or a token and its drafts) and returns the logits. Between the layers
+// nothing returns to Python; a persistent pool of threads, one per core, splits each matrix by
+// output rows and meets at a spin barrier between dependent stages (five per layer).
+//
+// Weights are repacked once (pack_int4 / pack_nf4) into tiles of 8 output rows. Per group of
+// columns a tile holds its 8 rows' scales, then per block of 32 columns 128 bytes of codes:
+// chunk c (32 bytes) has 4 bytes per row, byte j carrying column 8c + j in its low nibble and
+// 8c + 4 + j in its high nibble. One 4-byte broadcast of the int8 activations then meets the
+// same 4 columns of all 8 rows, and a multiply-add of unsigned codes by signed activations
+// leaves each row's partial sum in its own 32-bit lane: no horizontal sums, one activation load
+// for 8 rows. The multiply-add is vpdpbusd on AVX-512 VNNI and vpmaddubsw + vpmaddwd on AVX2.
+//   int4: w = (q - 8) s + z  ->  s * sum_b d_b (q . xq_b - 8 sum(xq_b)) + z * sum_group(x)
+//   nf4:  w = NF4[q] a       ->  a / 127 * sum_b d_b (lut8[q] . xq_b)   (sign trick: |w| . sign(x, w))
+// The activations are quantized to int8 per block of 32 (absmax / 127, round half to even) once
+// per matrix input, and shared by the matrices that read the same input (Q/K/V; gate/up): the
+// same arithmetic as kernels/cpu/a8.cpp, whose torch twin is the reference.
+// Unquantized models read their 16-bit (or float32) weights row by row, widened in registers.
+#include <torch/extension.h>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include "nf4_scales.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kTile = 8;    // output rows interleaved per tile
+constexpr int64_t kBlock = 32;  // activation block
+constexpr int64_t kChunk = 128; // code bytes per block per tile
+constexpr int kPass = 4;        // input rows that share one read of a tile
+constexpr int64_t kMaxHeadDim = 512;
+
+enum Kind : int64_t { kInt4 = 0, kNF4 = 1, kBF16 = 2, kF32 = 3 };
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline void pause() {
+#if defined(__AVX2__) || defined(__SSE2__)
+  _mm_pause();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// A pool of threads that stays up between steps: run() hands every thread (the caller is thread
+// 0) the same function; sync() is a spin barrier among them. Idle workers spin a little, then
+// sleep on a condition variable so an idle server does not burn its cores.
+class Pool {
+ public:
+  explicit Pool(int threads) : n_(std::max(1, threads)) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int size() const { return n_; }
+
+  void run(const std::function<void(int)>& fn) {
+    job_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    fn(0);
+    while (done_.load(std::memory_order_acquire) != n_ - 1) pause();
+  }
+
+  void sync() {
+    if (n_ == 1) return;
+    const int gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    } else {
+      while (generation_.load(std::memory_order_acquire) == gen) pause();
+    }
+  }
+
+ private:
+  void loop(int id) {
+    int64_t seen = 0;
+    for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(500);
+      int64_t now = epoch_.load(std::memory_order_acquire);
+      for (int i = 0; now == seen; ++i) {
+        pause();
+        now = epoch_.load(std::memory_order_acquire);
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() > spin_until) break;
+      }
+      if (now == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+        now = epoch_.load(std::memory_order_acquire);
+      }
+      seen = now;
+      if (stop_) return;
+      (*job_)(id);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  const int n_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<int64_t> epoch_{0};
+  std::atomic<int> done_{0}, arrived_{0}, generation_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  bool stop_ = false;
+};
+
+// The share [begin, end) of n items that thread id of n_threads takes, in whole multiples of unit.
+inline std::pair<int64_t, int64_t> share(int64_t n, int id, int n_threads, int64_t unit = 1) {
+  const int64_t units = (n + unit - 1) / unit;
+  const int64_t begin = units * id / n_threads * unit, end = units * (id + 1) / n_threads * unit;
+  return {std::min(begin, n), std::min(end, n)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations of one matrix input, quantized per block of 32 (natural column order).
+struct Quantized {
+  int64_t rows = 0, kp = 0;
+  std::vector<int8_t> q;       // [rows, kp]
+  std::vector<float> d;        // [rows, kp / 32] block scales
+  std::vector<int32_t> qsum;   // [rows, kp / 32] sum of the block's codes
+  std::vector<float> xsum;     // [rows, kp / 32] exact sum of the block's inputs
+
+  void resize(int64_t r, int64_t width) {
+    rows = r;
+    kp = width;
+    q.resize(r * width);
+    d.resize(r * width / kBlock);
+    qsum.resize(r * width / kBlock);
+    xsum.resize(r * width / kBlock);
+  }
+};
+
+void quantize_row(const float* x, int64_t k, Quantized& a, int64_t m) {
+  const int64_t blocks = a.kp / kBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    float v[kBlock], amax = 0.f, sum = 0.f;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const int64_t col = b * kBlock + j;
+      v[j] = col < k ? x[col] : 0.f;
+      amax = std::max(amax, std::fabs(v[j]));
+      sum += v[j];
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* out = a.q.data() + m * a.kp + b * kBlock;
+    int32_t qs = 0;
+    for (int64_t j = 0; j < kBlock; ++j) {
+      out[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+      qs += out[j];
+    }
+    a.d[m * blocks + b] = amax / 127.f;
+    a.qsum[m * blocks + b] = qs;
+    a.xsum[m * blocks + b] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A weight matrix as the step reads it.
+struct Matrix {
+  Kind kind = kF32;
+  int64_t n = 0, k = 0, kp = 0, group = 32;
+  torch::Tensor data;  // packed tiles (uint8) or the row-major weight (bf16 / f32) [n, k]
+
+  int64_t groups() const { return kp / group; }
+  int64_t tile_bytes() const { return groups() * (32 + group / kBlock * kChunk); }
+};
+
+// Where a matrix's output goes: stored, or added to what is there (the residual).
+struct Out {
+  float* data;
+  int64_t stride;
+  bool add;
+  void put(int64_t m, int64_t n0, const float* v, int64_t count) const {
+    float* row = data + m * stride + n0;
+    if (add) {
+      for (int64_t i = 0; i < count; ++i) row[i] += v[i];
+    } else {
+      std::memcpy(row, v, count * sizeof(float));
+    }
+  }
+};
+
+#if defined(__AVX2__)
+// acc[lane] += the dot product of the 4 unsigned bytes of w and the 4 signed bytes of x in that lane
+inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, w, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256 load_bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_hadd_ps(h, h);
+  return _mm_cvtss_f32(_mm_hadd_ps(h, h));
+}
+
+// One tile (8 output rows) of a quantized matrix for M input rows starting at m0.
+template <int M, bool NF4>
+void quant_tile(const Matrix& w, const Quantized& a, int64_t m0, const uint8_t* tile, __m256 (&acc)[M], __m256i lut) {
+  const int64_t per_group = w.group / kBlock, groups = w.groups(), blocks = a.kp / kBlock;
+  const __m256i low = _mm256_set1_epi8(15);
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 scale, zero = _mm256_setzero_ps();
+    if constexpr (NF4) {
+      scale = _mm256_loadu_ps(reinterpret_cast<const float*>(tile));
+    } else {
+      scale = load_bf16x8(reinterpret_cast<const uint16_t*>(tile));
+      zero = load_bf16x8(reinterpret_cast<const uint16_t*>(tile) + 8);
+    }
+    tile += 32;
+    __m256 part[M];
+    for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
+      const int64_t b = g * per_group + p;
+      __m256i codes[8];
+      for (int c = 0; c < 4; ++c) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 32 * c));
+        codes[2 * c] = _mm256_and_si256(raw, low);
+        codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        if constexpr (NF4) {
+          codes[2 * c] = _mm256_shuffle_epi8(lut, codes[2 * c]);
+          codes[2 * c + 1] = _mm256_shuffle_epi8(lut, codes[2 * c + 1]);
+        }
+      }
+      // the rows' chains side by side, two per row (even and odd chunks): the multiply-adds
+      // of one chain wait on each other, those of different chains do not
+      const int32_t* xw[M];
+      __m256i dot[M][2];
+      for (int m = 0; m < M; ++m) {
+        xw[m] = reinterpret_cast<const int32_t*>(a.q.data() + (m0 + m) * a.kp + b * kBlock);
+        dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+      }
+      for (int c = 0; c < 8; ++c) {
+        __m256i w = codes[c];
+        const __m256i w_abs = NF4 ? _mm256_sign_epi8(w, w) : w;
+        for (int m = 0; m < M; ++m) {
+          const __m256i x = _mm256_set1_epi32(xw[m][c]);
+          dot[m][c & 1] = dot4(dot[m][c & 1], w_abs, NF4 ? _mm256_sign_epi8(x, w) : x);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const int64_t row = m0 + m;
+        __m256i sum = _mm256_add_epi32(dot[m][0], dot[m][1]);
+        if constexpr (!NF4) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(8 * a.qsum[row * blocks + b]));
+        part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(a.d[row * blocks + b]), part[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      acc[m] = _mm256_fmadd_ps(part[m], scale, acc[m]);
+      if constexpr (!NF4) {
+        float xs = 0.f;
+        for (int64_t p = 0; p < per_group; ++p) xs += a.xsum[(m0 + m) * blocks + g * per_group + p];
+        acc[m] = _mm256_fmadd_ps(zero, _mm256_set1_ps(xs), acc[m]);
+      }
+    }
+  }
+}
+
+template <int M, bool NF4>
+void quant_tiles(const Matrix& w, const Quantized& a, int64_t m0, int64_t t0, int64_t t1, const Out& out,
+                 const int8_t* lut8) {
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut8)));
+  const uint8_t* base = w.data.data_ptr<uint8_t>();
+  for (int64_t t = t0; t < t1; ++t) {
+    __m256 acc[M];
+    quant_tile<M, NF4>(w, a, m0, base + t * w.tile_bytes(), acc, lut);
+    const int64_t n0 = t * kTile, count = std::min<int64_t>(kTile, w.n - n0);
+    for (int m = 0; m < M; ++m) {
+      alignas(32) float v[kTile];
+      _mm256_store_ps(v, acc[m]);
+      out.put(m0 + m, n0, v, count);
+    }
+  }
+}
+
+// Rows n0..n1 of a row-major 16-bit or float32 matrix for M float input rows starting at m0.
+template <int M, typename W>
+void float_rows(const Matrix& w, const float* x, int64_t x_stride, int64_t m0, int64_t n0, int64_t n1, const Out& out) {
+  const W* base = w.data.data_ptr<W>();
+  const int64_t k = w.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row = base + n * k;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      __m256 wv;
+      if constexpr (std::is_same_v<W, float>) {
+        wv = _mm256_loadu_ps(row + i);
+      } else {
+        wv = load_bf16x8(reinterpret_cast<const uint16_t*>(row + i));
+      }
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + m) * x_stride + i), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float v = hsum(acc[m]);
+      for (int64_t j = i; j < k; ++j) {
+        float wj;
+        if constexpr (std::is_same_v<W, float>) {
+          wj = row[j];
+        } else {
+          wj = bf16_to_float(reinterpret_cast<const uint16_t*>(row)[j]);
+        }
+        v += wj * x[(m0 + m) * x_stride + j];
+      }
+      out.put(m0 + m, n, &v, 1);
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  float total = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+inline float dot(const float* a, const uint16_t* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_bf16x8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_bf16x8(b + i + 8), acc1);
+  }
+  float total = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) total += a[i] * bf16_to_float(b[i]);
+  return total;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+inline void axpy(float alpha, const uint16_t* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load_bf16x8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * bf16_to_float(x[i]);
+}
+#else
+// ---- the portable twins: the same layouts and the same integer arithmetic, one value at a time
+template <int M, bool NF4>
+void quant_tiles(const Matrix& w, const Quantized& a, int64_t m0, int64_t t0, int64_t t1, const Out& out,
+                 const int8_t* lut8) {
+  const int64_t per_group = w.group / kBlock, groups = w.groups(), blocks = a.kp / kBlock;
+  const uint8_t* base = w.data.data_ptr<uint8_t>();
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = base + t * w.tile_bytes();
+    float acc[M][kTile] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      float scale[kTile], zero[kTile] = {};
+      for (int r = 0; r < kTile; ++r) {
+        if constexpr (NF4) {
+          std::memcpy(&scale[r], tile + 4 * r, 4);
+        } else {
+          uint16_t s, z;
+          std::memcpy(&s, tile + 2 * r, 2);
+          std::memcpy(&z, tile + 16 + 2 * r, 2);
+          scale[r] = bf16_to_float(s);
+          zero[r] = bf16_to_float(z);
+        }
+      }
+      tile += 32;
+      float part[M][kTile] = {};
+      for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
+        const int64_t b = g * per_group + p;
+        for (int m = 0; m < M; ++m) {
+          const int8_t* x = a.q.data() + (m0 + m) * a.kp + b * kBlock;
+          for (int r = 0; r < kTile; ++r) {
+            int32_t dot = 0;
+            for (int c = 0; c < 4; ++c) {
+              for (int j = 0; j < 4; ++j) {
+                const uint8_t byte = tile[32 * c + 4 * r + j];
+                const int lo = byte & 15, hi = byte >> 4;
+                dot += (NF4 ? lut8[lo] : lo) * x[8 * c + j] + (NF4 ? lut8[hi] : hi) * x[8 * c + 4 + j];
+              }
+            }
+            if (!NF4) dot -= 8 * a.qsum[(m0 + m) * blocks + b];
+            part[m][r] = std::fma(static_cast<float>(dot), a.d[(m0 + m) * blocks + b], part[m][r]);
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        float xs = 0.f;
+        for (int64_t p = 0; p < per_group; ++p) xs += a.xsum[(m0 + m) * blocks + g * per_group + p];
+        for (int r = 0; r < kTile; ++r) {
+          acc[m][r] = std::fma(part[m][r], scale[r], acc[m][r]);
+          if (!NF4) acc[m][r] = std::fma(zero[r], xs, acc[m][r]);
+        }
+      }
+    }
+    const int64_t n0 = t * kTile, count = std::min<int64_t>(kTile, w.n - n0);
+    for (int m = 0; m < M; ++m) out.put(m0 + m, n0, acc[m], count);
+  }
+}
+
+template <int M, typename W>
+void float_rows(const Matrix& w, const float* x, int64_t x_stride, int64_t m0, int64_t n0, int64_t n1, const Out& out) {
+  const W* base = w.data.data_ptr<W>();
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int m = 0; m < M; ++m) {
+      float v = 0.f;
+      for (int64_t i = 0; i < w.k; ++i) {
+        float wi;
+        if constexpr (std::is_same_v<W, float>) {
+          wi = base[n * w.k + i];
+        } else {
+          wi = bf16_to_float(reinterpret_cast<const uint16_t*>(base)[n * w.k + i]);
+        }
+        v += wi * x[(m0 + m) * x_stride + i];
+      }
+      out.put(m0 + m, n, &v, 1);
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+inline float dot(const float* a, const uint16_t* b, int64_t n) {
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += a[i] * bf16_to_float(b[i]);
+  return total;
+}
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+inline void axpy(float alpha, const uint16_t* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * bf16_to_float(x[i]);
+}
+#endif
+
+// Runs fn(integral_constant<M>, m0) over the input rows in passes of up to kPass.
+template <typename F>
+inline void passes(int64_t rows, F&& fn) {
+  for (int64_t m0 = 0; m0 < rows; m0 += kPass) {
+    switch (std::min<int64_t>(kPass, rows - m0)) {
+      case 1: fn(std::integral_constant<int, 1>{}, m0); break;
+      case 2: fn(std::integral_constant<int, 2>{}, m0); break;
+      case 3: fn(std::integral_constant<int, 3>{}, m0); break;
+      default: fn(std::integral_constant<int, 4>{}, m0); break;
+    }
+  }
+}
+
+// Thread id's share of y = x @ W.T for `rows` input rows: x quantized (a) or float (xf).
+void matmul_share(const Matrix& w, const Quantized& a, const float* xf, int64_t x_stride, int64_t rows, const Out& out,
+                  const int8_t* lut8, int id, int n_threads) {
+  if (w.kind == kInt4 || w.kind == kNF4) {
+    const auto [t0, t1] = share((w.n + kTile - 1) / kTile, id, n_threads);
+    // tiles in runs of 16 so a run's codes stay in cache while every pass of input rows reads them
+    for (int64_t r0 = t0; r0 < t1; r0 += 16) {
+      const int64_t r1 = std::min(t1, r0 + 16);
+      passes(rows, [&](auto M, int64_t m0) {
+        if (w.kind == kInt4) {
+          quant_tiles<decltype(M)::value, false>(w, a, m0, r0, r1, out, lut8);
+        } else {
+          quant_tiles<decltype(M)::value, true>(w, a, m0, r0, r1, out, lut8);
+        }
+      });
+    }
+    return;
+  }
+  const auto [n0, n1] = share(w.n, id, n_threads);
+  for (int64_t r0 = n0; r0 < n1; r0 += 16) {
+    const int64_t r1 = std::min(n1, r0 + 16);
+    passes(rows, [&](auto M, int64_t m0) {
+      if (w.kind == kBF16) {
+        float_rows<decltype(M)::value, at::BFloat16>(w, xf, x_stride, m0, r0, r1, out);
+      } else {
+        float_rows<decltype(M)::value, float>(w, xf, x_stride, m0, r0, r1, out);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+struct Layer {
+  torch::Tensor attn_norm, ffn_norm;  // float32 [D]
+  Matrix wqkv, wo, w13, w2;
+  torch::Tensor k_cache, v_cache;  // [slots, KV, L, Dh], float32 or bf16
+};
+
+class Step {
+ public:
+  Step(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden, double eps, torch::Tensor cos,
+       torch::Tensor sin, torch::Tensor final_norm, torch::Tensor lut8, int64_t threads)
+      : n_heads_(n_heads), n_kv_(n_kv_heads), dh_(head_dim), hidden_(hidden), eps_(static_cast<float>(eps)),
+        cos_(cos.contiguous().to(torch::kFloat)), sin_(sin.contiguous().to(torch::kFloat)),
+        final_norm_(final_norm.contiguous().to(torch::kFloat)), lut8_(lut8.contiguous()), pool_(static_cast<int>(threads)) {
+    TORCH_CHECK(lut8_.numel() == 16 && lut8_.scalar_type() == torch::kChar, "step: the nf4 code book must be 16 int8 values");
+    TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim && n_heads % n_kv_heads == 0, "step: unsupported head layout");
+    dim_ = final_norm_.numel();
+  }
+
+  void add_layer(torch::Tensor attn_norm, torch::Tensor ffn_norm, const std::vector<torch::Tensor>& wqkv,
+                 const std::vector<torch::Tensor>& wo, const std::vector<torch::Tensor>& w13,
+                 const std::vector<torch::Tensor>& w2, torch::Tensor k_cache, torch::Tensor v_cache) {
+    Layer l;
+    l.attn_norm = attn_norm.contiguous().to(torch::kFloat);
+    l.ffn_norm = ffn_norm.contiguous().to(torch::kFloat);
+    l.wqkv = matrix(wqkv);
+    l.wo = matrix(wo);
+    l.w13 = matrix(w13);
+    l.w2 = matrix(w2);
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "step: caches must be contiguous [slots, KV, L, Dh]");
+    TORCH_CHECK(k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kBFloat16, "step: caches must be float32 or bf16");
+    TORCH_CHECK(l.wqkv.n == (n_heads_ + 2 * n_kv_) * dh_ && l.w13.n == 2 * hidden_ && l.w2.k == hidden_, "step: layer shapes do not match the model");
+    l.k_cache = k_cache;
+    l.v_cache = v_cache;
+    layers_.push_back(std::move(l));
+  }
+
+  void set_output(const std::vector<torch::Tensor>& output) { output_ = matrix(output); }
+
+  // x [T, D] embeddings of the step's tokens at positions[T] of slots[T] -> logits [T, V]
+  torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots) {
+    TORCH_CHECK(output_.n > 0 && !layers_.empty(), "step: the model is not complete");
+    x = x.contiguous().to(torch::kFloat);
+    positions = positions.contiguous().to(torch::kLong);
+    slots = slots.contiguous().to(torch::kLong);
+    const int64_t t_count = x.size(0);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == dim_ && positions.numel() == t_count && slots.numel() == t_count, "step: x must be [T, D] with a position and a slot per row");
+    const auto& cache = layers_[0].k_cache;
+    const int64_t *pos = positions.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+    for (int64_t t = 0; t < t_count; ++t) {
+      TORCH_CHECK(pos[t] >= 0 && pos[t] < cache.size(2) && pos[t] < cos_.size(0), "step: position ", pos[t], " is outside the cache");
+      TORCH_CHECK(slot[t] >= 0 && slot[t] < cache.size(0), "step: slot ", slot[t], " does not exist");
+    }
+    auto logits = torch::empty({t_count, output_.n}, torch::kFloat);
+    if (t_count == 0) return logits;
+    State s;
+    s.t = t_count;
+    s.pos = pos;
+    s.slot = slot;
+    s.x = x.clone();
+    const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_;
+    s.qkv.resize(t_count * qkv_w);
+    s.attn.resize(t_count * n_heads_ * dh_);
+    s.h13.resize(t_count * 2 * hidden_);
+    s.act.resize(t_count * hidden_);
+    s.normed.resize(t_count * dim_);
+    s.logits = logits.data_ptr<float>();
+    if (static_cast<int>(scratch_.size()) != pool_.size()) scratch_.resize(pool_.size());
+    pool_.run([&](int id) { run(s, id); });
+    return logits;
+  }
+
+  int64_t threads() const { return pool_.size(); }
+
+ private:
+  struct State {
+    int64_t t = 0;
+    const int64_t *pos = nullptr, *slot = nullptr;
+    torch::Tensor x;  // [T, D] the residual stream
+    std::vector<float> qkv, attn, h13, act, normed;
+    float* logits = nullptr;
+  };
+  struct Scratch {
+    Quantized a;
+    std::vector<float> normed, scores;
+  };
+
+  Matrix matrix(const std::vector<torch::Tensor>& parts) {
+    // [kind, packed or weight, n, k, kp, group] as tensors from Python: kind/n/k/kp/group packed
+    // into one int64 tensor so the binding stays small
+    TORCH_CHECK(parts.size() == 2, "step: a matrix is (meta, data)");
+    const auto meta = parts[0].contiguous().to(torch::kLong);
+    const int64_t* mp = meta.data_ptr<int64_t>();
+    Matrix w;
+    w.kind = static_cast<Kind>(mp[0]);
+    w.n = mp[1];
+    w.k = mp[2];
+    w.kp = mp[3];
+    w.group = mp[4];
+    w.data = parts[1].contiguous();
+    if (w.kind == kInt4 || w.kind == kNF4) {
+      TORCH_CHECK(w.group % kBlock == 0 && w.kp % w.group == 0, "step: groups must be whole blocks of 32");
+      TORCH_CHECK(w.data.scalar_type() == torch::kByte && w.data.numel() == (w.n + kTile - 1) / kTile * w.tile_bytes(), "step: packed weight has the wrong size");
+    } else {
+      TORCH_CHECK(w.data.dim() == 2 && w.data.size(0) == w.n && w.data.size(1) == w.k, "step: float weight has the wrong shape");
+      TORCH_CHECK((w.kind == kBF16 && w.data.scalar_type() == torch::kBFloat16) || (w.kind == kF32 && w.data.scalar_type() == torch::kFloat), "step: float weight has the wrong dtype");
+    }
+    return w;
+  }
+
+  // RMSNorm of every row of x [T, D] into out (every thread does all rows: they are few and short)
+  void norm_rows(const float* x, const torch::Tensor& weight, int64_t t_count, float* out) const {
+    const float* wp = weight.data_ptr<float>();
+    for (int64_t t = 0; t < t_count; ++t) {
+      const float* xr = x + t * dim_;
+      const float inv = 1.f / std::sqrt(dot(xr, xr, dim_) / static_cast<float>(dim_) + eps_);
+      for (int64_t i = 0; i < dim_; ++i) out[t * dim_ + i] = xr[i] * inv * wp[i];
+    }
+  }
+
+  // Each thread quantizes the whole input (a few rows) into its own buffer: no barrier needed.
+  void prepare(const Matrix& w, const float* x, int64_t k, int64_t t_count, Scratch& sc) const {
+    if (w.kind != kInt4 && w.kind != kNF4) return;
+    sc.a.resize(t_count, w.kp);
+    for (int64_t t = 0; t < t_count; ++t) quantize_row(x + t * k, k, sc.a, t);
+  }
+
+  void matmul(const Matrix& w, const float* x, int64_t k, int64_t t_count, const Out& out, Scratch& sc, int id) {
+    prepare(w, x, k, t_count, sc);
+    matmul_share(w, sc.a, x, k, t_count, out, lut8_.data_ptr<int8_t>(), id, pool_.size());
+  }
+
+  template <typename C>
+  void rope_store(State& s, const Layer& l, int id) {
+    const int64_t heads = n_heads_ + 2 * n_kv_, qkv_w = heads * dh_, half = dh_ / 2, max_len = l.k_cache.size(2);
+    C* kc = reinterpret_cast<C*>(l.k_cache.data_ptr());
+    C* vc = reinterpret_cast<C*>(l.v_cache.data_ptr());
+    const float *cp = cos_.data_ptr<float>(), *sp = sin_.data_ptr<float>();
+    const auto [begin, end] = share(s.t * heads, id, pool_.size());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / heads, h = task % heads;
+      float* x = s.qkv.data() + t * qkv_w + h * dh_;
+      const int64_t at = ((s.slot[t] * n_kv_ + (h - n_heads_) % n_kv_) * max_len + s.pos[t]) * dh_;
+      if (h >= n_heads_ + n_kv_) {  // a value: stored as it is
+        C* dst = vc + ((s.slot[t] * n_kv_ + (h - n_heads_ - n_kv_)) * max_len + s.pos[t]) * dh_;
+        for (int64_t i = 0; i < dh_; ++i) dst[i] = store<C>(x[i]);
+        continue;
+      }
+      const float *c = cp + s.pos[t] * dh_, *sn = sp + s.pos[t] * dh_;
+      float rotated[kMaxHeadDim];
+      for (int64_t i = 0; i < half; ++i) {
+        rotated[i] = x[i] * c[i] - x[i + half] * sn[i];
+        rotated[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
+      }
+      if (h < n_heads_) {
+        std::memcpy(x, rotated, dh_ * sizeof(float));  // the query, rotated in place
+      } else {
+        for (int64_t i = 0; i < dh_; ++i) kc[at + i] = store<C>(rotated[i]);
+      }
+    }
+  }
+
+  template <typename C>
+  static C store(float v) {
+    if constexpr (std::is_same_v<C, float>) {
+      return v;
+    } else {
+      return float_to_bf16(v);
+    }
+  }
+
+  template <typename C>
+  void attend(State& s, const Layer& l, Scratch& sc, int id) {
+    const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, max_len = l.k_cache.size(2), group = n_heads_ / n_kv_;
+    const C* kc = reinterpret_cast<const C*>(l.k_cache.data_ptr());
+    const C* vc = reinterpret_cast<const C*>(l.v_cache.data_ptr());
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));  // as kernels/decode.py
+    const auto [begin, end] = share(s.t * n_heads_, id, pool_.size());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / n_heads_, h = task % n_heads_, len = s.pos[t] + 1;
+      if (static_cast<int64_t>(sc.scores.size()) < len) sc.scores.resize(len);
+      const float* q = s.qkv.data() + t * qkv_w + h * dh_;
+      const int64_t head = (s.slot[t] * n_kv_ + h / group) * max_len * dh_;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        sc.scores[j] = dot(q, as_dot(kc + head + j * dh_), dh_) * scale;
+        top = std::max(top, sc.scores[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < len; ++j) total += (sc.scores[j] = std::exp(sc.scores[j] - top));
+      float* o = s.attn.data() + task * dh_;
+      std::memset(o, 0, dh_ * sizeof(float));
+      for (int64_t j = 0; j < len; ++j) axpy(sc.scores[j] / total, as_dot(vc + head + j * dh_), o, dh_);
+    }
+  }
+
+  static const float* as_dot(const float* p) { return p; }
+  static const uint16_t* as_dot(const uint16_t* p) { return p; }
+
+  void run(State& s, int id) {
+    Scratch& sc = scratch_[id];
+    const int64_t t = s.t, qkv_w = (n_heads_ + 2 * n_kv_) * dh_;
+    float* x = s.x.data_ptr<float>();
+    sc.normed.resize(t * std::max(dim_, hidden_));
+    for (const Layer& l : layers_) {
+      const bool bf16 = l.k_cache.scalar_type() == torch::kBFloat16;
+      norm_rows(x, l.attn_norm, t, sc.normed.data());
+      matmul(l.wqkv, sc.normed.data(), dim_, t, Out{s.qkv.data(), qkv_w, false}, sc, id);
+      pool_.sync();
+      bf16 ? rope_store<uint16_t>(s, l, id) : rope_store<float>(s, l, id);
+      pool_.sync();
+      bf16 ? attend<uint16_t>(s, l, sc, id) : attend<float>(s, l, sc, id);
+      pool_.sync();
+      matmul(l.wo, s.attn.data(), n_heads_ * dh_, t, Out{x, dim_, true}, sc, id);
+      pool_.sync();
+      norm_rows(x, l.ffn_norm, t, sc.normed.data());
+      matmul(l.w13, sc.normed.data(), dim_, t, Out{s.h13.data(), 2 * hidden_, false}, sc, id);
+      pool_.sync();
+      silu_mul(s, sc);
+      matmul(l.w2, sc.normed.data(), hidden_, t, Out{x, dim_, true}, sc, id);
+      pool_.sync();
+    }
+    norm_rows(x, final_norm_, t, sc.normed.data());
+    matmul(output_, sc.normed.data(), dim_, t, Out{s.logits, output_.n, false}, sc, id);
+  }
+
+  // silu(gate) * up for every row, into the thread's own buffer (the w2 input)
+  void silu_mul(const State& s, Scratch& sc) const {
+    for (int64_t t = 0; t < s.t; ++t) {
+      const float* gate = s.h13.data() + t * 2 * hidden_;
+      const float* up = gate + hidden_;
+      float* out = sc.normed.data() + t * hidden_;
+      for (int64_t i = 0; i < hidden_; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    }
+  }
+
+  const int64_t n_heads_, n_kv_, dh_, hidden_;
+  const float eps_;
+  torch::Tensor cos_, sin_, final_norm_, lut8_;
+  int64_t dim_ = 0;
+  std::vector<Layer> layers_;
+  Matrix output_;
+  Pool pool_;
+  std::vector<Scratch> scratch_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Repacking from the reference layouts (codes [N, Kp/2], even column in the low nibble).
+inline uint8_t code_at(const uint8_t* row, int64_t col) {
+  const uint8_t byte = row[col / 2];
+  return col & 1 ? byte >> 4 : byte & 15;
+}
+
+template <typename Header>
+torch::Tensor pack_tiles(const torch::Tensor& codes, int64_t group, Header&& header) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kByte, "pack: codes must be uint8 [N, Kp/2]");
+  TORCH_CHECK(group % kBlock == 0, "pack: the group / block size must be a multiple of 32");
+  const auto c = codes.contiguous();
+  const int64_t n = c.size(0), kp = c.size(1) * 2, groups = kp / group, per_group = group / kBlock;
+  const int64_t tile_bytes = groups * (32 + per_group * kChunk), tiles = (n + kTile - 1) / kTile;
+  auto out = torch::zeros({tiles * tile_bytes}, torch::kByte);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  for (int64_t t = 0; t < tiles; ++t) {
+    uint8_t* tile = o + t * tile_bytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t r = 0; r < kTile && t * kTile + r < n; ++r) header(tile, t * kTile + r, r, g);
+      tile += 32;
+      for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
+        const int64_t col0 = (g * per_group + p) * kBlock;
+        for (int64_t r = 0; r < kTile && t * kTile + r < n; ++r) {
+          const uint8_t* row = cp + (t * kTile + r) * (kp / 2);
+          for (int cc = 0; cc < 4; ++cc)
+            for (int j = 0; j < 4; ++j)
+              tile[32 * cc + 4 * r + j] = code_at(row, col0 + 8 * cc + j) | code_at(row, col0 + 8 * cc + 4 + j) << 4;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+torch::Tensor pack_int4(torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros, int64_t group) {
+  TORCH_CHECK(scales.scalar_type() == torch::kBFloat16 && zeros.scalar_type() == torch::kBFloat16, "pack_int4: scales and zeros must be bf16");
+  const auto s = scales.contiguous(), z = zeros.contiguous();
+  const int64_t groups = s.size(1);
+  const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>());
+  const auto* zp = reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>());
+  return pack_tiles(codes, group, [&](uint8_t* tile, int64_t row, int64_t r, int64_t g) {
+    std::memcpy(tile + 2 * r, sp + row * groups + g, 2);
+    std::memcpy(tile + 16 + 2 * r, zp + row * groups + g, 2);
+  });
+}
+
+torch::Tensor pack_nf4(torch::Tensor codes, torch::Tensor absmax, c10::optional<torch::Tensor> chunk_scale, double offset,
+                       int64_t block) {
+  const auto am = absmax.contiguous();
+  const c10::optional<torch::Tensor> cs = chunk_scale.has_value() ? c10::optional<torch::Tensor>(chunk_scale->contiguous()) : c10::nullopt;
+  const turnout::NF4Scales scales = turnout::make_nf4_scales(am, cs, offset);
+  return pack_tiles(codes, block, [&](uint8_t* tile, int64_t row, int64_t r, int64_t g) {
+    const float v = scales.at(row, g) / 127.f;
+    std::memcpy(tile + 4 * r, &v, 4);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Step>(m, "Step")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, torch::Tensor,
+                          torch::Tensor, int64_t>())
+      .def("add_layer", &Step::add_layer)
+      .def("set_output", &Step::set_output)
+      .def("forward", &Step::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("threads", &Step::threads);
+  m.def("pack_int4", &pack_int4, "int4 reference layout -> the step's tiles of 8 rows");
+  m.def("pack_nf4", &pack_nf4, "nf4 reference layout -> the step's tiles of 8 rows");
+  m.def("tile_bytes", [](int64_t kp, int64_t group) { return kp / group * (32 + group / kBlock * kChunk); });
+}
