@@ -23,12 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # the tiles' layout version: a cached packing of another version is packed again
-PACK_VERSION = "1"
+PACK_VERSION = "2"
 INT4, NF4, BF16, F32 = 0, 1, 2, 3
 
 
 def pack(q: int4.Int4Weight | nf4.NF4Weight) -> Tensor:
-    """The step's tiles of 8 output rows from the reference layout (``uint8``, flat)."""
+    """The step's tiles of 16 output rows from the reference layout (``uint8``, flat)."""
     ext = cpu.build("step")
     if isinstance(q, int4.Int4Weight):
         return ext.pack_int4(q.codes, q.scales, q.zeros, q.group_size)

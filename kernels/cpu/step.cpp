@@ -3,15 +3,17 @@
 // nothing returns to Python; a persistent pool of threads, one per core, splits each matrix by
 // output rows and meets at a spin barrier between dependent stages (five per layer).
 //
-// Weights are repacked once (pack_int4 / pack_nf4) into tiles of 8 output rows. Per group of
-// columns a tile holds its 8 rows' scales, then per block of 32 columns 128 bytes of codes:
-// chunk c (32 bytes) has 4 bytes per row, byte j carrying column 8c + j in its low nibble and
-// 8c + 4 + j in its high nibble. One 4-byte broadcast of the int8 activations then meets the
-// same 4 columns of all 8 rows, and a multiply-add of unsigned codes by signed activations
+// Weights are repacked once (pack_int4 / pack_nf4) into tiles of 16 output rows. Per group of
+// columns a tile holds its 16 rows' scales (64 bytes), then per block of 32 columns 256 bytes of
+// codes: chunk c (64 bytes) has 4 bytes per row, byte j carrying column 8c + j in its low nibble
+// and 8c + 4 + j in its high nibble. One 4-byte broadcast of the int8 activations then meets the
+// same 4 columns of all 16 rows, and a multiply-add of unsigned codes by signed activations
 // leaves each row's partial sum in its own 32-bit lane: no horizontal sums, one activation load
-// for 8 rows. The multiply-add is vpdpbusd on AVX-512 VNNI and vpmaddubsw + vpmaddwd on AVX2.
+// for 16 rows. The multiply-add is vpdpbusd on a zmm (a whole tile) with AVX-512 VNNI, and
+// vpmaddubsw + vpmaddwd on two ymm halves with AVX2.
 //   int4: w = (q - 8) s + z  ->  s * sum_b d_b (q . xq_b - 8 sum(xq_b)) + z * sum_group(x)
-//   nf4:  w = NF4[q] a       ->  a / 127 * sum_b d_b (lut8[q] . xq_b)   (sign trick: |w| . sign(x, w))
+//   nf4:  w = NF4[q] a       ->  a / 127 * sum_b d_b (lut8[q] . xq_b)
+//         (VNNI: lut8 + 128 as unsigned codes, minus 128 sum(xq_b); AVX2: |w| . sign(x, w))
 // The activations are quantized to int8 per block of 32 (absmax / 127, round half to even) once
 // per matrix input, and shared by the matrices that read the same input (Q/K/V; gate/up): the
 // same arithmetic as kernels/cpu/a8.cpp, whose torch twin is the reference.
@@ -23,6 +25,8 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -33,9 +37,10 @@
 
 namespace {
 
-constexpr int64_t kTile = 8;    // output rows interleaved per tile
-constexpr int64_t kBlock = 32;  // activation block
-constexpr int64_t kChunk = 128; // code bytes per block per tile
+constexpr int64_t kTile = 16;    // output rows interleaved per tile
+constexpr int64_t kBlock = 32;   // activation block
+constexpr int64_t kChunk = 256;  // code bytes per block per tile: 4 chunks of 4 bytes per row
+constexpr int64_t kHeader = 64;  // scale bytes per group per tile
 constexpr int kPass = 4;        // input rows that share one read of a tile
 constexpr int64_t kMaxHeadDim = 512;
 
@@ -152,6 +157,8 @@ struct Quantized {
   std::vector<float> d;        // [rows, kp / 32] block scales
   std::vector<int32_t> qsum;   // [rows, kp / 32] sum of the block's codes
   std::vector<float> xsum;     // [rows, kp / 32] exact sum of the block's inputs
+  std::vector<float> gsum;     // [rows, kp / group] exact sum of each group's inputs (int4 zeros)
+  std::vector<int32_t> qoff;   // [rows, kp / 32] offset * qsum: what unsigned codes add to a dot product
 
   void resize(int64_t r, int64_t width) {
     rows = r;
@@ -160,6 +167,19 @@ struct Quantized {
     d.resize(r * width / kBlock);
     qsum.resize(r * width / kBlock);
     xsum.resize(r * width / kBlock);
+    qoff.resize(r * width / kBlock);
+  }
+
+  // Per-matrix extras: group sums for `group`, and the code offset the kernel subtracts.
+  void finish(int64_t group, int32_t offset) {
+    const int64_t blocks = kp / kBlock, per_group = group / kBlock, groups = kp / group;
+    gsum.assign(rows * groups, 0.f);
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        gsum[m * groups + b / per_group] += xsum[m * blocks + b];
+        qoff[m * blocks + b] = offset * qsum[m * blocks + b];
+      }
+    }
   }
 };
 
@@ -194,7 +214,7 @@ struct Matrix {
   torch::Tensor data;  // packed tiles (uint8) or the row-major weight (bf16 / f32) [n, k]
 
   int64_t groups() const { return kp / group; }
-  int64_t tile_bytes() const { return groups() * (32 + group / kBlock * kChunk); }
+  int64_t tile_bytes() const { return groups() * (kHeader + group / kBlock * kChunk); }
 };
 
 // Where a matrix's output goes: stored, or added to what is there (the residual).
@@ -213,15 +233,6 @@ struct Out {
 };
 
 #if defined(__AVX2__)
-// acc[lane] += the dot product of the 4 unsigned bytes of w and the 4 signed bytes of x in that lane
-inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(acc, w, x);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
-#endif
-}
-
 inline __m256 load_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
@@ -231,87 +242,206 @@ inline float hsum(__m256 v) {
   h = _mm_hadd_ps(h, h);
   return _mm_cvtss_f32(_mm_hadd_ps(h, h));
 }
+#endif
 
-// One tile (8 output rows) of a quantized matrix for M input rows starting at m0.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// ---- AVX-512 VNNI: a whole tile (16 rows) per zmm, vpdpbusd. nf4 codes look up LUT8 + 128 (unsigned),
+// so both formats multiply unsigned codes and subtract offset * sum(xq) (8 for int4, 128 for nf4).
+constexpr int32_t kNF4Offset = 128;
+
+inline __m512 load_bf16x16(const uint8_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 template <int M, bool NF4>
-void quant_tile(const Matrix& w, const Quantized& a, int64_t m0, const uint8_t* tile, __m256 (&acc)[M], __m256i lut) {
+void quant_tile(const Matrix& w, const Quantized& a, int64_t m0, const uint8_t* tile, float (*out)[kTile],
+                const int8_t* lut8) {
   const int64_t per_group = w.group / kBlock, groups = w.groups(), blocks = a.kp / kBlock;
-  const __m256i low = _mm256_set1_epi8(15);
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i lut = _mm512_add_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut8))),
+                                      _mm512_set1_epi8(static_cast<char>(0x80)));
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 scale, zero = _mm256_setzero_ps();
-    if constexpr (NF4) {
-      scale = _mm256_loadu_ps(reinterpret_cast<const float*>(tile));
-    } else {
-      scale = load_bf16x8(reinterpret_cast<const uint16_t*>(tile));
-      zero = load_bf16x8(reinterpret_cast<const uint16_t*>(tile) + 8);
-    }
-    tile += 32;
-    __m256 part[M];
-    for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+    const __m512 scale = NF4 ? _mm512_loadu_ps(reinterpret_cast<const float*>(tile)) : load_bf16x16(tile);
+    const __m512 zero = NF4 ? _mm512_setzero_ps() : load_bf16x16(tile + 32);
+    tile += kHeader;
+    __m512 part[M];
+    for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
     for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
       const int64_t b = g * per_group + p;
-      __m256i codes[8];
+      __m512i codes[8];
+#pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 32 * c));
-        codes[2 * c] = _mm256_and_si256(raw, low);
-        codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        const __m512i raw = _mm512_loadu_si512(tile + 64 * c);
+        codes[2 * c] = _mm512_and_si512(raw, low);
+        codes[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
         if constexpr (NF4) {
-          codes[2 * c] = _mm256_shuffle_epi8(lut, codes[2 * c]);
-          codes[2 * c + 1] = _mm256_shuffle_epi8(lut, codes[2 * c + 1]);
+          codes[2 * c] = _mm512_shuffle_epi8(lut, codes[2 * c]);
+          codes[2 * c + 1] = _mm512_shuffle_epi8(lut, codes[2 * c + 1]);
         }
       }
-      // the rows' chains side by side, two per row (even and odd chunks): the multiply-adds
-      // of one chain wait on each other, those of different chains do not
+      // the rows' chains side by side, two per row (even and odd chunks): the multiply-adds of one
+      // chain wait on each other, those of different chains do not
       const int32_t* xw[M];
-      __m256i dot[M][2];
+      __m512i dot[M][2];
+#pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
         xw[m] = reinterpret_cast<const int32_t*>(a.q.data() + (m0 + m) * a.kp + b * kBlock);
-        dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+        dot[m][0] = dot[m][1] = _mm512_setzero_si512();
       }
+#pragma GCC unroll 8
       for (int c = 0; c < 8; ++c) {
-        __m256i w = codes[c];
-        const __m256i w_abs = NF4 ? _mm256_sign_epi8(w, w) : w;
-        for (int m = 0; m < M; ++m) {
-          const __m256i x = _mm256_set1_epi32(xw[m][c]);
-          dot[m][c & 1] = dot4(dot[m][c & 1], w_abs, NF4 ? _mm256_sign_epi8(x, w) : x);
-        }
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) dot[m][c & 1] = _mm512_dpbusd_epi32(dot[m][c & 1], codes[c], _mm512_set1_epi32(xw[m][c]));
       }
+#pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
-        const int64_t row = m0 + m;
-        __m256i sum = _mm256_add_epi32(dot[m][0], dot[m][1]);
-        if constexpr (!NF4) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(8 * a.qsum[row * blocks + b]));
-        part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(a.d[row * blocks + b]), part[m]);
+        const int64_t i = (m0 + m) * blocks + b;
+        const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(dot[m][0], dot[m][1]), _mm512_set1_epi32(a.qoff[i]));
+        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[i]), part[m]);
       }
     }
     for (int m = 0; m < M; ++m) {
-      acc[m] = _mm256_fmadd_ps(part[m], scale, acc[m]);
-      if constexpr (!NF4) {
-        float xs = 0.f;
-        for (int64_t p = 0; p < per_group; ++p) xs += a.xsum[(m0 + m) * blocks + g * per_group + p];
-        acc[m] = _mm256_fmadd_ps(zero, _mm256_set1_ps(xs), acc[m]);
+      acc[m] = _mm512_fmadd_ps(part[m], scale, acc[m]);
+      if constexpr (!NF4) acc[m] = _mm512_fmadd_ps(zero, _mm512_set1_ps(a.gsum[(m0 + m) * groups + g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(out[m], acc[m]);
+}
+#elif defined(__AVX2__)
+// ---- AVX2: a tile as two halves of 8 rows per ymm, vpmaddubsw + vpmaddwd (nf4: |w| . sign(x, w))
+constexpr int32_t kNF4Offset = 0;
+
+template <int M, bool NF4>
+void quant_tile(const Matrix& w, const Quantized& a, int64_t m0, const uint8_t* tile0, float (*out)[kTile],
+                const int8_t* lut8) {
+  const int64_t per_group = w.group / kBlock, groups = w.groups(), blocks = a.kp / kBlock;
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut8)));
+  for (int64_t half = 0; half < 2; ++half) {
+    const uint8_t* tile = tile0;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 scale = NF4 ? _mm256_loadu_ps(reinterpret_cast<const float*>(tile) + 8 * half)
+                               : load_bf16x8(reinterpret_cast<const uint16_t*>(tile) + 8 * half);
+      const __m256 zero = NF4 ? _mm256_setzero_ps() : load_bf16x8(reinterpret_cast<const uint16_t*>(tile + 32) + 8 * half);
+      tile += kHeader;
+      __m256 part[M];
+      for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
+      for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
+        const int64_t b = g * per_group + p;
+        __m256i codes[8];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + 64 * c + 32 * half));
+          codes[2 * c] = _mm256_and_si256(raw, low);
+          codes[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+          if constexpr (NF4) {
+            codes[2 * c] = _mm256_shuffle_epi8(lut, codes[2 * c]);
+            codes[2 * c + 1] = _mm256_shuffle_epi8(lut, codes[2 * c + 1]);
+          }
+        }
+        const int32_t* xw[M];
+        __m256i dot[M][2];
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          xw[m] = reinterpret_cast<const int32_t*>(a.q.data() + (m0 + m) * a.kp + b * kBlock);
+          dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; ++c) {
+          const __m256i wu = NF4 ? _mm256_sign_epi8(codes[c], codes[c]) : codes[c];
+#pragma GCC unroll 4
+          for (int m = 0; m < M; ++m) {
+            __m256i x = _mm256_set1_epi32(xw[m][c]);
+            if constexpr (NF4) x = _mm256_sign_epi8(x, codes[c]);
+            dot[m][c & 1] = _mm256_add_epi32(dot[m][c & 1], _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones));
+          }
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          const int64_t i = (m0 + m) * blocks + b;
+          const __m256i sum = _mm256_sub_epi32(_mm256_add_epi32(dot[m][0], dot[m][1]), _mm256_set1_epi32(a.qoff[i]));
+          part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(a.d[i]), part[m]);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm256_fmadd_ps(part[m], scale, acc[m]);
+        if constexpr (!NF4) acc[m] = _mm256_fmadd_ps(zero, _mm256_set1_ps(a.gsum[(m0 + m) * groups + g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm256_storeu_ps(out[m] + 8 * half, acc[m]);
+  }
+}
+#else
+// ---- the portable twin: the same layout and the same integer arithmetic, one value at a time
+constexpr int32_t kNF4Offset = 0;
+
+template <int M, bool NF4>
+void quant_tile(const Matrix& w, const Quantized& a, int64_t m0, const uint8_t* tile, float (*out)[kTile],
+                const int8_t* lut8) {
+  const int64_t per_group = w.group / kBlock, groups = w.groups(), blocks = a.kp / kBlock;
+  float acc[M][kTile] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    float scale[kTile], zero[kTile] = {};
+    for (int r = 0; r < kTile; ++r) {
+      if constexpr (NF4) {
+        std::memcpy(&scale[r], tile + 4 * r, 4);
+      } else {
+        uint16_t sv, zv;
+        std::memcpy(&sv, tile + 2 * r, 2);
+        std::memcpy(&zv, tile + 32 + 2 * r, 2);
+        scale[r] = bf16_to_float(sv);
+        zero[r] = bf16_to_float(zv);
+      }
+    }
+    tile += kHeader;
+    float part[M][kTile] = {};
+    for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
+      const int64_t b = g * per_group + p;
+      for (int m = 0; m < M; ++m) {
+        const int8_t* x = a.q.data() + (m0 + m) * a.kp + b * kBlock;
+        const int64_t i = (m0 + m) * blocks + b;
+        for (int r = 0; r < kTile; ++r) {
+          int32_t dot = 0;
+          for (int c = 0; c < 4; ++c) {
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t byte = tile[64 * c + 4 * r + j];
+              const int lo = byte & 15, hi = byte >> 4;
+              dot += (NF4 ? lut8[lo] : lo) * x[8 * c + j] + (NF4 ? lut8[hi] : hi) * x[8 * c + 4 + j];
+            }
+          }
+          dot -= a.qoff[i];
+          part[m][r] = std::fma(static_cast<float>(dot), a.d[i], part[m][r]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      for (int r = 0; r < kTile; ++r) {
+        acc[m][r] = std::fma(part[m][r], scale[r], acc[m][r]);
+        if (!NF4) acc[m][r] = std::fma(zero[r], a.gsum[(m0 + m) * groups + g], acc[m][r]);
       }
     }
   }
+  for (int m = 0; m < M; ++m) std::memcpy(out[m], acc[m], sizeof(acc[m]));
 }
+#endif
 
 template <int M, bool NF4>
 void quant_tiles(const Matrix& w, const Quantized& a, int64_t m0, int64_t t0, int64_t t1, const Out& out,
                  const int8_t* lut8) {
-  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut8)));
   const uint8_t* base = w.data.data_ptr<uint8_t>();
   for (int64_t t = t0; t < t1; ++t) {
-    __m256 acc[M];
-    quant_tile<M, NF4>(w, a, m0, base + t * w.tile_bytes(), acc, lut);
+    alignas(64) float v[M][kTile];
+    quant_tile<M, NF4>(w, a, m0, base + t * w.tile_bytes(), v, lut8);
     const int64_t n0 = t * kTile, count = std::min<int64_t>(kTile, w.n - n0);
-    for (int m = 0; m < M; ++m) {
-      alignas(32) float v[kTile];
-      _mm256_store_ps(v, acc[m]);
-      out.put(m0 + m, n0, v, count);
-    }
+    for (int m = 0; m < M; ++m) out.put(m0 + m, n0, v[m], count);
   }
 }
 
+#if defined(__AVX2__)
 // Rows n0..n1 of a row-major 16-bit or float32 matrix for M float input rows starting at m0.
 template <int M, typename W>
 void float_rows(const Matrix& w, const float* x, int64_t x_stride, int64_t m0, int64_t n0, int64_t n1, const Out& out) {
@@ -385,62 +515,6 @@ inline void axpy(float alpha, const uint16_t* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * bf16_to_float(x[i]);
 }
 #else
-// ---- the portable twins: the same layouts and the same integer arithmetic, one value at a time
-template <int M, bool NF4>
-void quant_tiles(const Matrix& w, const Quantized& a, int64_t m0, int64_t t0, int64_t t1, const Out& out,
-                 const int8_t* lut8) {
-  const int64_t per_group = w.group / kBlock, groups = w.groups(), blocks = a.kp / kBlock;
-  const uint8_t* base = w.data.data_ptr<uint8_t>();
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint8_t* tile = base + t * w.tile_bytes();
-    float acc[M][kTile] = {};
-    for (int64_t g = 0; g < groups; ++g) {
-      float scale[kTile], zero[kTile] = {};
-      for (int r = 0; r < kTile; ++r) {
-        if constexpr (NF4) {
-          std::memcpy(&scale[r], tile + 4 * r, 4);
-        } else {
-          uint16_t s, z;
-          std::memcpy(&s, tile + 2 * r, 2);
-          std::memcpy(&z, tile + 16 + 2 * r, 2);
-          scale[r] = bf16_to_float(s);
-          zero[r] = bf16_to_float(z);
-        }
-      }
-      tile += 32;
-      float part[M][kTile] = {};
-      for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
-        const int64_t b = g * per_group + p;
-        for (int m = 0; m < M; ++m) {
-          const int8_t* x = a.q.data() + (m0 + m) * a.kp + b * kBlock;
-          for (int r = 0; r < kTile; ++r) {
-            int32_t dot = 0;
-            for (int c = 0; c < 4; ++c) {
-              for (int j = 0; j < 4; ++j) {
-                const uint8_t byte = tile[32 * c + 4 * r + j];
-                const int lo = byte & 15, hi = byte >> 4;
-                dot += (NF4 ? lut8[lo] : lo) * x[8 * c + j] + (NF4 ? lut8[hi] : hi) * x[8 * c + 4 + j];
-              }
-            }
-            if (!NF4) dot -= 8 * a.qsum[(m0 + m) * blocks + b];
-            part[m][r] = std::fma(static_cast<float>(dot), a.d[(m0 + m) * blocks + b], part[m][r]);
-          }
-        }
-      }
-      for (int m = 0; m < M; ++m) {
-        float xs = 0.f;
-        for (int64_t p = 0; p < per_group; ++p) xs += a.xsum[(m0 + m) * blocks + g * per_group + p];
-        for (int r = 0; r < kTile; ++r) {
-          acc[m][r] = std::fma(part[m][r], scale[r], acc[m][r]);
-          if (!NF4) acc[m][r] = std::fma(zero[r], xs, acc[m][r]);
-        }
-      }
-    }
-    const int64_t n0 = t * kTile, count = std::min<int64_t>(kTile, w.n - n0);
-    for (int m = 0; m < M; ++m) out.put(m0 + m, n0, acc[m], count);
-  }
-}
-
 template <int M, typename W>
 void float_rows(const Matrix& w, const float* x, int64_t x_stride, int64_t m0, int64_t n0, int64_t n1, const Out& out) {
   const W* base = w.data.data_ptr<W>();
@@ -497,9 +571,9 @@ void matmul_share(const Matrix& w, const Quantized& a, const float* xf, int64_t 
                   const int8_t* lut8, int id, int n_threads) {
   if (w.kind == kInt4 || w.kind == kNF4) {
     const auto [t0, t1] = share((w.n + kTile - 1) / kTile, id, n_threads);
-    // tiles in runs of 16 so a run's codes stay in cache while every pass of input rows reads them
-    for (int64_t r0 = t0; r0 < t1; r0 += 16) {
-      const int64_t r1 = std::min(t1, r0 + 16);
+    // tiles in runs of 4 (about 24 KB) so a run's codes stay in L1 while every pass of input rows reads them
+    for (int64_t r0 = t0; r0 < t1; r0 += 4) {
+      const int64_t r1 = std::min(t1, r0 + 4);
       passes(rows, [&](auto M, int64_t m0) {
         if (w.kind == kInt4) {
           quant_tiles<decltype(M)::value, false>(w, a, m0, r0, r1, out, lut8);
@@ -597,6 +671,17 @@ class Step {
 
   int64_t threads() const { return pool_.size(); }
 
+  // Turn the per-stage clock of thread 0 on (and zero it) or off; stage_seconds() reads it.
+  void profile(bool on) {
+    profile_ = on;
+    std::fill(std::begin(stage_seconds_), std::end(stage_seconds_), 0.0);
+  }
+  std::map<std::string, double> stage_seconds() const {
+    std::map<std::string, double> out;
+    for (int i = 0; i < kStages; ++i) out[kStageNames[i]] = stage_seconds_[i];
+    return out;
+  }
+
  private:
   struct State {
     int64_t t = 0;
@@ -648,11 +733,7 @@ class Step {
     if (w.kind != kInt4 && w.kind != kNF4) return;
     sc.a.resize(t_count, w.kp);
     for (int64_t t = 0; t < t_count; ++t) quantize_row(x + t * k, k, sc.a, t);
-  }
-
-  void matmul(const Matrix& w, const float* x, int64_t k, int64_t t_count, const Out& out, Scratch& sc, int id) {
-    prepare(w, x, k, t_count, sc);
-    matmul_share(w, sc.a, x, k, t_count, out, lut8_.data_ptr<int8_t>(), id, pool_.size());
+    sc.a.finish(w.group, w.kind == kInt4 ? 8 : kNF4Offset);
   }
 
   template <typename C>
@@ -722,31 +803,64 @@ class Step {
   static const float* as_dot(const float* p) { return p; }
   static const uint16_t* as_dot(const uint16_t* p) { return p; }
 
+  // Where thread 0's time goes, by stage, when profiling is on (a barrier's wait is its own stage).
+  enum Stage { kNorm, kQuantize, kQKV, kRope, kAttention, kWo, kW13, kSilu, kW2, kHead, kWait, kStages };
+  static constexpr const char* kStageNames[kStages] = {"norm", "quantize", "qkv", "rope_store", "attention", "wo",
+                                                       "gate_up", "silu", "down", "lm_head", "barrier"};
+  struct Clock {
+    bool on = false;
+    std::chrono::steady_clock::time_point last;
+    double* seconds = nullptr;
+    void mark(Stage stage) {
+      if (!on) return;
+      const auto now = std::chrono::steady_clock::now();
+      seconds[stage] += std::chrono::duration<double>(now - last).count();
+      last = now;
+    }
+  };
+
   void run(State& s, int id) {
     Scratch& sc = scratch_[id];
     const int64_t t = s.t, qkv_w = (n_heads_ + 2 * n_kv_) * dh_;
     float* x = s.x.data_ptr<float>();
     sc.normed.resize(t * std::max(dim_, hidden_));
+    Clock clock{profile_ && id == 0, std::chrono::steady_clock::now(), stage_seconds_};
+    auto matmul = [&](const Matrix& w, const float* in, int64_t k, const Out& out, Stage stage) {
+      prepare(w, in, k, t, sc);
+      clock.mark(kQuantize);
+      matmul_share(w, sc.a, in, k, t, out, lut8_.data_ptr<int8_t>(), id, pool_.size());
+      clock.mark(stage);
+    };
+    auto sync = [&] {
+      pool_.sync();
+      clock.mark(kWait);
+    };
     for (const Layer& l : layers_) {
       const bool bf16 = l.k_cache.scalar_type() == torch::kBFloat16;
       norm_rows(x, l.attn_norm, t, sc.normed.data());
-      matmul(l.wqkv, sc.normed.data(), dim_, t, Out{s.qkv.data(), qkv_w, false}, sc, id);
-      pool_.sync();
+      clock.mark(kNorm);
+      matmul(l.wqkv, sc.normed.data(), dim_, Out{s.qkv.data(), qkv_w, false}, kQKV);
+      sync();
       bf16 ? rope_store<uint16_t>(s, l, id) : rope_store<float>(s, l, id);
-      pool_.sync();
+      clock.mark(kRope);
+      sync();
       bf16 ? attend<uint16_t>(s, l, sc, id) : attend<float>(s, l, sc, id);
-      pool_.sync();
-      matmul(l.wo, s.attn.data(), n_heads_ * dh_, t, Out{x, dim_, true}, sc, id);
-      pool_.sync();
+      clock.mark(kAttention);
+      sync();
+      matmul(l.wo, s.attn.data(), n_heads_ * dh_, Out{x, dim_, true}, kWo);
+      sync();
       norm_rows(x, l.ffn_norm, t, sc.normed.data());
-      matmul(l.w13, sc.normed.data(), dim_, t, Out{s.h13.data(), 2 * hidden_, false}, sc, id);
-      pool_.sync();
+      clock.mark(kNorm);
+      matmul(l.w13, sc.normed.data(), dim_, Out{s.h13.data(), 2 * hidden_, false}, kW13);
+      sync();
       silu_mul(s, sc);
-      matmul(l.w2, sc.normed.data(), hidden_, t, Out{x, dim_, true}, sc, id);
-      pool_.sync();
+      clock.mark(kSilu);
+      matmul(l.w2, sc.normed.data(), hidden_, Out{x, dim_, true}, kW2);
+      sync();
     }
     norm_rows(x, final_norm_, t, sc.normed.data());
-    matmul(output_, sc.normed.data(), dim_, t, Out{s.logits, output_.n, false}, sc, id);
+    clock.mark(kNorm);
+    matmul(output_, sc.normed.data(), dim_, Out{s.logits, output_.n, false}, kHead);
   }
 
   // silu(gate) * up for every row, into the thread's own buffer (the w2 input)
@@ -767,6 +881,8 @@ class Step {
   Matrix output_;
   Pool pool_;
   std::vector<Scratch> scratch_;
+  bool profile_ = false;
+  double stage_seconds_[kStages] = {};
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -782,7 +898,7 @@ torch::Tensor pack_tiles(const torch::Tensor& codes, int64_t group, Header&& hea
   TORCH_CHECK(group % kBlock == 0, "pack: the group / block size must be a multiple of 32");
   const auto c = codes.contiguous();
   const int64_t n = c.size(0), kp = c.size(1) * 2, groups = kp / group, per_group = group / kBlock;
-  const int64_t tile_bytes = groups * (32 + per_group * kChunk), tiles = (n + kTile - 1) / kTile;
+  const int64_t tile_bytes = groups * (kHeader + per_group * kChunk), tiles = (n + kTile - 1) / kTile;
   auto out = torch::zeros({tiles * tile_bytes}, torch::kByte);
   uint8_t* o = out.data_ptr<uint8_t>();
   const uint8_t* cp = c.data_ptr<uint8_t>();
@@ -790,14 +906,14 @@ torch::Tensor pack_tiles(const torch::Tensor& codes, int64_t group, Header&& hea
     uint8_t* tile = o + t * tile_bytes;
     for (int64_t g = 0; g < groups; ++g) {
       for (int64_t r = 0; r < kTile && t * kTile + r < n; ++r) header(tile, t * kTile + r, r, g);
-      tile += 32;
+      tile += kHeader;
       for (int64_t p = 0; p < per_group; ++p, tile += kChunk) {
         const int64_t col0 = (g * per_group + p) * kBlock;
         for (int64_t r = 0; r < kTile && t * kTile + r < n; ++r) {
           const uint8_t* row = cp + (t * kTile + r) * (kp / 2);
           for (int cc = 0; cc < 4; ++cc)
             for (int j = 0; j < 4; ++j)
-              tile[32 * cc + 4 * r + j] = code_at(row, col0 + 8 * cc + j) | code_at(row, col0 + 8 * cc + 4 + j) << 4;
+              tile[64 * cc + 4 * r + j] = code_at(row, col0 + 8 * cc + j) | code_at(row, col0 + 8 * cc + 4 + j) << 4;
         }
       }
     }
@@ -813,7 +929,7 @@ torch::Tensor pack_int4(torch::Tensor codes, torch::Tensor scales, torch::Tensor
   const auto* zp = reinterpret_cast<const uint16_t*>(z.data_ptr<at::BFloat16>());
   return pack_tiles(codes, group, [&](uint8_t* tile, int64_t row, int64_t r, int64_t g) {
     std::memcpy(tile + 2 * r, sp + row * groups + g, 2);
-    std::memcpy(tile + 16 + 2 * r, zp + row * groups + g, 2);
+    std::memcpy(tile + 32 + 2 * r, zp + row * groups + g, 2);
   });
 }
 
@@ -837,8 +953,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Step::add_layer)
       .def("set_output", &Step::set_output)
       .def("forward", &Step::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("profile", &Step::profile)
+      .def("stage_seconds", &Step::stage_seconds)
       .def_property_readonly("threads", &Step::threads);
   m.def("pack_int4", &pack_int4, "int4 reference layout -> the step's tiles of 8 rows");
   m.def("pack_nf4", &pack_nf4, "nf4 reference layout -> the step's tiles of 8 rows");
-  m.def("tile_bytes", [](int64_t kp, int64_t group) { return kp / group * (32 + group / kBlock * kChunk); });
+  m.def("tile_bytes", [](int64_t kp, int64_t group) { return kp / group * (kHeader + group / kBlock * kChunk); });
 }
