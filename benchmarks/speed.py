@@ -1,8 +1,8 @@
 """Speed of turnout against llama.cpp and Hugging Face ``generate``: one model, one machine, one run.
 
-    .venv/bin/python benchmarks/speed.py [--dtype auto] [--quantization none,int4,nf4,int4:float,nf4:float]
-                                         [--tokens 128]
-                                         [--skip-llamacpp] [--skip-hf] [--quick]
+    .venv/bin/python benchmarks/speed.py [--dtype auto] [--quantization none,int4,nf4,int4@avx2,nf4@avx2]
+                                         [--tokens 128] [--skip-llamacpp] [--skip-llama-server]
+                                         [--skip-hf] [--quick]
 
 Systems: turnout (its HTTP server, started here on a free loopback port) once per quantization,
 llama.cpp through ``llama-cpp-python`` on the same GGUF (Q4_1), and ``transformers`` ``generate``
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib
 import json
 import math
 import os
@@ -37,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import peers  # benchmarks/ is on sys.path when run as a script
 import torch
 from tqdm import tqdm
 
 from engine import zoo
+from kernels import cpu
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
@@ -51,6 +52,10 @@ CONCURRENCY = (8, 16)
 READY_TIMEOUT_S = 900.0
 REQUEST_TIMEOUT_S = 900.0
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a")
+# ':float' keeps float decode activations; '@avx2' runs the AVX2 kernels on a CPU with wider ones
+DEFAULT_QUANTIZATIONS = ("none", "int4", "nf4", "int4@avx2", "nf4@avx2")
+LLAMA_Q4_1, LLAMA_Q4_0 = "llama.cpp Q4_1", "llama.cpp Q4_0"
+LLAMA_SERVER = "llama-server -np 16 Q4_0"
 COLUMNS = ("decode tok/s (1 stream)", "TTFT 512 (ms)", "8-stream tok/s", "16-stream tok/s")
 SUBJECTS = (
     "a lighthouse keeper",
@@ -80,6 +85,7 @@ class Config:
     reps: int
     warmups: int
     skip_llamacpp: bool
+    skip_llama_server: bool
     skip_hf: bool
     quick: bool
 
@@ -130,11 +136,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     p.add_argument(
         "--quantization",
-        default="none,int4,nf4,int4:float,nf4:float",
+        default=",".join(DEFAULT_QUANTIZATIONS),
         help="comma-separated turnout quantizations to run, each its own server; ':float' keeps float "
-        "decode activations (default: none,int4,nf4,int4:float,nf4:float)",
+        "decode activations, '@avx2' forces the AVX2 kernels (TURNOUT_ISA) "
+        f"(default: {','.join(DEFAULT_QUANTIZATIONS)})",
     )
-    p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp")
+    p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp (binding and llama-server)")
+    p.add_argument("--skip-llama-server", action="store_true", help="leave out llama-server (built once, ~10 min)")
     p.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face generate")
     p.add_argument("--quick", action="store_true", help="smoke test: one repetition, 32 tokens")
     args = p.parse_args(argv)
@@ -143,8 +151,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--tokens must be at least 2 (decode speed excludes the first token)")
     quantizations = tuple(q.strip() for q in args.quantization.split(",") if q.strip())
     known = ("none", "int4", "nf4", "int4:float", "nf4:float")
-    if not quantizations or any(q not in known for q in quantizations):
-        p.error(f"--quantization takes a comma-separated list of {', '.join(known)}")
+    if not quantizations or any(q.partition("@")[0] not in known for q in quantizations):
+        p.error(f"--quantization takes a comma-separated list of {', '.join(known)}, each optionally @<isa>")
     return Config(
         dtype=args.dtype,
         quantizations=quantizations,
@@ -152,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         reps=1 if args.quick else 3,
         warmups=1,
         skip_llamacpp=args.skip_llamacpp,
+        skip_llama_server=args.skip_llama_server or args.skip_llamacpp,
         skip_hf=args.skip_hf,
         quick=args.quick,
     )
@@ -174,6 +183,11 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # the C++ kernels' widest variant here, and the CPU features that decide it
+        "cpu_isa": cpu.runnable_isas()[0],
+        "cpu_features": sorted(
+            cpu.cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile"}
+        ),
     }
 
 
@@ -229,8 +243,9 @@ def turnout_command() -> list[str]:
 
 
 def server_command(port: int, dtype: str, max_len: int, quantization: str) -> list[str]:
-    """``quantization`` is none, int4 or nf4, optionally ``:float`` for float decode activations."""
-    method, _, activations = quantization.partition(":")
+    """``quantization`` is none, int4 or nf4, optionally ``:float`` for float decode activations
+    (and ``@isa``, which only sets the server's environment)."""
+    method, _, activations = quantization.partition("@")[0].partition(":")
     extra = ["--activations", activations] if activations else []
     return [
         *turnout_command(),
@@ -257,19 +272,19 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, ready: str = "/ready") -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     with httpx.Client(trust_env=False, timeout=5.0) as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"turnout exited with code {proc.returncode}:\n{log_tail(log)}")
+                raise RuntimeError(f"the server exited with code {proc.returncode}:\n{log_tail(log)}")
             try:
-                if client.get(f"{url}/ready").status_code == 200:
+                if client.get(f"{url}{ready}").status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-    raise RuntimeError(f"turnout was not ready after {READY_TIMEOUT_S:.0f}s:\n{log_tail(log)}")
+    raise RuntimeError(f"the server was not ready after {READY_TIMEOUT_S:.0f}s:\n{log_tail(log)}")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -287,28 +302,30 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 def turnout_server(dtype: str, max_len: int, quantization: str) -> Iterator[str]:
     """A turnout server on a free loopback port, stopped on exit; yields its base URL."""
     port = free_port()
-    with serving(server_command(port, dtype, max_len, quantization), port) as url:
+    isa = quantization.partition("@")[2]
+    env = {**os.environ, "TURNOUT_ISA": isa} if isa else None
+    with serving(server_command(port, dtype, max_len, quantization), port, env) as url:
         yield url
 
 
 @contextmanager
-def serving(command: list[str], port: int) -> Iterator[str]:
+def serving(command: list[str], port: int, env: dict[str, str] | None = None, ready: str = "/ready") -> Iterator[str]:
     """Run ``command`` (a server listening on ``port``) until it is ready, yield its base URL, stop
     it on exit; its output goes to a log that is kept only when something failed."""
     fd, name = tempfile.mkstemp(prefix="turnout-bench-", suffix=".log")
     log = Path(name)
     with os.fdopen(fd, "wb") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     failed = True
     try:
         url = f"http://{HOST}:{port}"
-        wait_ready(proc, url, log)
+        wait_ready(proc, url, log, ready)
         yield url
         failed = False
     finally:
         stop_server(proc)
         if failed:
-            tqdm.write(f"turnout server log kept at {log}")
+            tqdm.write(f"server log kept at {log}")
         else:
             log.unlink(missing_ok=True)
 
@@ -379,14 +396,17 @@ async def concurrent_tok_s(client: httpx.AsyncClient, prompts: list[list[int]], 
 
 
 def turnout_label(quantization: str) -> str:
-    if quantization == "none":
-        return "turnout"
-    method, _, activations = quantization.partition(":")
-    return f"turnout {method} ({activations or 'int8'} activations)"
+    spec, _, isa = quantization.partition("@")
+    forced = f", {isa} forced" if isa else ""
+    if spec == "none":
+        return f"turnout{' (' + isa + ' forced)' if isa else ''}"
+    method, _, activations = spec.partition(":")
+    return f"turnout {method} ({activations or 'int8'} activations{forced})"
 
 
-async def measure_turnout(url: str, cfg: Config, prompts: Prompts, quantization: str) -> Row:
-    row = Row(turnout_label(quantization))
+async def measure_server(url: str, cfg: Config, prompts: Prompts, label: str) -> Row:
+    """Single-stream decode, TTFT and concurrent streams of an OpenAI-compatible server, over HTTP."""
+    row = Row(label)
     steps = 2 * (cfg.warmups + cfg.reps) + len(CONCURRENCY) * cfg.reps
     limits = httpx.Limits(max_connections=max(CONCURRENCY) + 4, max_keepalive_connections=max(CONCURRENCY) + 4)
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
@@ -418,7 +438,7 @@ async def measure_turnout(url: str, cfg: Config, prompts: Prompts, quantization:
 
 def bench_turnout(cfg: Config, prompts: Prompts, quantization: str) -> Row:
     with turnout_server(cfg.dtype, prompts.max_len(cfg.tokens), quantization) as url:
-        return asyncio.run(measure_turnout(url, cfg, prompts, quantization))
+        return asyncio.run(measure_server(url, cfg, prompts, turnout_label(quantization)))
 
 
 def read_bandwidth_gb_s() -> float:
@@ -433,25 +453,6 @@ def read_bandwidth_gb_s() -> float:
 
 
 # -- llama.cpp --------------------------------------------------------------------------------------
-def import_llama_cpp() -> Any:
-    """``llama_cpp``, installed into this interpreter's environment on first use."""
-    try:
-        return importlib.import_module("llama_cpp")
-    except ImportError:
-        pass
-    print(
-        f"llama-cpp-python is not installed: installing it into {sys.prefix}.\n"
-        "It compiles llama.cpp from source, which takes about 8 minutes.",
-        file=sys.stderr,
-        flush=True,
-    )
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pip install llama-cpp-python failed with exit code {proc.returncode}")
-    importlib.invalidate_caches()
-    return importlib.import_module("llama_cpp")
-
-
 def llama_decode_tok_s(llm: Any, prompt: list[int], tokens: int) -> float:
     """Greedy tokens straight from the eval/sample loop (no EOS stop), first token excluded."""
     llm.reset()
@@ -474,8 +475,8 @@ def llama_ttft_ms(llm: Any, prompt: list[int]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def bench_llama_cpp(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
-    llama_cpp = import_llama_cpp()
+def bench_llama_cpp(cfg: Config, prompts: Prompts, gguf: Path, label: str) -> Row:
+    llama_cpp = peers.import_llama_cpp()
     threads = os.cpu_count() or 1
     llm = llama_cpp.Llama(
         model_path=str(gguf),
@@ -486,18 +487,29 @@ def bench_llama_cpp(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
         verbose=False,
     )
     row = Row(
-        "llama.cpp",
+        label,
         details={
             "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
             "threads": threads,
             "gguf": gguf.name,
-            "weight_bytes": gguf.stat().st_size,  # Q4_1 tensors plus a small header and vocabulary
+            "weight_bytes": gguf.stat().st_size,  # the tensors plus a small header and vocabulary
         },
     )
-    with tqdm(total=2 * (cfg.warmups + cfg.reps), desc="llama.cpp", unit="run") as bar:
+    with tqdm(total=2 * (cfg.warmups + cfg.reps), desc=label, unit="run") as bar:
         row.decode_tok_s = median_of(lambda: llama_decode_tok_s(llm, prompts.short_ids[0], cfg.tokens), cfg, bar)
         row.ttft_ms = median_of(lambda: llama_ttft_ms(llm, prompts.long_ids), cfg, bar)
     llm.close()
+    return row
+
+
+def bench_llama_server(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
+    """llama.cpp's own server with one slot per stream (continuous batching), over HTTP like turnout."""
+    binary = peers.llama_server()
+    port = free_port()
+    command = peers.llama_server_command(binary, gguf, port, prompts.max_len(cfg.tokens), max(CONCURRENCY))
+    with serving(command, port, ready="/health") as url:
+        row = asyncio.run(measure_server(url, cfg, prompts, LLAMA_SERVER))
+    row.details.update(gguf=gguf.name, weight_bytes=gguf.stat().st_size, parallel=max(CONCURRENCY))
     return row
 
 
@@ -557,6 +569,64 @@ def bench_hf(cfg: Config, prompts: Prompts, hf_dir: Path, dtype: torch.dtype, la
     return row
 
 
+# -- where a token's time goes ----------------------------------------------------------------------
+def step_breakdown(cfg: Config, prompts: Prompts, quantization: str = "int4") -> dict[str, Any]:
+    """In this process: the native step's per-stage time (thread 0's clock; 'barrier' is waiting for
+    the other threads) for 1 and 16 rows at the decode benchmark's positions, and the runner's whole
+    decode call (embedding, tensors, step) beside it: engine-only figures to set against HTTP."""
+    from engine.factory import load_engine_model
+    from engine.model.quantized import QuantSpec
+    from engine.runner import ModelRunner
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = None if quantization == "none" else QuantSpec(quantization, 32 if quantization == "int4" else 64)
+    _, model, label = load_engine_model(ZOO_MODEL, cfg.dtype, spec)
+    runner = ModelRunner(model, max(CONCURRENCY), prompts.max_len(cfg.tokens))
+    native = getattr(model, "native", None)
+    out: dict[str, Any] = {"quantization": quantization, "dtype": label, "native": native is not None, "rows": {}}
+    position = len(prompts.short_ids[0]) + cfg.tokens // 2  # the middle of the decode benchmark
+    for slot in range(max(CONCURRENCY)):
+        ids = prompts.short_ids[slot % len(prompts.short_ids)]
+        runner.prefill(slot, (ids * (position // len(ids) + 1))[:position], 0)
+    for rows in (1, max(CONCURRENCY)):
+        tokens, positions = [42] * rows, [position] * rows
+        for _ in range(5):
+            runner.decode(tokens, positions)
+        reps = 50 if rows == 1 else 10
+        if native is not None:
+            native.step.profile(True)
+        start = time.perf_counter()
+        for _ in range(reps):
+            runner.decode(tokens, positions)
+        step_ms = (time.perf_counter() - start) / reps * 1e3
+        stages = {k: v / reps * 1e3 for k, v in native.step.stage_seconds().items()} if native is not None else {}
+        if native is not None:
+            native.step.profile(False)
+        out["rows"][rows] = {"decode_call_ms": step_ms, "engine_tok_s": rows / step_ms * 1e3, "stages_ms": stages}
+    return out
+
+
+def breakdown_lines(breakdown: dict[str, Any], rows: list[Row]) -> str:
+    http = {r.system: r for r in rows}.get(turnout_label(breakdown["quantization"]))
+    lines = [f"where a token's time goes: turnout {breakdown['quantization']}, {breakdown['dtype']}"]
+    for n, r in breakdown["rows"].items():
+        stages = ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(r["stages_ms"].items(), key=lambda kv: -kv[1]) if v >= 0.005
+        )
+        lines.append(
+            f"- {n} row(s): runner.decode {r['decode_call_ms']:.2f} ms ({r['engine_tok_s']:,.0f} tok/s "
+            f"engine-only); native step stages (ms): {stages}"
+        )
+    if http is not None and http.decode_tok_s and 1 in breakdown["rows"]:
+        per_token = 1e3 / http.decode_tok_s
+        engine = breakdown["rows"][1]["decode_call_ms"]
+        lines.append(
+            f"- over HTTP, 1 stream: {per_token:.2f} ms per token, of which {per_token - engine:.2f} ms "
+            "outside the forward pass (sampling, detokenizing, queues, JSON, SSE, the client)"
+        )
+    return "\n".join(lines)
+
+
 # -- running and reporting --------------------------------------------------------------------------
 def run_system(name: str, fn: Callable[[], Row]) -> Row:
     """One system's measurements; a failure becomes a skipped row instead of ending the run."""
@@ -574,9 +644,15 @@ def run_all(cfg: Config) -> list[Row]:
     prompts = build_prompts(hf_dir / "tokenizer.json")
     rows = [run_system(turnout_label(q), partial(bench_turnout, cfg, prompts, q)) for q in cfg.quantizations]
     if cfg.skip_llamacpp:
-        rows.append(Row("llama.cpp", skipped="--skip-llamacpp"))
+        rows += [Row(label, skipped="--skip-llamacpp") for label in (LLAMA_Q4_1, LLAMA_Q4_0)]
     else:
-        rows.append(run_system("llama.cpp", lambda: bench_llama_cpp(cfg, prompts, gguf)))
+        rows.append(run_system(LLAMA_Q4_1, partial(bench_llama_cpp, cfg, prompts, gguf, LLAMA_Q4_1)))
+        q4_0 = partial(lambda: bench_llama_cpp(cfg, prompts, peers.requantized(gguf), LLAMA_Q4_0))
+        rows.append(run_system(LLAMA_Q4_0, q4_0))
+    if cfg.skip_llama_server:
+        rows.append(Row(LLAMA_SERVER, skipped="--skip-llama-server"))
+    else:
+        rows.append(run_system(LLAMA_SERVER, lambda: bench_llama_server(cfg, prompts, peers.requantized(gguf))))
     for label, dtype in (("HF generate fp32", torch.float32), ("HF generate bf16", torch.bfloat16)):
         if cfg.skip_hf:
             rows.append(Row(label, skipped="--skip-hf"))
@@ -592,28 +668,39 @@ def ratio(num: float | None, den: float | None) -> float | None:
 
 
 def compute_ratios(rows: list[Row]) -> list[Ratio]:
+    """The targets, against the faster llama.cpp binding row (Q4_1 or Q4_0) and llama-server."""
     by = {r.system: r for r in rows}
     missing = Row("missing")
-    t, llama, hf = by.get("turnout", missing), by.get("llama.cpp", missing), by.get("HF generate fp32", missing)
-    i4, n4 = by.get(turnout_label("int4"), missing), by.get(turnout_label("nf4"), missing)
+    llamas = [by[n] for n in (LLAMA_Q4_1, LLAMA_Q4_0) if n in by and by[n].decode_tok_s]
+    peer = max(llamas, key=lambda r: r.decode_tok_s or 0.0, default=missing)
+    server = by.get(LLAMA_SERVER, missing)
+    t, hf = by.get("turnout", missing), by.get("HF generate fp32", missing)
+    out = []
+    for q, target in (("int4", 1.5), ("nf4", 1.2), ("int4@avx2", 1.5), ("nf4@avx2", 1.2)):
+        value = ratio(by.get(turnout_label(q), missing).decode_tok_s, peer.decode_tok_s)
+        out.append(
+            Ratio(
+                f"{turnout_label(q)} decode / {peer.system}",
+                value,
+                f">= {target}x",
+                _met(value, lambda v, x=target: v >= x),
+            )
+        )
+    i4 = by.get(turnout_label("int4"), missing)
+    ttft = ratio(i4.ttft_ms, peer.ttft_ms)
+    out.append(Ratio(f"turnout int4 TTFT / {peer.system} TTFT", ttft, "<= 0.5x", _met(ttft, lambda v: v <= 0.5)))
+    n = max(CONCURRENCY)
+    streams = ratio(i4.streams_tok_s.get(n), server.streams_tok_s.get(n))
+    out.append(
+        Ratio(f"turnout int4 {n} streams / {LLAMA_SERVER}", streams, ">= 2.0x", _met(streams, lambda v: v >= 2.0))
+    )
+    floor = ratio(t.decode_tok_s, t.details.get("bandwidth_floor_tok_s"))
+    out.append(
+        Ratio("turnout (unquantized) decode / its bandwidth floor", floor, ">= 0.7", _met(floor, lambda v: v >= 0.7))
+    )
     decode = ratio(t.decode_tok_s, hf.decode_tok_s)
-    ttft = ratio(t.ttft_ms, llama.ttft_ms)
-    scale = ratio(t.streams_tok_s.get(max(CONCURRENCY)), t.decode_tok_s)
-    i4_decode, i4_ttft = ratio(i4.decode_tok_s, llama.decode_tok_s), ratio(i4.ttft_ms, llama.ttft_ms)
-    n4_decode = ratio(n4.decode_tok_s, llama.decode_tok_s)
-    return [
-        Ratio("turnout int4 decode / llama.cpp decode", i4_decode, ">= 1.2x", _met(i4_decode, lambda v: v >= 1.2)),
-        Ratio("turnout int4 TTFT / llama.cpp TTFT", i4_ttft, "<= 0.5x", _met(i4_ttft, lambda v: v <= 0.5)),
-        Ratio("turnout nf4 decode / llama.cpp decode", n4_decode, ">= 0.5x", _met(n4_decode, lambda v: v >= 0.5)),
-        Ratio("turnout decode / HF fp32 decode", decode, ">= 2.0x", None if decode is None else decode >= 2.0),
-        Ratio("turnout TTFT / llama.cpp TTFT", ttft, "< 1.0x (turnout below)", None if ttft is None else ttft < 1.0),
-        Ratio(
-            f"turnout {max(CONCURRENCY)}-stream / turnout 1-stream",
-            scale,
-            ">= 3.0x",
-            None if scale is None else scale >= 3.0,
-        ),
-    ]
+    out.append(Ratio("turnout decode / HF fp32 decode", decode, ">= 2.0x", _met(decode, lambda v: v >= 2.0)))
+    return out
 
 
 def _met(value: float | None, test: Callable[[float], bool]) -> bool | None:
@@ -676,7 +763,9 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, cfg: Config, machine: dict[str, Any], rows: list[Row], ratios: list[Ratio]) -> None:
+def write_json(
+    path: Path, cfg: Config, machine: dict[str, Any], rows: list[Row], ratios: list[Ratio], breakdown: dict[str, Any]
+) -> None:
     data = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": ZOO_MODEL,
@@ -686,6 +775,7 @@ def write_json(path: Path, cfg: Config, machine: dict[str, Any], rows: list[Row]
         "columns": list(COLUMNS),
         "rows": [asdict(r) for r in rows],
         "ratios": [asdict(q) for q in ratios],
+        "breakdown": breakdown,
     }
     path.write_text(json.dumps(finite(data), indent=2) + "\n")
 
@@ -709,7 +799,7 @@ def scaling_bars(ax: Any, turnout: Row) -> None:
     shown = [(label, v) for label, v in points if v is not None and not math.isnan(v)]
     bars = ax.bar([label for label, _ in shown], [v for _, v in shown], color=COLORS[0])
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_title("turnout total tok/s by concurrent streams", fontsize=10)
+    ax.set_title(f"{turnout.system}: total tok/s by concurrent streams", fontsize=9)
     ax.set_xlabel("streams", fontsize=8)
 
 
@@ -725,7 +815,7 @@ def write_chart(path: Path, rows: list[Row], machine: dict[str, Any]) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     system_bars(axes[0], rows, 0)
     system_bars(axes[1], rows, 1)
-    scaling_bars(axes[2], rows[0])
+    scaling_bars(axes[2], next((r for r in rows if r.system == turnout_label("int4")), rows[0]))
     fig.suptitle(f"{ZOO_MODEL} on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -736,21 +826,30 @@ def write_chart(path: Path, rows: list[Row], machine: dict[str, Any]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     machine = machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, python {machine['python']}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_features'])}; kernels: "
+        f"{machine['cpu_isa']}), torch {machine['torch']}, python {machine['python']}"
+    )
     print(
         f"settings: turnout dtype {cfg.dtype}, {cfg.tokens} tokens, median of {cfg.reps} after {cfg.warmups} warm-up"
         + (" (quick: a smoke test, not a measurement to compare)" if cfg.quick else "")
     )
     rows = run_all(cfg)
+    bandwidth = bandwidth_lines(rows, read_bandwidth_gb_s())  # sets each row's bandwidth floor
     ratios = compute_ratios(rows)
+    entry = zoo.resolve(ZOO_MODEL)
+    prompts = build_prompts(zoo.pull(entry.name) / "tokenizer.json")
+    breakdown = step_breakdown(cfg, prompts)
     print()
     print(markdown_table(rows))
     print()
     print(ratio_lines(ratios))
     print()
-    print(bandwidth_lines(rows, read_bandwidth_gb_s()))
+    print(bandwidth)
+    print()
+    print(breakdown_lines(breakdown, rows))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS_DIR / "speed.json", cfg, machine, rows, ratios)
+    write_json(RESULTS_DIR / "speed.json", cfg, machine, rows, ratios, breakdown)
     charted = write_chart(RESULTS_DIR / "speed.png", rows, machine)
     written = ["speed.json"] + (["speed.png"] if charted else [])
     print(f"\nwrote {', '.join(str(RESULTS_DIR / name) for name in written)}")

@@ -22,7 +22,7 @@ from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
 from engine.speculative.speculator import NGRAM, SpeculativeConfig
 from engine.tokenizer import Tokenizer
-from kernels import cpu, dispatch
+from kernels import cpu, dispatch, step
 from kernels import decode as fused_decode
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def build_embedded(
         draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len))
     config = fit_kv_pool(transformer, config)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv)
+    described.details["decode_path"] = decode_path(transformer)  # now its caches are set up
     return EmbeddedEngine(runner, Tokenizer(path), config, label, described, draft)
 
 
@@ -160,7 +161,7 @@ def build_r2r(
         quantization=quantization.tag if quantization else "none",
         weight_bytes=weight_bytes(small_model) + weight_bytes(large_model),
         r2r=R2RInfo(small, large, threshold, *params),
-        details=capabilities(small_model),
+        details={**capabilities(small_model), "decode_path": decode_path(small_model)},
     )
     decoder = R2RDecoder(small_runner, large_runner, router, embedding, threshold)
     return EmbeddedEngine(small_runner, Tokenizer(small_path), config, label, described, None, decoder)
@@ -177,21 +178,26 @@ def capabilities(model: EngineModel) -> dict[str, object]:
             "kv_cache": ["full"] if gemma else ["full", "h2o"],
             "speculative": ["ngram", "draft model sharing the tokenizer"],
         },
-        "decode_path": decode_path(model, gemma),
         "cpu_isa": cpu.selected_isa(),
     }
 
 
-def decode_path(model: EngineModel, gemma: bool) -> str:
-    """Which code runs a decode step's attention and norms, as it really is on this machine."""
-    if gemma:
-        return "PyTorch operators (Gemma 3 has no fused C++ decode kernels)"
+def decode_path(model: EngineModel) -> str:
+    """Which code runs a decode step here, as it really is (the model's caches set up): the native
+    step, or the torch path, why, and whether its norms and attention take the fused kernels."""
+    if getattr(model, "native", None) is not None:
+        return f"native C++ step ({step.describe_isa(cpu.selected_isa())})"
+    why = step.unsupported(model) or "its caches are not set up"
     compute = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    if compute != torch.float32:
-        return f"PyTorch operators ({_name(compute)} compute; the fused C++ decode kernels take float32)"
-    if fused_decode.fused(compute) is None:
-        return "PyTorch operators (the C++ kernels could not be built here)"
-    return f"fused C++ decode kernels ({cpu.selected_isa()})"
+    if isinstance(model.args, GemmaArgs):
+        ops = "PyTorch operators"
+    elif compute != torch.float32:
+        ops = f"PyTorch operators ({_name(compute)} compute; the fused C++ decode kernels take float32)"
+    elif fused_decode.fused(compute) is None:
+        ops = "PyTorch operators (the C++ kernels could not be built here)"
+    else:
+        ops = f"fused C++ decode kernels ({cpu.selected_isa()})"
+    return f"{ops}; not the native step: {why}"
 
 
 def draft_quant_spec(spec: SpeculativeConfig, target: QuantSpec | None) -> QuantSpec | None:

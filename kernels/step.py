@@ -27,6 +27,17 @@ PACK_VERSION = "2"
 INT4, NF4, BF16, F32 = 0, 1, 2, 3
 
 
+ISA_DOT = {
+    "avx512": "AVX-512 VNNI, vpdpbusd on zmm",
+    "avx2": "AVX2, vpmaddubsw",
+    "scalar": "portable C++, no SIMD",
+}
+
+
+def describe_isa(isa: str) -> str:
+    return f"{isa}: {ISA_DOT.get(isa, isa)}"
+
+
 def pack(q: int4.Int4Weight | nf4.NF4Weight) -> Tensor:
     """The step's tiles of 16 output rows from the reference layout (``uint8``, flat)."""
     ext = cpu.build("step")

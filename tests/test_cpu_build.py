@@ -66,3 +66,21 @@ def test_every_variant_this_cpu_runs_builds_and_loads_as_its_own_module() -> Non
     for isa in cpu.runnable_isas():
         module = cpu.build("a8", isa)
         assert module.__name__ == f"turnout_a8_{isa}"
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import time
+
+    monkeypatch.setenv("TURNOUT_CACHE", str(tmp_path))
+    build_dir = cpu._build_dir(Path(cpu.__file__).parent / "a8.cpp", "scalar")
+    lock = build_dir / "lock"
+    lock.touch()
+    cpu._clear_stale_lock(build_dir)
+    assert lock.exists()  # a build may be running right now: left alone
+    old = time.time() - cpu.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu._clear_stale_lock(build_dir)
+    assert not lock.exists()

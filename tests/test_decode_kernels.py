@@ -12,7 +12,7 @@ from engine.model.kv_cache import AttentionBatch
 from engine.model.linear import Linear
 from engine.model.llama import Transformer
 from engine.model.quantized import make_linear
-from kernels import decode, int4
+from kernels import cpu, decode, int4, step
 
 pytestmark = pytest.mark.usefixtures("isa")  # every variant this CPU runs; a failed build fails
 
@@ -116,12 +116,22 @@ def test_verifying_drafts_gives_bit_identical_logits_to_decoding_them_one_by_one
 
 
 def test_the_models_card_says_which_decode_path_runs_here(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.factory import capabilities
+    from engine.factory import capabilities, decode_path
+    from engine.model.h2o_cache import KVPolicy
 
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, intermediate_size=96, max_seq_len=64)
     model = Transformer(args).eval()
-    card = capabilities(model)
-    assert card["decode_path"] == f"fused C++ decode kernels ({isa})" and card["cpu_isa"] == isa
-    assert "bfloat16 compute" in str(capabilities(model.to(torch.bfloat16))["decode_path"])
+    model.setup_caches(2, 32)
+    assert capabilities(model)["cpu_isa"] == isa
+    assert decode_path(model) == f"native C++ step ({step.describe_isa(isa)})"
+    model.setup_caches(2, 32, KVPolicy("h2o", budget_tokens=16))  # the step does not score keys
+    assert decode_path(model) == f"fused C++ decode kernels ({isa}); not the native step: {step.unsupported(model)}"
+    bf16 = Transformer(args).eval().to(torch.bfloat16)
+    bf16.setup_caches(2, 32, KVPolicy("h2o", budget_tokens=16))
+    assert "bfloat16 compute" in decode_path(bf16)
     monkeypatch.setattr(decode, "fused", lambda dtype: None)  # no compiler: the torch path serves, and says so
-    assert capabilities(model.float())["decode_path"] == "PyTorch operators (the C++ kernels could not be built here)"
+    monkeypatch.setattr(cpu, "compiler_available", lambda: False)
+    model.setup_caches(2, 32)
+    assert decode_path(model) == (
+        "PyTorch operators (the C++ kernels could not be built here); not the native step: no C++ compiler here"
+    )

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -117,6 +118,22 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
 
 
+# a build takes about a minute; a lock file this old was left by a build that was killed, and torch's
+# loader would wait on it forever
+STALE_LOCK_S = 15 * 60
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f minutes ago by a build that did not finish", lock, age / 60)
+        lock.unlink(missing_ok=True)
+
+
 def build(name: str, isa: str | None = None) -> ModuleType:
     """The compiled ``<name>.cpp`` for ``isa`` (default: the selected one); raises KernelBuildError."""
     isa = isa or selected_isa()
@@ -124,6 +141,8 @@ def build(name: str, isa: str | None = None) -> ModuleType:
     if (loaded := _LOADED.get(key)) is not None:
         return loaded
     source = _HERE / f"{name}.cpp"
+    build_dir = _build_dir(source, isa)
+    _clear_stale_lock(build_dir)
     try:
         from torch.utils import cpp_extension
 
@@ -134,7 +153,7 @@ def build(name: str, isa: str | None = None) -> ModuleType:
             sources=[str(source)],
             extra_cflags=["-O3", "-fopenmp", *_flags(isa)],
             extra_ldflags=["-fopenmp"],
-            build_directory=str(_build_dir(source, isa)),
+            build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as exc:

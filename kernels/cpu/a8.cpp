@@ -10,6 +10,7 @@
 //   nf4:  w = NF4[q] a       ->  a / 127 * sum_b d_b (lut8[q] . xq_b), lut8 = round(127 NF4)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include "common.h"
 #include "nf4_scales.h"
 #include <cmath>
 #include <cstring>
@@ -42,18 +43,15 @@ Activations quantize_activations(const torch::Tensor& x, int64_t kp) {
   a.sum.assign(rows * a.blocks, 0.f);
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < a.blocks; ++b) {
-      float v[kBlock], amax = 0.f, sum = 0.f;
-      for (int64_t j = 0; j < kBlock; ++j) {
-        const int64_t col = b * kBlock + j;
-        v[j] = col < k ? xp[m * k + col] : 0.f;
-        amax = std::max(amax, std::fabs(v[j]));
-        sum += v[j];
-      }
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* out = a.q.data() + m * kp + b * kBlock;
-      for (int64_t j = 0; j < kBlock; ++j) out[(j & 1) * 16 + j / 2] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
-      a.d[m * a.blocks + b] = d;
-      a.sum[m * a.blocks + b] = sum;
+      const int64_t col = b * kBlock, have = std::max<int64_t>(0, std::min(kBlock, k - col));
+      float v[kBlock] = {};
+      std::memcpy(v, xp + m * k + col, have * sizeof(float));
+      int8_t q[kBlock];
+      const turnout::QuantBlock r = turnout::quantize_block(v, q);  // the native step's quantization
+      int8_t* out = a.q.data() + m * kp + col;
+      for (int64_t j = 0; j < kBlock; ++j) out[(j & 1) * 16 + j / 2] = q[j];
+      a.d[m * a.blocks + b] = r.d;
+      a.sum[m * a.blocks + b] = r.sum;
     }
   }
   return a;
@@ -66,13 +64,7 @@ void add_group_sums(Activations& a, int64_t rows, int64_t group) {
     for (int64_t b = 0; b < a.blocks; ++b) a.group_sum[m * groups + b / per_group] += a.sum[m * a.blocks + b];
 }
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
+using turnout::bf16_to_float;
 using turnout::NF4Scales;
 
 #ifdef __AVX2__

@@ -5,38 +5,14 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
+#include "common.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0.f;
-#ifdef __AVX2__
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_hadd_ps(h, h);
-  total = _mm_cvtss_f32(_mm_hadd_ps(h, h));
-#endif
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {  // y += alpha * x
-  int64_t i = 0;
-#ifdef __AVX2__
-  const __m256 a = _mm256_set1_ps(alpha);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
+using turnout::dot;
 
 void check_float(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), name, " must be contiguous float32");
@@ -121,15 +97,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
       const float* qh = qp + task * dh;
       const float* keys = kc + (slot[b] * n_kv + h / group) * max_len * dh;
       const float* values = vc + (slot[b] * n_kv + h / group) * max_len * dh;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        scores[j] = dot(qh, keys + j * dh, dh) * static_cast<float>(scale);
-        top = std::max(top, scores[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < len; ++j) total += (scores[j] = std::exp(scores[j] - top));
-      float* oh = op + task * dh;
-      for (int64_t j = 0; j < len; ++j) axpy(scores[j] / total, values + j * dh, oh, dh);
+      turnout::attend_head(qh, keys, values, len, dh, static_cast<float>(scale), scores.data(), op + task * dh);
     }
   });
   return out;
@@ -144,10 +112,7 @@ torch::Tensor silu_mul(torch::Tensor h) {
   auto out = torch::empty(sizes, h.options());
   const float* hp = h.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *gate = hp + r * width, *up = gate + hidden;
-    for (int64_t i = 0; i < hidden; ++i) op[r * hidden + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-  }
+  for (int64_t r = 0; r < rows; ++r) turnout::silu_mul_row(hp + r * width, hp + r * width + hidden, op + r * hidden, hidden);
   return out;
 }
 

@@ -30,6 +30,7 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+#include "common.h"
 #include "nf4_scales.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -46,13 +47,8 @@ constexpr int64_t kMaxHeadDim = 512;
 
 enum Kind : int64_t { kInt4 = 0, kNF4 = 1, kBF16 = 2, kF32 = 3 };
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
+using turnout::bf16_to_float;
+using turnout::dot;
 inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
@@ -186,23 +182,13 @@ struct Quantized {
 void quantize_row(const float* x, int64_t k, Quantized& a, int64_t m) {
   const int64_t blocks = a.kp / kBlock;
   for (int64_t b = 0; b < blocks; ++b) {
-    float v[kBlock], amax = 0.f, sum = 0.f;
-    for (int64_t j = 0; j < kBlock; ++j) {
-      const int64_t col = b * kBlock + j;
-      v[j] = col < k ? x[col] : 0.f;
-      amax = std::max(amax, std::fabs(v[j]));
-      sum += v[j];
-    }
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int8_t* out = a.q.data() + m * a.kp + b * kBlock;
-    int32_t qs = 0;
-    for (int64_t j = 0; j < kBlock; ++j) {
-      out[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
-      qs += out[j];
-    }
-    a.d[m * blocks + b] = amax / 127.f;
-    a.qsum[m * blocks + b] = qs;
-    a.xsum[m * blocks + b] = sum;
+    const int64_t col = b * kBlock, have = std::max<int64_t>(0, std::min(kBlock, k - col));
+    float v[kBlock] = {};
+    std::memcpy(v, x + col, have * sizeof(float));
+    const turnout::QuantBlock r = turnout::quantize_block(v, a.q.data() + m * a.kp + col);
+    a.d[m * blocks + b] = r.d;
+    a.qsum[m * blocks + b] = r.qsum;
+    a.xsum[m * blocks + b] = r.sum;
   }
 }
 
@@ -233,15 +219,8 @@ struct Out {
 };
 
 #if defined(__AVX2__)
-inline __m256 load_bf16x8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_hadd_ps(h, h);
-  return _mm_cvtss_f32(_mm_hadd_ps(h, h));
-}
+inline __m256 load_bf16x8(const uint16_t* p) { return turnout::load8(p); }
+using turnout::hsum;
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -477,43 +456,6 @@ void float_rows(const Matrix& w, const float* x, int64_t x_stride, int64_t m0, i
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  float total = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-inline float dot(const float* a, const uint16_t* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_bf16x8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_bf16x8(b + i + 8), acc1);
-  }
-  float total = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) total += a[i] * bf16_to_float(b[i]);
-  return total;
-}
-
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const __m256 av = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
-inline void axpy(float alpha, const uint16_t* x, float* y, int64_t n) {
-  const __m256 av = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load_bf16x8(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * bf16_to_float(x[i]);
-}
 #else
 template <int M, typename W>
 void float_rows(const Matrix& w, const float* x, int64_t x_stride, int64_t m0, int64_t n0, int64_t n1, const Out& out) {
@@ -535,22 +477,6 @@ void float_rows(const Matrix& w, const float* x, int64_t x_stride, int64_t m0, i
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-inline float dot(const float* a, const uint16_t* b, int64_t n) {
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) total += a[i] * bf16_to_float(b[i]);
-  return total;
-}
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-inline void axpy(float alpha, const uint16_t* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * bf16_to_float(x[i]);
-}
 #endif
 
 // Runs fn(integral_constant<M>, m0) over the input rows in passes of up to kPass.
@@ -787,21 +713,10 @@ class Step {
       if (static_cast<int64_t>(sc.scores.size()) < len) sc.scores.resize(len);
       const float* q = s.qkv.data() + t * qkv_w + h * dh_;
       const int64_t head = (s.slot[t] * n_kv_ + h / group) * max_len * dh_;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        sc.scores[j] = dot(q, as_dot(kc + head + j * dh_), dh_) * scale;
-        top = std::max(top, sc.scores[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < len; ++j) total += (sc.scores[j] = std::exp(sc.scores[j] - top));
-      float* o = s.attn.data() + task * dh_;
-      std::memset(o, 0, dh_ * sizeof(float));
-      for (int64_t j = 0; j < len; ++j) axpy(sc.scores[j] / total, as_dot(vc + head + j * dh_), o, dh_);
+      turnout::attend_head(q, kc + head, vc + head, len, dh_, scale, sc.scores.data(), s.attn.data() + task * dh_);
     }
   }
 
-  static const float* as_dot(const float* p) { return p; }
-  static const uint16_t* as_dot(const uint16_t* p) { return p; }
 
   // Where thread 0's time goes, by stage, when profiling is on (a barrier's wait is its own stage).
   enum Stage { kNorm, kQuantize, kQKV, kRope, kAttention, kWo, kW13, kSilu, kW2, kHead, kWait, kStages };
@@ -867,11 +782,10 @@ class Step {
   void silu_mul(const State& s, Scratch& sc) const {
     for (int64_t t = 0; t < s.t; ++t) {
       const float* gate = s.h13.data() + t * 2 * hidden_;
-      const float* up = gate + hidden_;
-      float* out = sc.normed.data() + t * hidden_;
-      for (int64_t i = 0; i < hidden_; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      turnout::silu_mul_row(gate, gate + hidden_, sc.normed.data() + t * hidden_, hidden_);
     }
   }
+
 
   const int64_t n_heads_, n_kv_, dh_, hidden_;
   const float eps_;
