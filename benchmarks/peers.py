@@ -118,7 +118,6 @@ def llama_server_command(binary: Path, gguf: Path, port: int, ctx: int, parallel
         "-tb",
         threads,
         "--cont-batching",
-        "--log-disable",
     ]
 
 

@@ -404,13 +404,15 @@ def turnout_label(quantization: str) -> str:
     return f"turnout {method} ({activations or 'int8'} activations{forced})"
 
 
-async def measure_server(url: str, cfg: Config, prompts: Prompts, label: str) -> Row:
-    """Single-stream decode, TTFT and concurrent streams of an OpenAI-compatible server, over HTTP."""
+async def measure_server(url: str, cfg: Config, prompts: Prompts, label: str, keepalive: bool = True) -> Row:
+    """Single-stream decode, TTFT and concurrent streams of an OpenAI-compatible server, over HTTP.
+    ``keepalive`` False opens a connection per request (llama-server closes idle ones under the client)."""
     row = Row(label)
     steps = 2 * (cfg.warmups + cfg.reps) + len(CONCURRENCY) * cfg.reps
-    limits = httpx.Limits(max_connections=max(CONCURRENCY) + 4, max_keepalive_connections=max(CONCURRENCY) + 4)
+    pooled = max(CONCURRENCY) + 4 if keepalive else 0
+    limits = httpx.Limits(max_connections=max(CONCURRENCY) + 4, max_keepalive_connections=pooled)
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        card = (await client.get("/v1/models")).json()["data"][0]
+        card = ((await client.get("/v1/models")).json().get("data") or [{}])[0]
         row.details["server"] = {"max_model_len": card.get("max_model_len"), **card.get("turnout", {})}
         last: dict[str, StreamResult] = {}
 
@@ -508,7 +510,7 @@ def bench_llama_server(cfg: Config, prompts: Prompts, gguf: Path) -> Row:
     port = free_port()
     command = peers.llama_server_command(binary, gguf, port, prompts.max_len(cfg.tokens), max(CONCURRENCY))
     with serving(command, port, ready="/health") as url:
-        row = asyncio.run(measure_server(url, cfg, prompts, LLAMA_SERVER))
+        row = asyncio.run(measure_server(url, cfg, prompts, LLAMA_SERVER, keepalive=False))
     row.details.update(gguf=gguf.name, weight_bytes=gguf.stat().st_size, parallel=max(CONCURRENCY))
     return row
 
