@@ -226,6 +226,8 @@ class EmbeddedEngine:
             seq.sink(RequestOutput(seq.request_id, "", [], finish_reason="error", stats=seq.stats, error=message))
 
     def _step(self) -> None:
+        """One engine step: prompt chunks within the prefill budget, then one pass over every
+        decoding sequence (verifying drafts where the speculation strategy proposes some)."""
         budget = self.config.max_prefill_tokens
         while job := self.scheduler.next_prefill(budget):
             seq, start, end = job
@@ -234,8 +236,8 @@ class EmbeddedEngine:
                 self.runner.admit(seq.slot, seq.num_prompt + seq.request.params.max_tokens)
             t0 = time.perf_counter()
             logits = self.runner.prefill(seq.slot, seq.token_ids[start:end], start)
-            seq.stats.engine_seconds += time.perf_counter() - t0
-            seq.num_computed, budget = end, budget - (end - start)
+            self._account([seq], time.perf_counter() - t0, [end])
+            budget -= end - start
             if seq.prefilled:
                 self.scheduler.prefill_done(seq)
                 self._emit([seq], logits.unsqueeze(0))
@@ -243,11 +245,18 @@ class EmbeddedEngine:
         if seqs and not (self.speculator and self._speculate(self.speculator, seqs)):
             t0 = time.perf_counter()
             logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
-            share = (time.perf_counter() - t0) / len(seqs)
-            for s in seqs:
-                s.num_computed = len(s.token_ids)
-                s.stats.engine_seconds += share
+            self._account(seqs, time.perf_counter() - t0, [len(s.token_ids) for s in seqs])
             self._emit(seqs, logits)
+
+    @staticmethod
+    def _account(seqs: list[Sequence], seconds: float, computed: list[int] | None = None) -> None:
+        """The one place a forward pass is booked: each sequence's share of its wall time and,
+        where given, how many of its tokens the cache now holds (``num_computed``)."""
+        share = seconds / len(seqs)
+        for i, s in enumerate(seqs):
+            s.stats.engine_seconds += share
+            if computed is not None:
+                s.num_computed = computed[i]
 
     def _speculate(self, speculator: Speculator, seqs: list[Sequence]) -> bool:
         """One verification pass over drafted tokens; False (nothing done) when nobody drafts."""
@@ -266,7 +275,7 @@ class EmbeddedEngine:
             return False
         rows = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafts)]
         logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
-        share = (time.perf_counter() - t0) / len(seqs)
+        seconds = time.perf_counter() - t0
         verdicts = []
         for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
             self._mask_stop_tokens(s, row_logits)
@@ -274,9 +283,9 @@ class EmbeddedEngine:
             emitted = speculator.judge(state, d, row_logits, params, s.generator, q, length)
             if d:
                 s.stats.speculation.record(len(d), len(emitted) - 1)
-            s.stats.engine_seconds += share
-            s.num_computed = length + len(emitted) - 1  # the last token and the drafts that stood
             verdicts.append(emitted)
+        # the cache holds the last token and the drafts that stood
+        self._account(seqs, seconds, [len(s.token_ids) + len(e) - 1 for s, e in zip(seqs, verdicts)])
         self.runner.commit([len(emitted) for emitted in verdicts])  # an H2O cache keeps only those
         now = time.monotonic()
         for s, emitted, row_logits in zip(seqs, verdicts, logits):  # only now: removal moves slots
@@ -341,11 +350,10 @@ class EmbeddedEngine:
         large = r2r.rewrite_logits(
             [s.slot for s in picked], [s.token_ids for s in picked], [s.large_seen for s in picked]
         )
-        share = (time.perf_counter() - t0) / len(picked)
+        self._account(picked, time.perf_counter() - t0)  # the small model's cache is unchanged
         for j, s in enumerate(picked):
             s.large_seen = len(s.token_ids)
             self._mask_stop_tokens(s, large[j : j + 1])
-            s.stats.engine_seconds += share
         rewritten = sample(large, [s.request.params for s in picked], [s.generator for s in picked])
         logits = logits.clone()
         for j, i in enumerate(rows):

@@ -75,11 +75,7 @@ class R2RDecoder:
     ) -> None:
         self.large, self.router, self.threshold = large, router, threshold
         self.embedding = embedding  # [V, D] the small model's token embedding, float32
-        self._hidden: Tensor | None = None
-        small.model.norm.register_forward_hook(self._capture)  # the small model's last hidden state
-
-    def _capture(self, _module: nn.Module, _inputs: object, output: Tensor) -> None:
-        self._hidden = output
+        self.small = small.model  # its last forward leaves its final hidden states in last_hidden
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.large.move_slot(src, dst, length)
@@ -88,8 +84,9 @@ class R2RDecoder:
     def flag(self, logits: Tensor, tokens: Sequence[int], thresholds: Sequence[float]) -> list[bool]:
         """Which of the small model's tokens the large model must rewrite; ``logits`` ``[n, V]`` are
         the small model's for the tokens just chosen, from the forward that also set the hidden state."""
-        assert self._hidden is not None, "the small model has not run yet"
-        hidden = self._hidden[:, -1].float()  # [n, D]: the last position of each row
+        last = self.small.last_hidden
+        assert last is not None, "the small model has not run yet"
+        hidden = last[:, -1].float()  # [n, D]: the last position of each row
         logp = logits.float().log_softmax(-1).topk(TOP_K).values
         chosen = self.embedding[torch.tensor(list(tokens))].float()
         score = self.router.score(hidden, chosen, logp)

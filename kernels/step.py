@@ -149,7 +149,9 @@ class NativeStep:
     def fits(self, tokens: int) -> bool:
         return dispatch.native_tokens(tokens)
 
-    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-        """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> float32 logits ``[T, V]``."""
+    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> float32 (logits ``[T, V]``, the
+        final-normed hidden states ``[T, D]``)."""
         x = self.model.tok_embeddings(tokens)
-        return self.step.forward(x, positions, slots)
+        logits, hidden = self.step.forward(x, positions, slots)
+        return logits, hidden

@@ -116,6 +116,7 @@ class GemmaTransformer(nn.Module):
         self.layers = nn.ModuleList(GemmaBlock(args, sliding) for sliding in args.sliding)
         self.blocks: list[GemmaBlock] = [b for b in self.layers if isinstance(b, GemmaBlock)]
         self.norm = GemmaRMSNorm(args.dim, args.norm_eps)
+        self.last_hidden: Tensor | None = None  # the last forward's final-normed hidden states (R2R reads them)
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.rope: dict[bool, Rope] = {}  # keyed by "sliding layer": full tables [max_len, D]
 
@@ -157,7 +158,8 @@ class GemmaTransformer(nn.Module):
             x = layer(x, ropes[layer.sliding], batch, masks[layer.sliding])
         if last_only:
             x = x[:, -1:]
-        logits = self.output(self.norm(x))
+        self.last_hidden = self.norm(x)
+        logits = self.output(self.last_hidden)
         if (cap := self.args.final_logit_softcapping) is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits

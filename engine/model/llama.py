@@ -153,6 +153,7 @@ class Transformer(nn.Module):
         self.rope_sin: Tensor | None = None
         self.h2o: H2OKVCache | None = None
         self.native: NativeStep | None = None  # the C++ decode step, where it runs (kernels/step.py)
+        self.last_hidden: Tensor | None = None  # the last forward's final-normed hidden states (R2R reads them)
 
     def setup_caches(self, n_slots: int, max_len: int, policy: KVPolicy | None = None) -> None:
         """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position. An
@@ -183,7 +184,8 @@ class Transformer(nn.Module):
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
         if self.native is not None and not last_only and self.native.fits(tokens.numel()):
-            flat = self.native(tokens.reshape(-1), batch.positions.reshape(-1), batch.slot_index.reshape(-1))
+            flat, hidden = self.native(tokens.reshape(-1), batch.positions.reshape(-1), batch.slot_index.reshape(-1))
+            self.last_hidden = hidden.view(*tokens.shape, -1)
             return flat.view(*tokens.shape, -1)
         rotary = Rotary(self.rope_cos, self.rope_sin)
         wide = not dispatch.decode_tokens(tokens.shape[1])
@@ -199,4 +201,5 @@ class Transformer(nn.Module):
             self.h2o.end_step(batch)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x))
+        self.last_hidden = self.norm(x)
+        return self.output(self.last_hidden)

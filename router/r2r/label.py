@@ -34,15 +34,12 @@ class SmallView:
 
 @torch.inference_mode()
 def small_view(runner: ModelRunner, ids: list[int], answer_start: int) -> SmallView:
-    captured: list[Tensor] = []
-    hook = runner.model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        logits = runner.verify([ids], [0])[0]  # [L, V]
-    finally:
-        hook.remove()
+    logits = runner.verify([ids], [0])[0]  # [L, V]
+    hidden = runner.model.last_hidden  # the final-normed states that forward fed its LM head
+    assert hidden is not None
     rows = slice(answer_start - 1, len(ids) - 1)  # position p predicts token p + 1
     logp = logits[rows].float().log_softmax(-1)
-    return SmallView(captured[0][0, rows].float(), logp.topk(TOP_K).values, logp.argmax(-1))
+    return SmallView(hidden[0, rows].float(), logp.topk(TOP_K).values, logp.argmax(-1))
 
 
 @torch.inference_mode()
