@@ -12,7 +12,13 @@ whether every output equals the plain engine's. Writes benchmarks/results/specul
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# as the server does (server/__init__.py), before torch loads: OpenMP's idle threads sleep rather
+# than spin on the cores the native decode step's threads use
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import asyncio
 import json
 import sys
