@@ -107,7 +107,9 @@ class NativeStep:
         args = model.args
         assert model.rope_cos is not None and model.rope_sin is not None
         lut8 = a8.LUT8
-        self.model = model
+        # the embedding only, not the model: the model holds this step, and a cycle through a model's
+        # tensors waits for a full garbage collection (the test suite grew to 23 GB before this)
+        self.embed = model.tok_embeddings
         self.step = ext.Step(  # type: ignore[attr-defined]
             args.n_heads,
             args.n_kv_heads,
@@ -152,6 +154,6 @@ class NativeStep:
     def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> float32 (logits ``[T, V]``, the
         final-normed hidden states ``[T, D]``)."""
-        x = self.model.tok_embeddings(tokens)
+        x = self.embed(tokens)
         logits, hidden = self.step.forward(x, positions, slots)
         return logits, hidden
