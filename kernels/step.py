@@ -82,6 +82,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
         )
     if model.h2o is not None:
         return "the H2O cache scores every key it keeps, which the step's attention does not"
+    if (compute := model.norm.weight.dtype) not in (torch.float32, torch.bfloat16):
+        return f"{compute} compute (the step computes in float32 over float32 or bf16 weights and caches)"
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear) and module.weight_a8 is None:
             return f"{name} uses float activations (activations: float), which the step does not run"
@@ -91,8 +93,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
             return f"{name}: nf4 with float activations or blocks that are not whole multiples of 32"
         if isinstance(module, Int4Linear | NF4Linear) and module.packed is None:
             return f"{name} has no packed tiles"
-        if isinstance(module, Linear) and module.weight.dtype == torch.float16:
-            return "float16 weights"
+        if isinstance(module, Linear) and module.weight.dtype not in (torch.float32, torch.bfloat16):
+            return f"{module.weight.dtype} weights"
     if not cpu.compiler_available():
         return "no C++ compiler here"
     return None

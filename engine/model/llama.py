@@ -183,6 +183,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, batch: AttentionBatch, last_only: bool = False) -> Tensor:
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
+        # the step attends by position (each token to its slot's entries up to its own position), which
+        # is what every mask AttentionBatch.build makes
         if self.native is not None and not last_only and self.native.fits(tokens.numel()):
             flat, hidden = self.native(tokens.reshape(-1), batch.positions.reshape(-1), batch.slot_index.reshape(-1))
             self.last_hidden = hidden.view(*tokens.shape, -1)
