@@ -63,8 +63,6 @@ def _matrix(module: torch.nn.Module) -> list[Tensor]:
         return [_meta(kind, q.out_features, q.in_features, q.padded_in_features, group), module.packed]
     assert isinstance(module, Linear)
     weight = module.narrow_weight if module.narrow_weight is not None else module.weight.detach()
-    if weight.dtype not in (torch.bfloat16, torch.float32):
-        weight = weight.float()
     kind = BF16 if weight.dtype == torch.bfloat16 else F32
     n, k = weight.shape
     return [_meta(kind, n, k, k, 1), weight.contiguous()]

@@ -111,29 +111,40 @@ inline int code_at(const uint8_t* codes, int64_t b, int64_t j) {
 // torch path and on the step quantize the same activations to the same codes: per block an exact
 // integer dot product, then per group (int4) or code-book block (nf4) a chain of fused
 // multiply-adds: part = fma(dot_b, d_b, part); acc = fma(part, scale, acc) (+ fma(zero, sum(x), acc)).
+// part[m] = fma(dot_b, d_b, part[m]) over blocks b0 .. b0 + count of input rows m0 ..: on AVX2
+// codes(b) is block b's codes as signed bytes; on scalar codes(b, j) is its code in position j.
+template <int M, typename Codes>
+void block_chain(const Activations& a, int64_t m0, int64_t b0, int64_t count, Codes&& codes, float (&part)[M]) {
+  for (int64_t b = b0; b < b0 + count; ++b) {
+#ifdef __AVX2__
+    const __m256i w = codes(b);
+#endif
+    for (int m = 0; m < M; ++m) {
+      const int64_t row = m0 + m;
+#ifdef __AVX2__
+      const int32_t dot = block_dot(a, row, b, w);
+#else
+      int32_t dot = 0;
+      for (int64_t j = 0; j < kBlock; ++j) dot += codes(b, j) * a.q[row * a.kp + b * kBlock + j];
+#endif
+      part[m] = std::fma(static_cast<float>(dot), a.d[row * a.blocks + b], part[m]);
+    }
+  }
+}
+
 template <int M>
 void int4_row(const Activations& a, const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros,
               int64_t group, int64_t m0, float* out, int64_t out_stride) {
   const int64_t per_group = group / kBlock, groups = a.kp / group;
+#ifdef __AVX2__
+  auto centred = [&](int64_t b) { return int4_codes(codes, b); };
+#else
+  auto centred = [&](int64_t b, int64_t j) { return code_at(codes, b, j) - 8; };
+#endif
   float acc[M] = {};
   for (int64_t g = 0; g < groups; ++g) {
     float part[M] = {};
-    for (int64_t p = 0; p < per_group; ++p) {
-      const int64_t b = g * per_group + p;
-#ifdef __AVX2__
-      const __m256i w = int4_codes(codes, b);
-#endif
-      for (int m = 0; m < M; ++m) {
-        const int64_t row = m0 + m;
-#ifdef __AVX2__
-        const int32_t dot = block_dot(a, row, b, w);
-#else
-        int32_t dot = 0;
-        for (int64_t j = 0; j < kBlock; ++j) dot += (code_at(codes, b, j) - 8) * a.q[row * a.kp + b * kBlock + j];
-#endif
-        part[m] = std::fma(static_cast<float>(dot), a.d[row * a.blocks + b], part[m]);
-      }
-    }
+    block_chain<M>(a, m0, g * per_group, per_group, centred, part);
     for (int m = 0; m < M; ++m) {
       acc[m] = std::fma(part[m], bf16_to_float(scales[g]), acc[m]);
       acc[m] = std::fma(bf16_to_float(zeros[g]), a.group_sum[(m0 + m) * groups + g], acc[m]);
@@ -146,25 +157,15 @@ template <int M, typename Lut>
 void nf4_row(const Activations& a, const uint8_t* codes, const NF4Scales& scales, int64_t n, int64_t block,
              Lut lut, int64_t m0, float* out, int64_t out_stride) {
   const int64_t per_block = block / kBlock, n_blocks = a.kp / block;
+#ifdef __AVX2__
+  auto looked_up = [&](int64_t b) { return nf4_codes(codes, b, lut); };
+#else
+  auto looked_up = [&](int64_t b, int64_t j) { return static_cast<int>(lut[code_at(codes, b, j)]); };
+#endif
   float acc[M] = {};
   for (int64_t s = 0; s < n_blocks; ++s) {
     float part[M] = {};
-    for (int64_t p = 0; p < per_block; ++p) {
-      const int64_t b = s * per_block + p;
-#ifdef __AVX2__
-      const __m256i w = nf4_codes(codes, b, lut);
-#endif
-      for (int m = 0; m < M; ++m) {
-        const int64_t row = m0 + m;
-#ifdef __AVX2__
-        const int32_t dot = block_dot(a, row, b, w);
-#else
-        int32_t dot = 0;
-        for (int64_t j = 0; j < kBlock; ++j) dot += lut[code_at(codes, b, j)] * a.q[row * a.kp + b * kBlock + j];
-#endif
-        part[m] = std::fma(static_cast<float>(dot), a.d[row * a.blocks + b], part[m]);
-      }
-    }
+    block_chain<M>(a, m0, s * per_block, per_block, looked_up, part);
     const float scale = scales.at(n, s) / 127.f;
     for (int m = 0; m < M; ++m) acc[m] = std::fma(part[m], scale, acc[m]);
   }
