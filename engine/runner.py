@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from engine.loader import EngineModel
+from kernels import dispatch
 from engine.model.h2o_cache import H2OKVCache, KVPolicy
 from engine.model.kv_cache import AttentionBatch
 from engine.model.llama import Transformer
@@ -34,10 +35,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
-        """Write a prompt chunk at positions ``start..`` of ``slot``; logits of its last token ``[V]``."""
-        ids = torch.tensor([tokens], dtype=torch.long)
-        positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
-        return self.model(ids, AttentionBatch.build(slot, positions), last_only=True)[0, -1]
+        """Write a prompt chunk at positions ``start..`` of ``slot``; logits of its last token ``[V]``.
+        Where the model has a native step, the chunk goes through it in pieces it takes (its int8
+        matmuls and one call per piece beat the torch path's dequantize-and-GEMM at every length)."""
+        native = getattr(self.model, "native", None)
+        piece = dispatch.NATIVE_MAX_TOKENS if native is not None else len(tokens)
+        logits = None
+        for i in range(0, len(tokens), piece):
+            ids = torch.tensor([tokens[i : i + piece]], dtype=torch.long)
+            positions = torch.arange(start + i, start + i + ids.shape[1]).unsqueeze(0)
+            logits = self.model(ids, AttentionBatch.build(slot, positions), last_only=True)[0, -1]
+        assert logits is not None, "a prompt chunk has at least one token"
+        return logits
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> Tensor:

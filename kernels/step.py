@@ -151,9 +151,10 @@ class NativeStep:
     def fits(self, tokens: int) -> bool:
         return dispatch.native_tokens(tokens)
 
-    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> float32 (logits ``[T, V]``, the
-        final-normed hidden states ``[T, D]``)."""
+    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, head_from: int = 0) -> tuple[Tensor, Tensor]:
+        """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> float32 (logits ``[H, V]``, the
+        final-normed hidden states ``[H, D]``) of the last ``H = T - head_from`` tokens: the LM head
+        reads only those (a prompt chunk wants its last token's logits, not 64 x 49,152 of them)."""
         x = self.embed(tokens)
-        logits, hidden = self.step.forward(x, positions, slots)
+        logits, hidden = self.step.forward(x, positions, slots, head_from)
         return logits, hidden

@@ -9,6 +9,8 @@ an R2R catch-up over a subset of slots, and the real model's greedy output.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,8 @@ def tiny_model(fmt: str, seed: int, args: ModelArgs = ARGS) -> Transformer:
 
 
 def fill(model: Transformer, lengths: list[int], seed: int) -> None:
-    """Prompts of ``lengths`` tokens into slots 0.. (the torch prefill path)."""
+    """Prompts of ``lengths`` tokens into slots 0.. (as the model prefills them: up to 64 tokens on
+    the step, longer ones on the torch path)."""
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for slot, length in enumerate(lengths):
@@ -85,6 +88,23 @@ def run(model: Transformer, tokens: Tensor, positions: Tensor, slots: Tensor | N
         return model(tokens, AttentionBatch.build(0, positions, slots))
 
 
+@contextmanager
+def torch_path(model: Transformer) -> Iterator[None]:
+    """The model without its step. The reference multiplies float32 activations by the same weights:
+    a 16-bit copy's rounding of the activations (torch's narrow path) is not the step's arithmetic."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    narrow = [m.narrow_weight for m in linears]
+    kept, model.native = model.native, None
+    try:
+        for m in linears:
+            m.narrow_weight = None
+        yield
+    finally:
+        model.native = kept
+        for m, w in zip(linears, narrow, strict=True):
+            m.narrow_weight = w
+
+
 def both_paths(model: Transformer, tokens: Tensor, positions: Tensor, slots: Tensor | None = None) -> dict[str, Any]:
     """The step's and the torch path's logits and caches, each from the same starting caches."""
     assert model.native is not None
@@ -94,19 +114,8 @@ def both_paths(model: Transformer, tokens: Tensor, positions: Tensor, slots: Ten
     for cache, (k, v) in zip(model.kv_caches, start, strict=True):
         cache.k.copy_(k)
         cache.v.copy_(v)
-    # the reference multiplies float32 activations by the same weights: a 16-bit copy's rounding
-    # of the activations (torch's narrow path) is not the step's arithmetic
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    narrow = [m.narrow_weight for m in linears]
-    kept, model.native = model.native, None
-    try:
-        for m in linears:
-            m.narrow_weight = None
+    with torch_path(model):
         reference = run(model, tokens, positions, slots)
-    finally:
-        model.native = kept
-        for m, w in zip(linears, narrow, strict=True):
-            m.narrow_weight = w
     return {
         "native": native,
         "reference": reference,
@@ -130,6 +139,37 @@ def test_the_step_matches_the_torch_model(isa: str, fmt: str, rows: int) -> None
     for native_k, native_v, ref_k, ref_v in out["caches"]:
         assert_matches(native_k, ref_k, fmt)
         assert_matches(native_v, ref_v, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16"])
+@pytest.mark.parametrize("chunk", [2, 17, 48, 64])
+def test_a_prompt_chunk_on_the_step_matches_the_torch_prefill(isa: str, fmt: str, chunk: int) -> None:
+    """A prompt chunk (one slot, consecutive positions, the LM head on its last token) takes the
+    step's tiled attention on AVX-512 builds (attend_head elsewhere): its logits and the caches it
+    writes equal the torch path's prefill (a GEMM and scaled-dot-product attention) to float
+    rounding. Float weights, so that no int8 rounding boundary hides or inflates a difference."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    model = tiny_model(fmt, seed)
+    assert model.native is not None
+    g = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(0, MAX_LEN - chunk, (), generator=g))
+    fill(model, [start] if start else [], seed)  # what the chunk attends to before itself
+    tokens = torch.randint(0, ARGS.vocab_size, (1, chunk), generator=g)
+    positions = torch.arange(start, start + chunk)[None]
+    kept = [(c.k.clone(), c.v.clone()) for c in model.kv_caches]
+    with torch.inference_mode():
+        native = model(tokens, AttentionBatch.build(0, positions), last_only=True)
+        native_caches = [(c.k.clone(), c.v.clone()) for c in model.kv_caches]
+        for cache, (k, v) in zip(model.kv_caches, kept, strict=True):
+            cache.k.copy_(k)
+            cache.v.copy_(v)
+        with torch_path(model):
+            reference = model(tokens, AttentionBatch.build(0, positions), last_only=True)
+    assert native.shape == reference.shape == (1, 1, ARGS.vocab_size)
+    assert_matches(native, reference, "f32", f"seed {seed}, chunk {chunk} at {start}")
+    for (native_k, native_v), cache in zip(native_caches, model.kv_caches, strict=True):
+        assert_matches(native_k, cache.k.float(), "f32", f"seed {seed}")
+        assert_matches(native_v, cache.v.float(), "f32", f"seed {seed}")
 
 
 def test_a_16_bit_model_keeps_its_16_bit_cache_on_the_step() -> None:
@@ -232,12 +272,17 @@ def test_the_real_model_decodes_the_same_greedy_tokens_on_both_paths(model_path:
     model.setup_caches(2, 256)
     assert model.native is not None
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198, 19161, 549, 253, 1932, 563]
+    with torch.inference_mode():  # the prompt once (on the step, as the engine prefills), then both paths decode
+        logits = model(torch.tensor([prompt]), AttentionBatch.build(0, torch.arange(len(prompt))[None]), True)
+    prefilled = [(c.k.clone(), c.v.clone()) for c in model.kv_caches]
     outputs = []
     for native in (model.native, None):
         model.native = native
+        for cache, (k, v) in zip(model.kv_caches, prefilled, strict=True):
+            cache.k.copy_(k)
+            cache.v.copy_(v)
+        tokens = [int(logits[0, -1].argmax())]
         with torch.inference_mode():
-            logits = model(torch.tensor([prompt]), AttentionBatch.build(0, torch.arange(len(prompt))[None]), True)
-            tokens = [int(logits[0, -1].argmax())]
             for i in range(127):
                 pos = torch.tensor([[len(prompt) + i]])
                 tokens.append(int(model(torch.tensor([[tokens[-1]]]), AttentionBatch.build(0, pos))[0, -1].argmax()))

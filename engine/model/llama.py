@@ -184,11 +184,18 @@ class Transformer(nn.Module):
         """tokens ``[B, S]`` -> logits ``[B, S, V]`` (``[B, 1, V]`` with ``last_only``)."""
         assert self.rope_cos is not None and self.rope_sin is not None
         # the step attends by position (each token to its slot's entries up to its own position), which
-        # is what every mask AttentionBatch.build makes
-        if self.native is not None and not last_only and self.native.fits(tokens.numel()):
-            flat, hidden = self.native(tokens.reshape(-1), batch.positions.reshape(-1), batch.slot_index.reshape(-1))
-            self.last_hidden = hidden.view(*tokens.shape, -1)
-            return flat.view(*tokens.shape, -1)
+        # is what every mask AttentionBatch.build makes; a prompt chunk (one row, last_only) takes it too
+        native = self.native
+        if native is not None and native.fits(tokens.numel()) and (not last_only or tokens.shape[0] == 1):
+            kept = (tokens.shape[0], 1) if last_only else tokens.shape
+            flat, hidden = native(
+                tokens.reshape(-1),
+                batch.positions.reshape(-1),
+                batch.slot_index.reshape(-1),
+                head_from=tokens.numel() - 1 if last_only else 0,
+            )
+            self.last_hidden = hidden.view(*kept, -1)
+            return flat.view(*kept, -1)
         rotary = Rotary(self.rope_cos, self.rope_sin)
         wide = not dispatch.decode_tokens(tokens.shape[1])
         if wide or self.h2o is not None or fused_decode.fused(self.rope_cos.dtype) is None:

@@ -44,6 +44,8 @@ constexpr int64_t kChunk = 256;  // code bytes per block per tile: 4 chunks of 4
 constexpr int64_t kHeader = 64;  // scale bytes per group per tile
 constexpr int kPass = 4;        // input rows that share one read of a tile
 constexpr int64_t kMaxHeadDim = 512;
+constexpr int64_t kShareRows = 8;  // input rows from which the threads split quantizing them (and SiLU)
+enum Role { kRoleQKV, kRoleWo, kRoleW13, kRoleW2, kRoleHead, kRoles };
 
 enum Kind : int64_t { kInt4 = 0, kNF4 = 1, kBF16 = 2, kF32 = 3 };
 
@@ -166,16 +168,20 @@ struct Quantized {
     qoff.resize(r * width / kBlock);
   }
 
-  // Per-matrix extras: group sums for `group`, and the code offset the kernel subtracts.
-  void finish(int64_t group, int32_t offset) {
+  // Per-matrix extras of row m (after quantize_row): group sums for `group`, and the code offset
+  // the kernel subtracts. gsum must hold rows * kp / group.
+  void finish_row(int64_t m, int64_t group, int32_t offset) {
     const int64_t blocks = kp / kBlock, per_group = group / kBlock, groups = kp / group;
-    gsum.assign(rows * groups, 0.f);
-    for (int64_t m = 0; m < rows; ++m) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        gsum[m * groups + b / per_group] += xsum[m * blocks + b];
-        qoff[m * blocks + b] = offset * qsum[m * blocks + b];
-      }
+    std::fill_n(gsum.begin() + m * groups, groups, 0.f);
+    for (int64_t b = 0; b < blocks; ++b) {
+      gsum[m * groups + b / per_group] += xsum[m * blocks + b];
+      qoff[m * blocks + b] = offset * qsum[m * blocks + b];
     }
+  }
+
+  void size_for(int64_t r, int64_t width, int64_t group) {
+    resize(r, width);
+    gsum.resize(r * width / group);
   }
 };
 
@@ -197,6 +203,7 @@ void quantize_row(const float* x, int64_t k, Quantized& a, int64_t m) {
 struct Matrix {
   Kind kind = kF32;
   int64_t n = 0, k = 0, kp = 0, group = 32;
+  int role = 0;  // which of a layer's inputs it reads (kRoles): its shared activation buffer
   torch::Tensor data;  // packed tiles (uint8) or the row-major weight (bf16 / f32) [n, k]
 
   int64_t groups() const { return kp / group; }
@@ -540,6 +547,126 @@ void matmul_share(const Matrix& w, const Quantized& a, const float* xf, int64_t 
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// A prompt chunk's attention, tiled (AVX-512 builds). A chunk's tokens share their slot's keys, so
+// the queries of one kv head (tokens x group heads, up to kTileQueries) meet each key in one pass:
+// scores are computed key-major, S[j][m], with the queries side by side in zmm lanes (Q transposed
+// once), the softmax runs lane-wise, and the values are summed four queries at a time. The same
+// float32 arithmetic as attend_head in another order: decoding and verification rows keep
+// attend_head, so that verifying drafts equals decoding them bit for bit.
+constexpr int kTileQueries = 48;  // three zmm of queries
+constexpr int kTileVecs = kTileQueries / 16;
+
+struct TileScratch {
+  std::vector<float> qt, s;  // Q^T [dh, kTileQueries]; S [keys, kTileQueries]
+};
+
+#if defined(__AVX512F__)
+constexpr bool kTiledAttention = true;
+
+inline __m512 bcast16(const float* p) { return _mm512_set1_ps(*p); }
+inline __m512 bcast16(const uint16_t* p) { return _mm512_set1_ps(bf16_to_float(*p)); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 exp16(__m512 x) {
+  const __m256 lo = turnout::exp8(_mm512_castps512_ps256(x));
+  const __m256 hi = turnout::exp8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+
+// Queries qs[m] (dh floats, m < nq <= kTileQueries) over keys [0, lens[m]) of one kv head -> outs[m].
+// dh must be a multiple of 16.
+template <typename C>
+void attend_tile(const float* const* qs, const int64_t* lens, int nq, const C* keys, const C* values, int64_t dh,
+                 float scale, TileScratch& ts, float* const* outs) {
+  int64_t lmax = 0;
+  alignas(64) int32_t len32[kTileQueries];
+  for (int m = 0; m < kTileQueries; ++m) {
+    len32[m] = m < nq ? static_cast<int32_t>(lens[m]) : 1;  // a padding query reads one key, unused
+    lmax = std::max<int64_t>(lmax, len32[m]);
+  }
+  ts.qt.assign(dh * kTileQueries, 0.f);
+  for (int m = 0; m < nq; ++m)
+    for (int64_t d = 0; d < dh; ++d) ts.qt[d * kTileQueries + m] = qs[m][d];
+  const int64_t rows = (lmax + 3) / 4 * 4;
+  ts.s.resize(rows * kTileQueries);
+  float* S = ts.s.data();
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  // scores: four keys by the three query vectors per pass
+  for (int64_t j0 = 0; j0 < lmax; j0 += 4) {
+    const C* kr[4];
+    for (int k = 0; k < 4; ++k) kr[k] = keys + std::min(j0 + k, lmax - 1) * dh;  // past lmax: a repeat, unread
+    __m512 acc[4][kTileVecs];
+    for (int k = 0; k < 4; ++k)
+      for (int v = 0; v < kTileVecs; ++v) acc[k][v] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dh; ++d) {
+      const float* qd = ts.qt.data() + d * kTileQueries;
+      const __m512 q0 = _mm512_loadu_ps(qd), q1 = _mm512_loadu_ps(qd + 16), q2 = _mm512_loadu_ps(qd + 32);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m512 kv = bcast16(kr[k] + d);
+        acc[k][0] = _mm512_fmadd_ps(kv, q0, acc[k][0]);
+        acc[k][1] = _mm512_fmadd_ps(kv, q1, acc[k][1]);
+        acc[k][2] = _mm512_fmadd_ps(kv, q2, acc[k][2]);
+      }
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int v = 0; v < kTileVecs; ++v) _mm512_storeu_ps(S + (j0 + k) * kTileQueries + 16 * v, _mm512_mul_ps(acc[k][v], scale_v));
+  }
+  // softmax down each lane (a query), keys past its length masked out
+  alignas(64) float inv[kTileQueries];
+  for (int v = 0; v < kTileVecs; ++v) {
+    const __m512i len_v = _mm512_load_si512(len32 + 16 * v);
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < lmax; ++j) {
+      const __mmask16 live = _mm512_cmpgt_epi32_mask(len_v, _mm512_set1_epi32(static_cast<int32_t>(j)));
+      top = _mm512_mask_max_ps(top, live, top, _mm512_loadu_ps(S + j * kTileQueries + 16 * v));
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < lmax; ++j) {
+      const __mmask16 live = _mm512_cmpgt_epi32_mask(len_v, _mm512_set1_epi32(static_cast<int32_t>(j)));
+      float* sj = S + j * kTileQueries + 16 * v;
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(sj), top)));
+      _mm512_storeu_ps(sj, e);
+      total = _mm512_add_ps(total, e);
+    }
+    _mm512_store_ps(inv + 16 * v, _mm512_div_ps(_mm512_set1_ps(1.f), total));
+  }
+  // values: four queries by 64 output values per pass
+  for (int m0 = 0; m0 < nq; m0 += 4) {
+    const int nm = std::min(4, nq - m0);
+    int64_t span = 0;
+    for (int mm = 0; mm < nm; ++mm) span = std::max<int64_t>(span, len32[m0 + mm]);
+    for (int64_t c0 = 0; c0 < dh; c0 += 64) {
+      const int nu = static_cast<int>(std::min<int64_t>(4, (dh - c0) / 16));
+      __m512 acc[4][4];
+      for (int mm = 0; mm < 4; ++mm)
+        for (int u = 0; u < 4; ++u) acc[mm][u] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < span; ++j) {
+        __m512 vv[4];
+        for (int u = 0; u < nu; ++u) vv[u] = load16(values + j * dh + c0 + 16 * u);
+        const float* pj = S + j * kTileQueries + m0;
+        for (int mm = 0; mm < nm; ++mm) {
+          const __m512 p = _mm512_set1_ps(pj[mm]);
+          for (int u = 0; u < nu; ++u) acc[mm][u] = _mm512_fmadd_ps(p, vv[u], acc[mm][u]);
+        }
+      }
+      for (int mm = 0; mm < nm; ++mm) {
+        const __m512 scale_m = _mm512_set1_ps(inv[m0 + mm]);
+        for (int u = 0; u < nu; ++u) _mm512_storeu_ps(outs[m0 + mm] + c0 + 16 * u, _mm512_mul_ps(acc[mm][u], scale_m));
+      }
+    }
+  }
+}
+#else
+constexpr bool kTiledAttention = false;
+template <typename C>
+void attend_tile(const float* const*, const int64_t*, int, const C*, const C*, int64_t, float, TileScratch&,
+                 float* const*) {}
+#endif
 // ---------------------------------------------------------------------------------------------
 struct Layer {
   torch::Tensor attn_norm, ffn_norm;  // float32 [D]
@@ -565,10 +692,15 @@ class Step {
     Layer l;
     l.attn_norm = attn_norm.contiguous().to(torch::kFloat);
     l.ffn_norm = ffn_norm.contiguous().to(torch::kFloat);
-    l.wqkv = matrix(wqkv);
-    l.wo = matrix(wo);
-    l.w13 = matrix(w13);
-    l.w2 = matrix(w2);
+    l.wqkv = matrix(wqkv, kRoleQKV);
+    l.wo = matrix(wo, kRoleWo);
+    l.w13 = matrix(w13, kRoleW13);
+    l.w2 = matrix(w2, kRoleW2);
+    if (!layers_.empty()) {  // the shared activation buffers are sized from the first layer's
+      const Layer& first = layers_[0];
+      for (auto [m, f] : {std::pair{&l.wqkv, &first.wqkv}, {&l.wo, &first.wo}, {&l.w13, &first.w13}, {&l.w2, &first.w2}})
+        TORCH_CHECK(m->kind == f->kind && m->kp == f->kp && m->group == f->group, "step: every layer must be quantized alike");
+    }
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "step: caches must be contiguous [slots, KV, L, Dh]");
     TORCH_CHECK(k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kBFloat16, "step: caches must be float32 or bf16");
     TORCH_CHECK(l.wqkv.n == (n_heads_ + 2 * n_kv_) * dh_ && l.w13.n == 2 * hidden_ && l.w2.k == hidden_, "step: layer shapes do not match the model");
@@ -577,11 +709,13 @@ class Step {
     layers_.push_back(std::move(l));
   }
 
-  void set_output(const std::vector<torch::Tensor>& output) { output_ = matrix(output); }
+  void set_output(const std::vector<torch::Tensor>& output) { output_ = matrix(output, kRoleHead); }
 
-  // x [T, D] embeddings of the step's tokens at positions[T] of slots[T] -> (logits [T, V], the
-  // final-normed hidden states [T, D] the LM head read)
-  std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots) {
+  // x [T, D] embeddings of the step's tokens at positions[T] of slots[T] -> (logits [H, V], the
+  // final-normed hidden states [H, D] the LM head read) of the last H = T - head_from rows (a
+  // prompt chunk needs only its last token's)
+  std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots,
+                                                   int64_t head_from) {
     TORCH_CHECK(output_.n > 0 && !layers_.empty(), "step: the model is not complete");
     x = x.contiguous().to(torch::kFloat);
     positions = positions.contiguous().to(torch::kLong);
@@ -594,11 +728,14 @@ class Step {
       TORCH_CHECK(pos[t] >= 0 && pos[t] < cache.size(2) && pos[t] < cos_.size(0), "step: position ", pos[t], " is outside the cache");
       TORCH_CHECK(slot[t] >= 0 && slot[t] < cache.size(0), "step: slot ", slot[t], " does not exist");
     }
-    auto logits = torch::empty({t_count, output_.n}, torch::kFloat);
-    auto hidden = torch::empty({t_count, dim_}, torch::kFloat);
+    TORCH_CHECK(head_from >= 0 && head_from <= t_count, "step: head_from must be within the rows");
+    auto logits = torch::empty({t_count - head_from, output_.n}, torch::kFloat);
+    auto hidden = torch::empty({t_count - head_from, dim_}, torch::kFloat);
     if (t_count == 0) return {logits, hidden};
     State s;
     s.t = t_count;
+    s.head_from = head_from;
+    s.tiled = head_from > 0 && prompt_chunk(pos, slot, t_count);
     s.pos = pos;
     s.slot = slot;
     s.x = x.clone();
@@ -607,6 +744,11 @@ class Step {
     s.attn.resize(t_count * n_heads_ * dh_);
     s.h13.resize(t_count * 2 * hidden_);
     s.act.resize(t_count * hidden_);
+    if (t_count >= kShareRows) {
+      const Layer& first = layers_[0];
+      for (const Matrix* m : {&first.wqkv, &first.wo, &first.w13, &first.w2, static_cast<const Matrix*>(&output_)})
+        if (m->kind == kInt4 || m->kind == kNF4) s.shared[m->role].size_for(t_count, m->kp, m->group);
+    }
     s.normed.resize(t_count * dim_);
     s.logits = logits.data_ptr<float>();
     s.hidden = hidden.data_ptr<float>();
@@ -630,25 +772,29 @@ class Step {
 
  private:
   struct State {
-    int64_t t = 0;
+    int64_t t = 0, head_from = 0;
+    bool tiled = false;  // a prompt chunk: its attention takes attend_tile
     const int64_t *pos = nullptr, *slot = nullptr;
     torch::Tensor x;  // [T, D] the residual stream
     std::vector<float> qkv, attn, h13, act, normed;
+    Quantized shared[kRoles];  // each input's activations, quantized by all threads (kShareRows rows and up)
     float* logits = nullptr;
     float* hidden = nullptr;
   };
   struct Scratch {
     Quantized a;
     std::vector<float> normed, scores;
+    TileScratch tile;
   };
 
-  Matrix matrix(const std::vector<torch::Tensor>& parts) {
+  Matrix matrix(const std::vector<torch::Tensor>& parts, int role) {
     // [kind, packed or weight, n, k, kp, group] as tensors from Python: kind/n/k/kp/group packed
     // into one int64 tensor so the binding stays small
     TORCH_CHECK(parts.size() == 2, "step: a matrix is (meta, data)");
     const auto meta = parts[0].contiguous().to(torch::kLong);
     const int64_t* mp = meta.data_ptr<int64_t>();
     Matrix w;
+    w.role = role;
     w.kind = static_cast<Kind>(mp[0]);
     w.n = mp[1];
     w.k = mp[2];
@@ -675,12 +821,12 @@ class Step {
     }
   }
 
-  // Each thread quantizes the whole input (a few rows) into its own buffer: no barrier needed.
-  void prepare(const Matrix& w, const float* x, int64_t k, int64_t t_count, Scratch& sc) const {
-    if (w.kind != kInt4 && w.kind != kNF4) return;
-    sc.a.resize(t_count, w.kp);
-    for (int64_t t = 0; t < t_count; ++t) quantize_row(x + t * k, k, sc.a, t);
-    sc.a.finish(w.group, w.kind == kInt4 ? 8 : kNF4Offset);
+  // Rows [r0, r1) of the input of w, quantized into a (sized for w by size_for).
+  static void quantize_rows(const Matrix& w, const float* x, int64_t k, int64_t r0, int64_t r1, Quantized& a) {
+    for (int64_t t = r0; t < r1; ++t) {
+      quantize_row(x + t * k, k, a, t);
+      a.finish_row(t, w.group, w.kind == kInt4 ? 8 : kNF4Offset);
+    }
   }
 
   template <typename C>
@@ -722,8 +868,48 @@ class Step {
     }
   }
 
+  // A chunk of one sequence's prompt: one slot, consecutive positions, and a head group that fits a tile.
+  bool prompt_chunk(const int64_t* pos, const int64_t* slot, int64_t t_count) const {
+    if (!kTiledAttention || t_count < 2 || dh_ % 16 != 0 || n_heads_ / n_kv_ > kTileQueries) return false;
+    for (int64_t t = 1; t < t_count; ++t)
+      if (slot[t] != slot[0] || pos[t] != pos[0] + t) return false;
+    return true;
+  }
+
+  // attend_tile over tasks of (kv head, a block of tokens whose group heads fill a tile)
+  template <typename C>
+  void attend_chunk(State& s, const Layer& l, Scratch& sc, int id) {
+    const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, max_len = l.k_cache.size(2), group = n_heads_ / n_kv_;
+    const int64_t per_task = kTileQueries / group, blocks = (s.t + per_task - 1) / per_task;
+    const C* kc = reinterpret_cast<const C*>(l.k_cache.data_ptr());
+    const C* vc = reinterpret_cast<const C*>(l.v_cache.data_ptr());
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));
+    const auto [begin, end] = share(n_kv_ * blocks, id, pool_.size());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kh = task / blocks, t0 = task % blocks * per_task, t1 = std::min(s.t, t0 + per_task);
+      const float* qs[kTileQueries];
+      float* outs[kTileQueries];
+      int64_t lens[kTileQueries];
+      int nq = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t g = 0; g < group; ++g, ++nq) {
+          const int64_t h = kh * group + g;
+          qs[nq] = s.qkv.data() + t * qkv_w + h * dh_;
+          outs[nq] = s.attn.data() + (t * n_heads_ + h) * dh_;
+          lens[nq] = s.pos[t] + 1;
+        }
+      }
+      const int64_t head = (s.slot[0] * n_kv_ + kh) * max_len * dh_;
+      attend_tile(qs, lens, nq, kc + head, vc + head, dh_, scale, sc.tile, outs);
+    }
+  }
+
   template <typename C>
   void attend(State& s, const Layer& l, Scratch& sc, int id) {
+    if (s.tiled) {
+      attend_chunk<C>(s, l, sc, id);
+      return;
+    }
     const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, max_len = l.k_cache.size(2), group = n_heads_ / n_kv_;
     const C* kc = reinterpret_cast<const C*>(l.k_cache.data_ptr());
     const C* vc = reinterpret_cast<const C*>(l.v_cache.data_ptr());
@@ -761,21 +947,35 @@ class Step {
     float* x = s.x.data_ptr<float>();
     sc.normed.resize(t * std::max(dim_, hidden_));
     Clock clock{profile_ && id == 0, std::chrono::steady_clock::now(), stage_seconds_};
-    auto matmul = [&](const Matrix& w, const float* in, int64_t k, const Out& out, Stage stage) {
-      prepare(w, in, k, t, sc);
-      clock.mark(kQuantize);
-      matmul_share(w, sc.a, in, k, t, out, lut8_.data_ptr<int8_t>(), id, pool_.size());
-      clock.mark(stage);
-    };
     auto sync = [&] {
       pool_.sync();
       clock.mark(kWait);
+    };
+    // A few rows: every thread quantizes all of them into its own buffer, with no barrier. Many
+    // (a prompt chunk): each quantizes its share into the step's shared buffer, then they meet.
+    auto matmul = [&](const Matrix& w, const float* in, int64_t k, const Out& out, Stage stage, int64_t rows) {
+      Quantized* a = &sc.a;
+      if (w.kind == kInt4 || w.kind == kNF4) {
+        if (rows >= kShareRows) {
+          a = &s.shared[w.role];
+          const auto [r0, r1] = share(rows, id, pool_.size());
+          quantize_rows(w, in, k, r0, r1, *a);
+          clock.mark(kQuantize);
+          sync();
+        } else {
+          sc.a.size_for(rows, w.kp, w.group);
+          quantize_rows(w, in, k, 0, rows, sc.a);
+          clock.mark(kQuantize);
+        }
+      }
+      matmul_share(w, *a, in, k, rows, out, lut8_.data_ptr<int8_t>(), id, pool_.size());
+      clock.mark(stage);
     };
     for (const Layer& l : layers_) {
       const bool bf16 = l.k_cache.scalar_type() == torch::kBFloat16;
       norm_rows(x, l.attn_norm, t, sc.normed.data());
       clock.mark(kNorm);
-      matmul(l.wqkv, sc.normed.data(), dim_, Out{s.qkv.data(), qkv_w, false}, kQKV);
+      matmul(l.wqkv, sc.normed.data(), dim_, Out{s.qkv.data(), qkv_w, false}, kQKV, t);
       sync();
       bf16 ? rope_store<uint16_t>(s, l, id) : rope_store<float>(s, l, id);
       clock.mark(kRope);
@@ -783,29 +983,36 @@ class Step {
       bf16 ? attend<uint16_t>(s, l, sc, id) : attend<float>(s, l, sc, id);
       clock.mark(kAttention);
       sync();
-      matmul(l.wo, s.attn.data(), n_heads_ * dh_, Out{x, dim_, true}, kWo);
+      matmul(l.wo, s.attn.data(), n_heads_ * dh_, Out{x, dim_, true}, kWo, t);
       sync();
       norm_rows(x, l.ffn_norm, t, sc.normed.data());
       clock.mark(kNorm);
-      matmul(l.w13, sc.normed.data(), dim_, Out{s.h13.data(), 2 * hidden_, false}, kW13);
+      matmul(l.w13, sc.normed.data(), dim_, Out{s.h13.data(), 2 * hidden_, false}, kW13, t);
       sync();
-      silu_mul(s, sc);
+      const float* act = silu_mul(s, sc, id);
       clock.mark(kSilu);
-      matmul(l.w2, sc.normed.data(), hidden_, Out{x, dim_, true}, kW2);
+      if (t >= kShareRows) sync();
+      matmul(l.w2, act, hidden_, Out{x, dim_, true}, kW2, t);
       sync();
     }
-    norm_rows(x, final_norm_, t, sc.normed.data());
-    if (id == 0) std::memcpy(s.hidden, sc.normed.data(), t * dim_ * sizeof(float));
+    const int64_t head = t - s.head_from;
+    norm_rows(x + s.head_from * dim_, final_norm_, head, sc.normed.data());
+    if (id == 0) std::memcpy(s.hidden, sc.normed.data(), head * dim_ * sizeof(float));
     clock.mark(kNorm);
-    matmul(output_, sc.normed.data(), dim_, Out{s.logits, output_.n, false}, kHead);
+    matmul(output_, sc.normed.data(), dim_, Out{s.logits, output_.n, false}, kHead, head);
   }
 
-  // silu(gate) * up for every row, into the thread's own buffer (the w2 input)
-  void silu_mul(const State& s, Scratch& sc) const {
-    for (int64_t t = 0; t < s.t; ++t) {
+  // silu(gate) * up of every row (the w2 input): a few rows by every thread into its own buffer, many
+  // split among the threads into the shared one (the caller meets the others before reading it)
+  const float* silu_mul(State& s, Scratch& sc, int id) const {
+    const bool split = s.t >= kShareRows;
+    float* out = split ? s.act.data() : sc.normed.data();
+    const auto [r0, r1] = split ? share(s.t, id, pool_.size()) : std::pair<int64_t, int64_t>{0, s.t};
+    for (int64_t t = r0; t < r1; ++t) {
       const float* gate = s.h13.data() + t * 2 * hidden_;
-      turnout::silu_mul_row(gate, gate + hidden_, sc.normed.data() + t * hidden_, hidden_);
+      turnout::silu_mul_row(gate, gate + hidden_, out + t * hidden_, hidden_);
     }
+    return out;
   }
 
 
@@ -888,7 +1095,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           torch::Tensor, int64_t>())
       .def("add_layer", &Step::add_layer)
       .def("set_output", &Step::set_output)
-      .def("forward", &Step::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("forward", &Step::forward, pybind11::arg("x"), pybind11::arg("positions"), pybind11::arg("slots"),
+           pybind11::arg("head_from") = 0, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("profile", &Step::profile)
       .def("stage_seconds", &Step::stage_seconds)
       .def_property_readonly("threads", &Step::threads);
