@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from engine.loader import EngineModel
-from kernels import dispatch
 from engine.model.h2o_cache import H2OKVCache, KVPolicy
 from engine.model.kv_cache import AttentionBatch
 from engine.model.llama import Transformer
+from kernels import dispatch
 
 
 class ModelRunner:

@@ -17,9 +17,9 @@ with a warning; ``build()`` raises instead, which is what the tests call.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import functools
 import os
 import shutil
 import time
