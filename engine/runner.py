@@ -39,7 +39,7 @@ class ModelRunner:
         Where the model has a native step, the chunk goes through it in pieces it takes (its int8
         matmuls and one call per piece beat the torch path's dequantize-and-GEMM at every length)."""
         native = getattr(self.model, "native", None)
-        piece = dispatch.NATIVE_MAX_TOKENS if native is not None else len(tokens)
+        piece = dispatch.NATIVE_MAX_PROMPT_TOKENS if native is not None else len(tokens)
         logits = None
         for i in range(0, len(tokens), piece):
             ids = torch.tensor([tokens[i : i + piece]], dtype=torch.long)

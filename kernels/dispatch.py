@@ -35,3 +35,13 @@ NATIVE_MAX_TOKENS = 64
 def native_tokens(tokens: int) -> bool:
     """Whether a pass of ``tokens`` tokens in all takes the native decode step."""
     return 0 < tokens <= NATIVE_MAX_TOKENS
+
+
+# tokens of one prompt chunk the native step takes per call (longer chunks go in pieces of this):
+# its barriers and norms cost the same per call, so a prompt wants few calls
+NATIVE_MAX_PROMPT_TOKENS = 256
+
+
+def native_prompt_tokens(tokens: int) -> bool:
+    """Whether a prompt piece of ``tokens`` tokens (one sequence, logits of its last only) takes the step."""
+    return 0 < tokens <= NATIVE_MAX_PROMPT_TOKENS

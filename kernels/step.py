@@ -148,8 +148,9 @@ class NativeStep:
             return None
         return cls(model, ext)
 
-    def fits(self, tokens: int) -> bool:
-        return dispatch.native_tokens(tokens)
+    def fits(self, tokens: int, prompt: bool = False) -> bool:
+        """Whether a pass of ``tokens`` tokens takes the step (``prompt``: one sequence's prompt piece)."""
+        return dispatch.native_prompt_tokens(tokens) if prompt else dispatch.native_tokens(tokens)
 
     def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, head_from: int = 0) -> tuple[Tensor, Tensor]:
         """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> float32 (logits ``[H, V]``, the

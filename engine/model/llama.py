@@ -186,7 +186,8 @@ class Transformer(nn.Module):
         # the step attends by position (each token to its slot's entries up to its own position), which
         # is what every mask AttentionBatch.build makes; a prompt chunk (one row, last_only) takes it too
         native = self.native
-        if native is not None and native.fits(tokens.numel()) and (not last_only or tokens.shape[0] == 1):
+        prompt = last_only and tokens.shape[0] == 1
+        if native is not None and (not last_only or prompt) and native.fits(tokens.numel(), prompt):
             kept = (tokens.shape[0], 1) if last_only else tokens.shape
             flat, hidden = native(
                 tokens.reshape(-1),
