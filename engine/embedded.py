@@ -105,6 +105,7 @@ class EmbeddedEngine:
         self._wake = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
+        self._outbox = _Outbox()
         self._thread: threading.Thread | None = None
         self._running = False
         self._ready = False
@@ -173,7 +174,7 @@ class EmbeddedEngine:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         seq = Sequence(
             request=request,
-            sink=lambda out: _deliver(loop, queue, out),
+            sink=lambda out: self._outbox.post(loop, queue, out),
             generator=make_generator(request.params.seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             stop_matcher=StopStringMatcher(request.params.stop),
@@ -213,6 +214,8 @@ class EmbeddedEngine:
             except Exception as exc:  # a bug must fail the requests in flight, not the server
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {exc}")
+            finally:
+                self._outbox.flush()
 
     def _apply_aborts(self, aborts: set[str]) -> None:
         for seq in self.scheduler.all():
@@ -361,7 +364,26 @@ class EmbeddedEngine:
         return logits
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:
-    """Hand an output from the engine thread to the request's event loop (dropped if the loop is gone)."""
-    if not loop.is_closed():
-        loop.call_soon_threadsafe(queue.put_nowait, out)
+class _Outbox:
+    """A step's outputs, handed to the requests' event loops at the end of the step: one wake-up of a
+    loop per step for all its streams, not one per token (each a write to the loop's self-pipe and
+    a pass of its selector)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[RequestOutput], out: RequestOutput) -> None:
+        self._pending.setdefault(loop, []).append((queue, out))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: its requests are gone
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
