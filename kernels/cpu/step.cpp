@@ -571,10 +571,20 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+// e^x as exp8 computes it (the same polynomial), sixteen lanes at once; 2^n by vscalefps
 inline __m512 exp16(__m512 x) {
-  const __m256 lo = turnout::exp8(_mm512_castps512_ps256(x));
-  const __m256 hi = turnout::exp8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
 }
 
 // Queries qs[m] (dh floats, m < nq <= kTileQueries) over keys [0, lens[m]) of one kv head -> outs[m].
@@ -595,6 +605,12 @@ void attend_tile(const float* const* qs, const int64_t* lens, int nq, const C* k
   ts.s.resize(rows * kTileQueries);
   float* S = ts.s.data();
   const __m512 scale_v = _mm512_set1_ps(scale);
+  __m512i len_v[kTileVecs];
+  __m512 top[kTileVecs];  // each query's largest score so far, over its own keys
+  for (int v = 0; v < kTileVecs; ++v) {
+    len_v[v] = _mm512_load_si512(len32 + 16 * v);
+    top[v] = _mm512_set1_ps(-INFINITY);
+  }
   // scores: four keys by the three query vectors per pass
   for (int64_t j0 = 0; j0 < lmax; j0 += 4) {
     const C* kr[4];
@@ -613,23 +629,23 @@ void attend_tile(const float* const* qs, const int64_t* lens, int nq, const C* k
         acc[k][2] = _mm512_fmadd_ps(kv, q2, acc[k][2]);
       }
     }
-    for (int k = 0; k < 4; ++k)
-      for (int v = 0; v < kTileVecs; ++v) _mm512_storeu_ps(S + (j0 + k) * kTileQueries + 16 * v, _mm512_mul_ps(acc[k][v], scale_v));
+    for (int k = 0; k < 4 && j0 + k < lmax; ++k) {
+      const __m512i j_v = _mm512_set1_epi32(static_cast<int32_t>(j0 + k));
+      for (int v = 0; v < kTileVecs; ++v) {
+        const __m512 sv = _mm512_mul_ps(acc[k][v], scale_v);
+        _mm512_storeu_ps(S + (j0 + k) * kTileQueries + 16 * v, sv);
+        top[v] = _mm512_mask_max_ps(top[v], _mm512_cmpgt_epi32_mask(len_v[v], j_v), top[v], sv);
+      }
+    }
   }
   // softmax down each lane (a query), keys past its length masked out
   alignas(64) float inv[kTileQueries];
   for (int v = 0; v < kTileVecs; ++v) {
-    const __m512i len_v = _mm512_load_si512(len32 + 16 * v);
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < lmax; ++j) {
-      const __mmask16 live = _mm512_cmpgt_epi32_mask(len_v, _mm512_set1_epi32(static_cast<int32_t>(j)));
-      top = _mm512_mask_max_ps(top, live, top, _mm512_loadu_ps(S + j * kTileQueries + 16 * v));
-    }
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < lmax; ++j) {
-      const __mmask16 live = _mm512_cmpgt_epi32_mask(len_v, _mm512_set1_epi32(static_cast<int32_t>(j)));
+      const __mmask16 live = _mm512_cmpgt_epi32_mask(len_v[v], _mm512_set1_epi32(static_cast<int32_t>(j)));
       float* sj = S + j * kTileQueries + 16 * v;
-      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(sj), top)));
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(sj), top[v])));
       _mm512_storeu_ps(sj, e);
       total = _mm512_add_ps(total, e);
     }
