@@ -303,11 +303,16 @@ class EmbeddedEngine:
             s.speculation = speculator.new_state()
         return s.speculation
 
+    @staticmethod
+    def _stop_masked(s: Sequence, i: int) -> bool:
+        """Whether ``s``'s i-th next token may not be a stop token (ignored EOS, or before ``min_tokens``)."""
+        p = s.request.params
+        return p.ignore_eos or s.num_generated + i < p.min_tokens
+
     def _mask_stop_tokens(self, s: Sequence, rows: torch.Tensor) -> None:
         """No EOS where the request ignores it or has not reached ``min_tokens`` (row i = i-th new token)."""
-        p = s.request.params
         for i in range(rows.shape[0]):
-            if p.ignore_eos or s.num_generated + i < p.min_tokens:
+            if self._stop_masked(s, i):
                 rows[i, self._stop_ids] = float("-inf")
 
     def _deliver_token(self, s: Sequence, token: int, lp: TokenLogprob | None, now: float) -> bool:
@@ -322,8 +327,9 @@ class EmbeddedEngine:
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence, hand out the deltas, and retire finished sequences."""
         raw = logits.clone() if self.r2r is not None else logits  # the router reads the model's own
-        for row, s in enumerate(seqs):
-            self._mask_stop_tokens(s, logits[row : row + 1])
+        masked = [row for row, s in enumerate(seqs) if self._stop_masked(s, 0)]
+        if masked and self._stop_ids:  # one indexing op for the batch, not one per row
+            logits[torch.tensor(masked)[:, None], torch.tensor(self._stop_ids)] = float("-inf")
         tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         if self.r2r is not None:
             logits = self._route_tokens(self.r2r, seqs, tokens, logits, raw)
