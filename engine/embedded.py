@@ -249,7 +249,7 @@ class EmbeddedEngine:
             t0 = time.perf_counter()
             logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
             self._account(seqs, time.perf_counter() - t0, [len(s.token_ids) for s in seqs])
-            self._emit(seqs, logits)
+            self._emit(seqs, logits, self.runner.greedy_tokens())
 
     @staticmethod
     def _account(seqs: list[Sequence], seconds: float, computed: list[int] | None = None) -> None:
@@ -324,13 +324,17 @@ class EmbeddedEngine:
         s.sink(out)
         return s.finish_reason is not None
 
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence, hand out the deltas, and retire finished sequences."""
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor, argmax: list[int] | None = None) -> None:
+        """Sample one token per sequence, hand out the deltas, and retire finished sequences.
+        ``argmax``: each row's argmax where the model computed it (before any stop-token mask)."""
         raw = logits.clone() if self.r2r is not None else logits  # the router reads the model's own
         masked = [row for row, s in enumerate(seqs) if self._stop_masked(s, 0)]
         if masked and self._stop_ids:  # one indexing op for the batch, not one per row
             logits[torch.tensor(masked)[:, None], torch.tensor(self._stop_ids)] = float("-inf")
-        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+            if argmax is not None:  # a masked row whose best was a stop token takes its next best
+                stops, rows = self.tokenizer.stop_token_ids, set(masked)
+                argmax = [int(logits[r].argmax()) if r in rows and b in stops else b for r, b in enumerate(argmax)]
+        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs], argmax)
         if self.r2r is not None:
             logits = self._route_tokens(self.r2r, seqs, tokens, logits, raw)
         logprobs = token_logprobs(logits, tokens, [s.request.params.logprobs for s in seqs])

@@ -55,6 +55,12 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long).unsqueeze(1)
         return self.model(ids, AttentionBatch.build(0, pos))[:, -1]
 
+    def greedy_tokens(self) -> list[int] | None:
+        """The argmax of each row of the last ``decode``'s logits, where the native step computed
+        them (it does, so the sampler need not scan 49,152 logits a row); None elsewhere."""
+        best = getattr(self.model, "last_argmax", None)
+        return None if best is None else best[:, -1].tolist()
+
     @torch.inference_mode()
     def verify(
         self, rows: list[list[int]], starts: list[int], slots: list[int] | None = None, provisional: bool = False

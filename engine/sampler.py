@@ -38,10 +38,12 @@ def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """logits ``[B, V]`` -> one token per row; greedy rows share one argmax."""
+def sample(
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator], argmax: list[int] | None = None
+) -> list[int]:
+    """logits ``[B, V]`` -> one token per row; greedy rows share one argmax (``argmax``: already known)."""
     logits = logits.float()
-    greedy = logits.argmax(-1).tolist()
+    greedy = logits.argmax(-1).tolist() if argmax is None else argmax
     return [greedy[i] if p.greedy else sample_row(logits[i], p, generators[i]) for i, p in enumerate(params)]
 
 

@@ -152,10 +152,13 @@ class NativeStep:
         """Whether a pass of ``tokens`` tokens takes the step (``prompt``: one sequence's prompt piece)."""
         return dispatch.native_prompt_tokens(tokens) if prompt else dispatch.native_tokens(tokens)
 
-    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, head_from: int = 0) -> tuple[Tensor, Tensor]:
-        """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> float32 (logits ``[H, V]``, the
-        final-normed hidden states ``[H, D]``) of the last ``H = T - head_from`` tokens: the LM head
-        reads only those (a prompt chunk wants its last token's logits, not 64 x 49,152 of them)."""
+    def __call__(
+        self, tokens: Tensor, positions: Tensor, slots: Tensor, head_from: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens ``[T]`` at ``positions [T]`` of ``slots [T]`` -> (float32 logits ``[H, V]``, the
+        final-normed hidden states ``[H, D]``, each logits row's argmax ``[H]``) of the last
+        ``H = T - head_from`` tokens: the LM head reads only those (a prompt chunk wants its last
+        token's logits, not 64 x 49,152 of them)."""
         x = self.embed(tokens)
-        logits, hidden = self.step.forward(x, positions, slots, head_from)
-        return logits, hidden
+        logits, hidden, best = self.step.forward(x, positions, slots, head_from)
+        return logits, hidden, best

@@ -96,3 +96,38 @@ async def test_abort_of_waiting_and_running_requests(model_path: Path) -> None:
         assert len(await asyncio.wait_for(second, timeout=30)) == 4
     finally:
         await engine.stop()
+
+
+async def test_a_masked_stop_token_gives_way_to_the_next_best(model_path: Path) -> None:
+    """Greedy rows take the native step's argmax; where that is a stop token the request may not end
+    on (ignore_eos, min_tokens), the row's best other token is chosen instead."""
+    probe = _tiny_engine(model_path, slots=1, prefill=64)
+    await probe.start()
+    try:
+        first = (await _generate(probe, "probe", [5, 6, 7], 2))[0]
+    finally:
+        await probe.stop()
+    engine = _tiny_engine(model_path, slots=1, prefill=64)  # the same weights (seeded)
+    assert engine.runner.model.native is not None  # the step's argmax is what is tested
+    engine.tokenizer.stop_token_ids = {first}
+    engine._stop_ids = [first]
+    await engine.start()
+    try:
+        ends: list[tuple[list[int], str | None]] = []
+        for i, params in enumerate(
+            (
+                SamplingParams(max_tokens=4, temperature=0),
+                SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                SamplingParams(max_tokens=4, temperature=0, min_tokens=2),
+            )
+        ):
+            tokens, reason = [], None
+            async for out in engine.generate(GenerationRequest(f"r{i}", [5, 6, 7], params)):
+                tokens += out.token_ids
+                reason = out.finish_reason
+            ends.append((tokens, reason))
+    finally:
+        await engine.stop()
+    assert ends[0] == ([first], "stop")  # the best token is the stop token ...
+    for tokens, _ in ends[1:]:  # ... which the masked requests never take first
+        assert tokens[0] != first and len(tokens) >= 2

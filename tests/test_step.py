@@ -110,6 +110,7 @@ def both_paths(model: Transformer, tokens: Tensor, positions: Tensor, slots: Ten
     assert model.native is not None
     start = [(c.k.clone(), c.v.clone()) for c in model.kv_caches]
     native = run(model, tokens, positions, slots)
+    argmax = model.last_argmax
     native_caches = [(c.k.clone(), c.v.clone()) for c in model.kv_caches]
     for cache, (k, v) in zip(model.kv_caches, start, strict=True):
         cache.k.copy_(k)
@@ -118,6 +119,7 @@ def both_paths(model: Transformer, tokens: Tensor, positions: Tensor, slots: Ten
         reference = run(model, tokens, positions, slots)
     return {
         "native": native,
+        "argmax": argmax,
         "reference": reference,
         "caches": [(a, b, c.k, c.v) for (a, b), c in zip(native_caches, model.kv_caches, strict=True)],
     }
@@ -136,6 +138,7 @@ def test_the_step_matches_the_torch_model(isa: str, fmt: str, rows: int) -> None
     out = both_paths(model, tokens, torch.tensor(lengths)[:, None])
     assert out["native"].shape == (rows, 1, ARGS.vocab_size)
     assert_matches(out["native"], out["reference"], fmt, f"seed {seed}")
+    assert torch.equal(out["argmax"], out["native"].argmax(-1)), "the step's greedy tokens are its logits' argmax"
     for native_k, native_v, ref_k, ref_v in out["caches"]:
         assert_matches(native_k, ref_k, fmt)
         assert_matches(native_v, ref_v, fmt)

@@ -154,6 +154,8 @@ class Transformer(nn.Module):
         self.h2o: H2OKVCache | None = None
         self.native: NativeStep | None = None  # the C++ decode step, where it runs (kernels/step.py)
         self.last_hidden: Tensor | None = None  # the last forward's final-normed hidden states (R2R reads them)
+        # the argmax of each of the last forward's logits rows [B, S], where the native step computed it
+        self.last_argmax: Tensor | None = None
 
     def setup_caches(self, n_slots: int, max_len: int, policy: KVPolicy | None = None) -> None:
         """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position. An
@@ -189,14 +191,15 @@ class Transformer(nn.Module):
         prompt = last_only and tokens.shape[0] == 1
         if native is not None and (not last_only or prompt) and native.fits(tokens.numel(), prompt):
             kept = (tokens.shape[0], 1) if last_only else tokens.shape
-            flat, hidden = native(
+            flat, hidden, best = native(
                 tokens.reshape(-1),
                 batch.positions.reshape(-1),
                 batch.slot_index.reshape(-1),
                 head_from=tokens.numel() - 1 if last_only else 0,
             )
-            self.last_hidden = hidden.view(*kept, -1)
+            self.last_hidden, self.last_argmax = hidden.view(*kept, -1), best.view(*kept)
             return flat.view(*kept, -1)
+        self.last_argmax = None
         rotary = Rotary(self.rope_cos, self.rope_sin)
         wide = not dispatch.decode_tokens(tokens.shape[1])
         if wide or self.h2o is not None or fused_decode.fused(self.rope_cos.dtype) is None:

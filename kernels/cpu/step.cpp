@@ -684,6 +684,25 @@ void attend_tile(const float* const*, const int64_t*, int, const C*, const C*, i
                  float* const*) {}
 #endif
 // ---------------------------------------------------------------------------------------------
+// The index of the largest of x[0..n), the first of equals (as torch.argmax): a vector maximum, then
+// the first lane that holds it.
+inline int64_t argmax_row(const float* x, int64_t n) {
+  float top = -INFINITY;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(x + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  for (float v : lanes) top = std::max(top, v);
+#endif
+  for (; i < n; ++i) top = std::max(top, x[i]);
+  for (i = 0; i < n; ++i)
+    if (x[i] == top) return i;
+  return 0;  // every value NaN
+}
+
+// ---------------------------------------------------------------------------------------------
 struct Layer {
   torch::Tensor attn_norm, ffn_norm;  // float32 [D]
   Matrix wqkv, wo, w13, w2;
@@ -730,8 +749,8 @@ class Step {
   // x [T, D] embeddings of the step's tokens at positions[T] of slots[T] -> (logits [H, V], the
   // final-normed hidden states [H, D] the LM head read) of the last H = T - head_from rows (a
   // prompt chunk needs only its last token's)
-  std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots,
-                                                   int64_t head_from) {
+  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> forward(torch::Tensor x, torch::Tensor positions,
+                                                                  torch::Tensor slots, int64_t head_from) {
     TORCH_CHECK(output_.n > 0 && !layers_.empty(), "step: the model is not complete");
     x = x.contiguous().to(torch::kFloat);
     positions = positions.contiguous().to(torch::kLong);
@@ -747,7 +766,8 @@ class Step {
     TORCH_CHECK(head_from >= 0 && head_from <= t_count, "step: head_from must be within the rows");
     auto logits = torch::empty({t_count - head_from, output_.n}, torch::kFloat);
     auto hidden = torch::empty({t_count - head_from, dim_}, torch::kFloat);
-    if (t_count == 0) return {logits, hidden};
+    auto best = torch::empty({t_count - head_from}, torch::kLong);
+    if (t_count == 0) return {logits, hidden, best};
     State s;
     s.t = t_count;
     s.head_from = head_from;
@@ -768,9 +788,10 @@ class Step {
     s.normed.resize(t_count * dim_);
     s.logits = logits.data_ptr<float>();
     s.hidden = hidden.data_ptr<float>();
+    s.best = best.data_ptr<int64_t>();
     if (static_cast<int>(scratch_.size()) != pool_.size()) scratch_.resize(pool_.size());
     pool_.run([&](int id) { run(s, id); });
-    return {logits, hidden};
+    return {logits, hidden, best};
   }
 
   int64_t threads() const { return pool_.size(); }
@@ -796,6 +817,7 @@ class Step {
     Quantized shared[kRoles];  // each input's activations, quantized by all threads (kShareRows rows and up)
     float* logits = nullptr;
     float* hidden = nullptr;
+    int64_t* best = nullptr;  // each logits row's argmax
   };
   struct Scratch {
     Quantized a;
@@ -1016,6 +1038,10 @@ class Step {
     if (id == 0) std::memcpy(s.hidden, sc.normed.data(), head * dim_ * sizeof(float));
     clock.mark(kNorm);
     matmul(output_, sc.normed.data(), dim_, Out{s.logits, output_.n, false}, kHead, head);
+    sync();
+    const auto [r0, r1] = share(head, id, pool_.size());  // the greedy token of each row, for the sampler
+    for (int64_t r = r0; r < r1; ++r) s.best[r] = argmax_row(s.logits + r * output_.n, output_.n);
+    clock.mark(kHead);
   }
 
   // silu(gate) * up of every row (the w2 input): a few rows by every thread into its own buffer, many
