@@ -110,18 +110,33 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
     app.state.turnout = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        if response.status_code >= 400 and request.url.path.startswith("/v1/"):
-            model = getattr(request.state, "model", None)  # None: the body did not parse
-            if model not in state.experts and model != AUTO:  # no label per name a client makes up
-                model = "unknown"
-            state.metrics.request_errors.labels(model, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(_ErrorCounter, state=state)
     _add_routes(app, state)
     return app
+
+
+class _ErrorCounter:
+    """Counts /v1/ responses of status 400 and up by model. Plain ASGI: it watches the response's
+    first message and passes every message on as it comes (an @app.middleware("http") wrapper
+    relays a stream's every chunk through a memory stream and a task switch of its own)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], state: AppState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                model = scope.get("state", {}).get("model")  # None: the body did not parse
+                if model not in self.state.experts and model != AUTO:  # no label per name a client makes up
+                    model = "unknown"
+                self.state.metrics.request_errors.labels(model, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 def _add_routes(app: FastAPI, state: AppState) -> None:

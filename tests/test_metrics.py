@@ -59,3 +59,19 @@ def test_histograms_resolve_milliseconds(server) -> None:
     text = _scrape(server)
     buckets = re.findall(r'turnout:inter_token_latency_seconds_bucket\{le="([0-9.]+)"', text)
     assert "0.001" in buckets and "0.005" in buckets and "0.01" in buckets
+
+
+def test_errors_are_counted_by_model_and_status(server) -> None:
+    """A refused request counts under its model (or "unknown" for a name no expert has, or a body
+    that did not parse)."""
+    errors = "turnout:request_errors_total"
+    bad_field = f'model_name="{MODEL}",status="400"'
+    no_model = 'model_name="unknown",status="404"'
+    before = _scrape(server)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 10**6}  # past the context: refused after parsing
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=10).status_code == 400
+    body = {"model": "no-such-model", "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=10).status_code == 404
+    after = _scrape(server)
+    assert _value(after, errors, bad_field) == _value(before, errors, bad_field) + 1
+    assert _value(after, errors, no_model) == _value(before, errors, no_model) + 1
