@@ -19,16 +19,16 @@ from engine.base import (
     R2RInfo,
     RequestOutput,
     SamplingParams,
-    TokenLogprob,
 )
+from engine.decoding import Decoder, Picker, PlainDecoder, RoutedDecoder, SpeculativeDecoder, StepResult
 from engine.model.h2o_cache import KVPolicy
 from engine.r2r import R2RDecoder
 from engine.runner import ModelRunner
-from engine.sampler import make_generator, sample, token_logprobs
+from engine.sampler import make_generator
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.speculative.draft_model import ModelDrafter
-from engine.speculative.speculator import SpeculationState, SpeculativeConfig, Speculator
+from engine.speculative.speculator import SpeculativeConfig, Speculator
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,13 @@ class EmbeddedEngine:
             chat_stop=tokenizer.chat_stop,
         )
         self.scheduler = Scheduler(config.max_batch_size, self._move_slot)
-        self.speculator = Speculator(config.speculative, draft) if config.speculative else None
-        self._stop_ids = sorted(tokenizer.stop_token_ids)
+        self.picker = Picker(tokenizer.stop_token_ids)
+        self.decoder: Decoder = PlainDecoder(runner, self.picker)
+        if config.speculative is not None:
+            speculator = Speculator(config.speculative, draft)
+            self.decoder = SpeculativeDecoder(runner, self.picker, speculator, config.max_model_len)
+        elif r2r is not None:
+            self.decoder = RoutedDecoder(runner, self.picker, r2r)
         self._wake = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
@@ -229,149 +234,48 @@ class EmbeddedEngine:
             seq.sink(RequestOutput(seq.request_id, "", [], finish_reason="error", stats=seq.stats, error=message))
 
     def _step(self) -> None:
-        """One engine step: prompt chunks within the prefill budget, then one pass over every
-        decoding sequence (verifying drafts where the speculation strategy proposes some)."""
+        """One engine step, nano-vllm's way: the scheduler picks the work (prompt chunks within the
+        prefill budget, then every decoding sequence), a runner call or the decoding strategy runs
+        it, and ``_postprocess`` books the outcome."""
         budget = self.config.max_prefill_tokens
         while job := self.scheduler.next_prefill(budget):
             seq, start, end = job
-            seq.stats.first_scheduled_time = seq.stats.first_scheduled_time or time.monotonic()
-            if start == 0:
-                self.runner.admit(seq.slot, seq.num_prompt + seq.request.params.max_tokens)
-            t0 = time.perf_counter()
-            logits = self.runner.prefill(seq.slot, seq.token_ids[start:end], start)
-            self._account([seq], time.perf_counter() - t0, [end])
             budget -= end - start
-            if seq.prefilled:
-                self.scheduler.prefill_done(seq)
-                self._emit([seq], logits.unsqueeze(0))
-        seqs = list(self.scheduler.decoding)
-        if seqs and not (self.speculator and self._speculate(self.speculator, seqs)):
-            t0 = time.perf_counter()
-            logits = self.runner.decode([s.token_ids[-1] for s in seqs], [len(s.token_ids) - 1 for s in seqs])
-            self._account(seqs, time.perf_counter() - t0, [len(s.token_ids) for s in seqs])
-            self._emit(seqs, logits, self.runner.greedy_tokens())
+            self._postprocess([seq], self._prefill(seq, start, end))
+        if seqs := list(self.scheduler.decoding):
+            self._postprocess(seqs, self.decoder.run(seqs))
 
-    @staticmethod
-    def _account(seqs: list[Sequence], seconds: float, computed: list[int] | None = None) -> None:
-        """The one place a forward pass is booked: each sequence's share of its wall time and,
-        where given, how many of its tokens the cache now holds (``num_computed``)."""
-        share = seconds / len(seqs)
-        for i, s in enumerate(seqs):
-            s.stats.engine_seconds += share
-            if computed is not None:
-                s.num_computed = computed[i]
-
-    def _speculate(self, speculator: Speculator, seqs: list[Sequence]) -> bool:
-        """One verification pass over drafted tokens; False (nothing done) when nobody drafts."""
-        if len(seqs) > speculator.config.max_batch_size:
-            return False  # at high load a wider forward costs more than the drafts save
+    def _prefill(self, seq: Sequence, start: int, end: int) -> StepResult:
+        """A prompt chunk into ``seq``'s slot; the first token too once the prompt is all in."""
+        seq.stats.first_scheduled_time = seq.stats.first_scheduled_time or time.monotonic()
+        if start == 0:
+            self.runner.admit(seq.slot, seq.num_prompt + seq.request.params.max_tokens)
         t0 = time.perf_counter()
-        states = [self._speculation_state(speculator, s) for s in seqs]
-        rooms = [
-            min(s.request.params.max_tokens - s.num_generated, self.config.max_model_len - len(s.token_ids)) - 1
-            for s in seqs
-        ]
-        drafts, draft_probs = speculator.propose(
-            states, [s.token_ids for s in seqs], rooms, [s.request.params for s in seqs], [s.generator for s in seqs]
-        )
-        if not any(drafts):
-            return False
-        rows = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafts)]
-        logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
-        seconds = time.perf_counter() - t0
-        verdicts = []
-        for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
-            self._mask_stop_tokens(s, row_logits)
-            params, length = s.request.params, len(s.token_ids)
-            emitted = speculator.judge(state, d, row_logits, params, s.generator, q, length)
-            if d:
-                s.stats.speculation.record(len(d), len(emitted) - 1)
-            verdicts.append(emitted)
-        # the cache holds the last token and the drafts that stood
-        self._account(seqs, seconds, [len(s.token_ids) + len(e) - 1 for s, e in zip(seqs, verdicts)])
-        self.runner.commit([len(emitted) for emitted in verdicts])  # an H2O cache keeps only those
+        logits = self.runner.prefill(seq.slot, seq.token_ids[start:end], start)
+        seconds = [time.perf_counter() - t0]
+        if end < seq.num_prompt:
+            return StepResult([[]], [[]], [end], seconds)
+        self.scheduler.prefill_done(seq)
+        tokens, logprobs = self.decoder.choose([seq], logits.unsqueeze(0), self.runner.greedy_tokens(), seconds)
+        return StepResult([tokens], logprobs, [end], seconds)
+
+    def _postprocess(self, seqs: list[Sequence], result: StepResult) -> None:
+        """The one place a pass is booked: each sequence's share of its time and how many of its
+        tokens the cache holds (``num_computed``); then its new tokens go out, and a sequence that
+        finished leaves the batch (before its client hears it is done)."""
+        for s, seconds, computed in zip(seqs, result.seconds, result.computed, strict=True):
+            s.stats.engine_seconds += seconds
+            s.num_computed = computed
         now = time.monotonic()
-        for s, emitted, row_logits in zip(seqs, verdicts, logits):  # only now: removal moves slots
-            for i, token in enumerate(emitted):
-                lp = token_logprobs(row_logits[i : i + 1], [token], [s.request.params.logprobs])[0]
-                if self._deliver_token(s, token, lp, now):
+        for s, tokens, logprobs in zip(seqs, result.tokens, result.logprobs, strict=True):
+            for token, lp in zip(tokens, logprobs, strict=True):
+                s.append(token, token in self.tokenizer.stop_token_ids, now, self.config.max_model_len)
+                out = s.take_output(token, lp)
+                if s.finish_reason:
+                    self.scheduler.remove(s)  # only now: removal moves slots
+                s.sink(out)
+                if s.finish_reason:
                     break
-        return True
-
-    def _speculation_state(self, speculator: Speculator, s: Sequence) -> SpeculationState:
-        if s.speculation is None:
-            s.speculation = speculator.new_state()
-        return s.speculation
-
-    @staticmethod
-    def _stop_masked(s: Sequence, i: int) -> bool:
-        """Whether ``s``'s i-th next token may not be a stop token (ignored EOS, or before ``min_tokens``)."""
-        p = s.request.params
-        return p.ignore_eos or s.num_generated + i < p.min_tokens
-
-    def _mask_stop_tokens(self, s: Sequence, rows: torch.Tensor) -> None:
-        """No EOS where the request ignores it or has not reached ``min_tokens`` (row i = i-th new token)."""
-        for i in range(rows.shape[0]):
-            if self._stop_masked(s, i):
-                rows[i, self._stop_ids] = float("-inf")
-
-    def _deliver_token(self, s: Sequence, token: int, lp: TokenLogprob | None, now: float) -> bool:
-        """Append one token, send its delta; True when the sequence finished (and left the batch)."""
-        s.append(token, token in self.tokenizer.stop_token_ids, now, self.config.max_model_len)
-        out = s.take_output(token, lp)
-        if s.finish_reason:
-            self.scheduler.remove(s)  # before the client hears it is done
-        s.sink(out)
-        return s.finish_reason is not None
-
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor, argmax: list[int] | None = None) -> None:
-        """Sample one token per sequence, hand out the deltas, and retire finished sequences.
-        ``argmax``: each row's argmax where the model computed it (before any stop-token mask)."""
-        raw = logits.clone() if self.r2r is not None else logits  # the router reads the model's own
-        masked = [row for row, s in enumerate(seqs) if self._stop_masked(s, 0)]
-        if masked and self._stop_ids:  # one indexing op for the batch, not one per row
-            logits[torch.tensor(masked)[:, None], torch.tensor(self._stop_ids)] = float("-inf")
-            if argmax is not None:  # a masked row whose best was a stop token takes its next best
-                stops, rows = self.tokenizer.stop_token_ids, set(masked)
-                argmax = [int(logits[r].argmax()) if r in rows and b in stops else b for r, b in enumerate(argmax)]
-        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs], argmax)
-        if self.r2r is not None:
-            logits = self._route_tokens(self.r2r, seqs, tokens, logits, raw)
-        logprobs = token_logprobs(logits, tokens, [s.request.params.logprobs for s in seqs])
-        now = time.monotonic()
-        for s, token, lp in zip(seqs, tokens, logprobs):
-            self._deliver_token(s, token, lp, now)
-
-    def _route_tokens(
-        self, r2r: R2RDecoder, seqs: list[Sequence], tokens: list[int], logits: torch.Tensor, raw: torch.Tensor
-    ) -> torch.Tensor:
-        """R2R: the router scores the small model's ``tokens`` (on its unmasked ``raw`` logits); flagged
-        ones are replaced in place by the large model's choice. Returns the logits each token came from."""
-        thresholds = [
-            r2r.threshold if s.request.params.r2r_threshold is None else s.request.params.r2r_threshold for s in seqs
-        ]
-        flagged = r2r.flag(raw, tokens, thresholds)
-        rows = [i for i, f in enumerate(flagged) if f]
-        for s, f, t in zip(seqs, flagged, thresholds):
-            s.stats.r2r.threshold = t
-            s.stats.r2r.large_tokens += f
-            s.stats.r2r.small_tokens += not f
-        if not rows:
-            return logits
-        t0 = time.perf_counter()
-        picked = [seqs[i] for i in rows]
-        large = r2r.rewrite_logits(
-            [s.slot for s in picked], [s.token_ids for s in picked], [s.large_seen for s in picked]
-        )
-        self._account(picked, time.perf_counter() - t0)  # the small model's cache is unchanged
-        for j, s in enumerate(picked):
-            s.large_seen = len(s.token_ids)
-            self._mask_stop_tokens(s, large[j : j + 1])
-        rewritten = sample(large, [s.request.params for s in picked], [s.generator for s in picked])
-        logits = logits.clone()
-        for j, i in enumerate(rows):
-            tokens[i], logits[i] = rewritten[j], large[j].to(logits.dtype)
-        return logits
 
 
 class _Outbox:

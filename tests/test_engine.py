@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.base import GenerationRequest, SamplingParams
+from engine.decoding import Picker
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.loader import load_transformer
 from engine.model.args import ModelArgs
@@ -110,7 +111,7 @@ async def test_a_masked_stop_token_gives_way_to_the_next_best(model_path: Path) 
     engine = _tiny_engine(model_path, slots=1, prefill=64)  # the same weights (seeded)
     assert engine.runner.model.native is not None  # the step's argmax is what is tested
     engine.tokenizer.stop_token_ids = {first}
-    engine._stop_ids = [first]
+    engine.picker = engine.decoder.picker = Picker({first})  # type: ignore[attr-defined]
     await engine.start()
     try:
         ends: list[tuple[list[int], str | None]] = []
