@@ -36,10 +36,13 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], start: int) -> Tensor:
         """Write a prompt chunk at positions ``start..`` of ``slot``; logits of its last token ``[V]``.
-        Where the model has a native step, the chunk goes through it in pieces it takes (its int8
-        matmuls and one call per piece beat the torch path's dequantize-and-GEMM at every length)."""
+        Where the model has a native step, a chunk of a decode pass's size takes it (one call beats
+        the torch path's layer-by-layer pass), and so does a longer one, in pieces, where the step
+        prefills long prompts faster (``NativeStep.prompt_piece``); else one torch pass."""
         native = getattr(self.model, "native", None)
-        piece = dispatch.NATIVE_MAX_PROMPT_TOKENS if native is not None else len(tokens)
+        piece = len(tokens)
+        if native is not None and (piece <= dispatch.NATIVE_MAX_TOKENS or native.long_prompts):
+            piece = native.prompt_piece
         logits = None
         for i in range(0, len(tokens), piece):
             ids = torch.tensor([tokens[i : i + piece]], dtype=torch.long)

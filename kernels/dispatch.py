@@ -37,11 +37,7 @@ def native_tokens(tokens: int) -> bool:
     return 0 < tokens <= NATIVE_MAX_TOKENS
 
 
-# tokens of one prompt chunk the native step takes per call (longer chunks go in pieces of this):
-# its barriers and norms cost the same per call, so a prompt wants few calls
+# tokens of one prompt piece the native step takes per call where it prefills long prompts (longer
+# chunks go in pieces of this): its barriers and norms cost the same per call, so a prompt wants
+# few calls. kernels/step.py decides where that is.
 NATIVE_MAX_PROMPT_TOKENS = 256
-
-
-def native_prompt_tokens(tokens: int) -> bool:
-    """Whether a prompt piece of ``tokens`` tokens (one sequence, logits of its last only) takes the step."""
-    return 0 < tokens <= NATIVE_MAX_PROMPT_TOKENS

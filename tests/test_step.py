@@ -24,6 +24,7 @@ from engine.model.kv_cache import AttentionBatch
 from engine.model.linear import Linear, add_narrow_copies
 from engine.model.llama import Transformer
 from engine.model.quantized import make_linear
+from engine.runner import ModelRunner
 from kernels import cpu, int4, nf4, step
 
 ARGS = ModelArgs(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=320, intermediate_size=160, max_seq_len=96)
@@ -297,3 +298,33 @@ def test_the_step_logs_why_it_does_not_run(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.INFO, logger="kernels.step"):
         tiny_model("int4-g32", 19).setup_caches(4, 32, KVPolicy("h2o", budget_tokens=16))
     assert "torch path" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["int4-g32", "nf4-b64", "f32"])
+def test_a_prompt_in_pieces_equals_the_prompt_in_one_call(isa: str, fmt: str) -> None:
+    """Every row of a prompt piece is computed on its own (its int8 codes, its dot products, its
+    queries over its own keys), so where a prompt is cut does not change a bit of what it leaves."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    model = tiny_model(fmt, seed)
+    assert model.native is not None
+    runner = ModelRunner(model, 2, MAX_LEN)  # sets the caches up again: two slots
+    assert model.native is not None
+    prompt = torch.randint(0, ARGS.vocab_size, (60,), generator=torch.Generator().manual_seed(seed)).tolist()
+    whole = runner.prefill(0, prompt, 0)
+    model.native.prompt_piece = 16
+    pieces = runner.prefill(1, prompt, 0)
+    assert torch.equal(whole, pieces), f"seed {seed}"
+    for cache in model.kv_caches:
+        assert torch.equal(cache.k[0, :, :60], cache.k[1, :, :60]) and torch.equal(
+            cache.v[0, :, :60], cache.v[1, :, :60]
+        )
+
+
+def test_long_prompts_take_the_step_where_it_prefills_faster(isa: str) -> None:
+    """4-bit layers on the AVX-512 kernels prefill long prompts on the step; float weights and the
+    AVX2 kernels only prompts of a decode pass's size (the torch GEMM prefills longer ones faster)."""
+    for fmt in ("int4-g32", "f32"):
+        native = tiny_model(fmt, 3).native
+        assert native is not None
+        assert native.long_prompts == (fmt == "int4-g32" and isa == "avx512")
+        assert native.prompt_piece == (256 if native.long_prompts else 64)
