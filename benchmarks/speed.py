@@ -825,7 +825,37 @@ def write_chart(path: Path, rows: list[Row], machine: dict[str, Any]) -> bool:
     return True
 
 
+def breakdown_as_served(cfg: Config) -> dict[str, Any]:
+    """``step_breakdown`` in a process of its own with OpenMP's idle threads asleep, as the server
+    runs (OpenMP reads OMP_WAIT_POLICY once per process, and this one keeps the default for the
+    llama.cpp binding it shares the library with: spinning threads would take the step's cores)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "breakdown.json"
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        command = [
+            sys.executable,
+            __file__,
+            "--dtype",
+            cfg.dtype,
+            "--tokens",
+            str(cfg.tokens),
+            "--breakdown-to",
+            str(out),
+        ]
+        subprocess.run(command, env=env, check=True)
+        breakdown: dict[str, Any] = json.loads(out.read_text())
+    breakdown["rows"] = {int(k): v for k, v in breakdown["rows"].items()}
+    return breakdown
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and "--breakdown-to" in sys.argv:  # the child of breakdown_as_served
+        at = sys.argv.index("--breakdown-to")
+        target, rest = Path(sys.argv[at + 1]), sys.argv[1:at] + sys.argv[at + 2 :]
+        cfg = parse_args(rest)
+        entry = zoo.resolve(ZOO_MODEL)
+        target.write_text(json.dumps(step_breakdown(cfg, build_prompts(zoo.pull(entry.name) / "tokenizer.json"))))
+        return 0
     cfg = parse_args(argv)
     machine = machine_info()
     print(
@@ -839,9 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_all(cfg)
     bandwidth = bandwidth_lines(rows, read_bandwidth_gb_s())  # sets each row's bandwidth floor
     ratios = compute_ratios(rows)
-    entry = zoo.resolve(ZOO_MODEL)
-    prompts = build_prompts(zoo.pull(entry.name) / "tokenizer.json")
-    breakdown = step_breakdown(cfg, prompts)
+    breakdown = breakdown_as_served(cfg)
     print()
     print(markdown_table(rows))
     print()
