@@ -112,8 +112,10 @@ class NativeStep:
         self.embed = model.tok_embeddings
         # long prompts go through the step where it beats the torch path's dequantize-and-GEMM
         # prefill: 4-bit layers on the AVX-512 VNNI kernels with the tiled prompt attention (512
-        # tokens: 365 ms against 590). Elsewhere (AVX2: 855 against 607; float weights: 1,600
-        # against 630) only prompts of a decode pass's size do, which it still wins.
+        # tokens: 365 ms against 590). Elsewhere only prompts of a decode pass's size do, which it
+        # still wins: float weights lose (1,600 ms against 630), and so do the AVX2 kernels against
+        # torch's AVX-512 GEMM (855 against 607) or, with torch's GEMM held to AVX2 as on an
+        # AVX2-only CPU, they only tie (896-1,028 against 1,018-1,040 in paired runs).
         from engine.model.quantized import Int4Linear, NF4Linear
 
         quantized = isinstance(model.blocks[0].feed_forward.w13, Int4Linear | NF4Linear)
