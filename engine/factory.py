@@ -111,6 +111,7 @@ def build_embedded(
     config = fit_kv_pool(transformer, config)
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv)
     described.details["decode_path"] = decode_path(transformer)  # now its caches are set up
+    described.details["prefill_path"] = prefill_path(transformer)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, described, draft)
 
 
@@ -161,7 +162,11 @@ def build_r2r(
         quantization=quantization.tag if quantization else "none",
         weight_bytes=weight_bytes(small_model) + weight_bytes(large_model),
         r2r=R2RInfo(small, large, threshold, *params),
-        details={**capabilities(small_model), "decode_path": decode_path(small_model)},
+        details={
+            **capabilities(small_model),
+            "decode_path": decode_path(small_model),
+            "prefill_path": prefill_path(small_model),
+        },
     )
     decoder = R2RDecoder(small_runner, large_runner, router, embedding, threshold)
     return EmbeddedEngine(small_runner, Tokenizer(small_path), config, label, described, None, decoder)
@@ -198,6 +203,20 @@ def decode_path(model: EngineModel) -> str:
     else:
         ops = f"fused C++ decode kernels ({cpu.selected_isa()})"
     return f"{ops}; not the native step: {why}"
+
+
+def prefill_path(model: EngineModel) -> str:
+    """Which code prefills a prompt here: the native step for every length, for prompts of a
+    decode pass's size only (longer ones the torch GEMM prefill), or the torch path alone."""
+    native = getattr(model, "native", None)
+    if native is None:
+        return "PyTorch operators (dequantized weights into one GEMM per matrix)"
+    if native.long_prompts:
+        return f"native C++ step, in pieces of up to {native.prompt_piece} tokens"
+    return (
+        f"native C++ step up to {native.prompt_piece} tokens; longer prompts PyTorch operators "
+        "(one GEMM per matrix: faster here for them)"
+    )
 
 
 def draft_quant_spec(spec: SpeculativeConfig, target: QuantSpec | None) -> QuantSpec | None:

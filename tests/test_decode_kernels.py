@@ -11,7 +11,7 @@ from engine.model.args import ModelArgs
 from engine.model.kv_cache import AttentionBatch
 from engine.model.linear import Linear
 from engine.model.llama import Transformer
-from engine.model.quantized import make_linear
+from engine.model.quantized import Int4Linear, make_linear
 from kernels import cpu, decode, int4, step
 
 pytestmark = pytest.mark.usefixtures("isa")  # every variant this CPU runs; a failed build fails
@@ -116,7 +116,7 @@ def test_verifying_drafts_gives_bit_identical_logits_to_decoding_them_one_by_one
 
 
 def test_the_models_card_says_which_decode_path_runs_here(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.factory import capabilities, decode_path
+    from engine.factory import capabilities, decode_path, prefill_path
     from engine.model.h2o_cache import KVPolicy
 
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, intermediate_size=96, max_seq_len=64)
@@ -124,6 +124,14 @@ def test_the_models_card_says_which_decode_path_runs_here(isa: str, monkeypatch:
     model.setup_caches(2, 32)
     assert capabilities(model)["cpu_isa"] == isa
     assert decode_path(model) == f"native C++ step ({step.describe_isa(isa)})"
+    assert prefill_path(model).startswith("native C++ step up to 64 tokens; longer prompts PyTorch")  # float weights
+    quantized = int4_model(args)
+    for linear in quantized.modules():
+        if isinstance(linear, Int4Linear) and linear.weight_a8 is not None:  # the step's tiles, packed at load
+            linear.packed = step.pack(linear.weight_a8)
+    quantized.setup_caches(2, 32)
+    long_prompts = isa == "avx512"  # the 4-bit kernels prefill long prompts faster on AVX-512 only
+    assert prefill_path(quantized).startswith("native C++ step, in pieces") == long_prompts
     model.setup_caches(2, 32, KVPolicy("h2o", budget_tokens=16))  # the step does not score keys
     assert decode_path(model) == f"fused C++ decode kernels ({isa}); not the native step: {step.unsupported(model)}"
     bf16 = Transformer(args).eval().to(torch.bfloat16)
@@ -135,3 +143,4 @@ def test_the_models_card_says_which_decode_path_runs_here(isa: str, monkeypatch:
     assert decode_path(model) == (
         "PyTorch operators (the C++ kernels could not be built here); not the native step: no C++ compiler here"
     )
+    assert prefill_path(model).startswith("PyTorch operators")
