@@ -187,6 +187,27 @@ def test_a_16_bit_model_keeps_its_16_bit_cache_on_the_step() -> None:
     assert (out["native"] - out["reference"].float()).abs().max() < 0.05 * scale
 
 
+def test_a_prompt_chunk_over_a_16_bit_cache_matches_the_same_tokens_as_decoding_rows(isa: str) -> None:
+    """A bf16 cache under the tiled prompt attention: the same tokens as a prompt chunk and as
+    verification rows (the per-head kernel) leave the same cache and last logits, to float rounding."""
+    model = tiny_model("f32", 4).to(torch.bfloat16)
+    model.setup_caches(SLOTS, MAX_LEN)
+    assert model.native is not None and model.kv_caches[0].k.dtype == torch.bfloat16
+    fill(model, [30], 4)
+    for cache in model.kv_caches:  # the same 30-token prompt in slots 0 and 1
+        cache.copy_slot(0, 1, 30)
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(30, 70)[None]
+    with torch.inference_mode():
+        chunk = model(tokens, AttentionBatch.build(0, positions), last_only=True)[0, -1]
+        rows = model(tokens, AttentionBatch.build(1, positions))[0, -1]
+    scale = float(rows.abs().max())
+    torch.testing.assert_close(chunk, rows, atol=1e-4 * scale, rtol=1e-4)
+    for cache in model.kv_caches:  # bf16 entries: equal, or one rounding step apart
+        torch.testing.assert_close(cache.k[0, :, :70].float(), cache.k[1, :, :70].float(), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(cache.v[0, :, :70].float(), cache.v[1, :, :70].float(), atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("fmt", ["int4-g32", "nf4-b64", "bf16"])
 def test_batched_rows_equal_their_solo_runs(fmt: str) -> None:
     model = tiny_model(fmt, 5)
