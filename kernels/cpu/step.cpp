@@ -516,9 +516,57 @@ inline void passes(int64_t rows, F&& fn) {
   }
 }
 
-// Thread id's share of y = x @ W.T for `rows` input rows: x quantized (a) or float (xf).
+#if defined(__AVX512F__)
+// Rows n0..n1 of a bf16 matrix for M input rows already rounded to bf16 (xb, rows of k), by
+// vdpbf16ps: 32 products a instruction, summed in float32. Only on CPUs with AVX512_BF16 (the
+// caller checks: this build's other code runs without it).
+template <int M>
+__attribute__((target("avx512bf16"))) void bf16_dot_rows(const Matrix& w, const uint16_t* xb, int64_t m0, int64_t n0,
+                                                        int64_t n1, const Out& out) {
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(w.data.data_ptr());
+  const int64_t k = w.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = base + n * k;
+    if (n + 4 < n1) {  // the row four ahead, a line at a time, as float_rows does
+      const char* ahead = reinterpret_cast<const char*>(base + (n + 4) * k);
+      for (int64_t b = 0; b < k * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
+    __m512 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {  // two chains per row, so one's multiply-adds do not wait on the other's
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + i), w1 = (__m512bh)_mm512_loadu_si512(row + i + 32);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const uint16_t* x = xb + (m0 + m) * k + i;
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(x));
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_loadu_si512(x + 32));
+      }
+    }
+    if (i + 32 <= k) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + i);
+      for (int m = 0; m < M; ++m)
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xb + (m0 + m) * k + i));
+      i += 32;
+    }
+    for (int m = 0; m < M; ++m) {
+      float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+      for (int64_t j = i; j < k; ++j) v += bf16_to_float(row[j]) * bf16_to_float(xb[(m0 + m) * k + j]);
+      out.put(m0 + m, n, &v, 1);
+    }
+  }
+}
+constexpr bool kBF16Dot = true;
+#else
+template <int M>
+void bf16_dot_rows(const Matrix&, const uint16_t*, int64_t, int64_t, int64_t, const Out&) {}
+constexpr bool kBF16Dot = false;
+#endif
+
+// Thread id's share of y = x @ W.T for `rows` input rows: x quantized (a), float (xf), or for a
+// bf16 matrix where the CPU multiplies bf16, rounded to bf16 (xb, else nullptr).
 void matmul_share(const Matrix& w, const Quantized& a, const float* xf, int64_t x_stride, int64_t rows, const Out& out,
-                  const int8_t* lut8, int id, int n_threads) {
+                  const int8_t* lut8, int id, int n_threads, const uint16_t* xb = nullptr) {
   if (w.kind == kInt4 || w.kind == kNF4) {
     const auto [t0, t1] = share((w.n + kTile - 1) / kTile, id, n_threads);
     // tiles in runs of 4 (about 24 KB) so a run's codes stay in L1 while every pass of input rows reads them
@@ -538,7 +586,9 @@ void matmul_share(const Matrix& w, const Quantized& a, const float* xf, int64_t 
   for (int64_t r0 = n0; r0 < n1; r0 += 16) {
     const int64_t r1 = std::min(n1, r0 + 16);
     passes(rows, [&](auto M, int64_t m0) {
-      if (w.kind == kBF16) {
+      if (w.kind == kBF16 && xb != nullptr) {
+        bf16_dot_rows<decltype(M)::value>(w, xb, m0, r0, r1, out);
+      } else if (w.kind == kBF16) {
         float_rows<decltype(M)::value, at::BFloat16>(w, xf, x_stride, m0, r0, r1, out);
       } else {
         float_rows<decltype(M)::value, float>(w, xf, x_stride, m0, r0, r1, out);
@@ -796,6 +846,14 @@ class Step {
 
   int64_t threads() const { return pool_.size(); }
 
+  // bf16 matrices by vdpbf16ps (their inputs rounded to bf16), or widened to float32 in registers.
+  // The caller turns it on only where the CPU has AVX512_BF16; it needs an AVX-512 build.
+  void set_bf16_dot(bool on) {
+    TORCH_CHECK(!on || kBF16Dot, "step: bf16 dot products need the avx512 build");
+    bf16_dot_ = on;
+  }
+  bool bf16_dot() const { return bf16_dot_; }
+
   // Turn the per-stage clock of thread 0 on (and zero it) or off; stage_seconds() reads it.
   void profile(bool on) {
     profile_ = on;
@@ -822,6 +880,7 @@ class Step {
   struct Scratch {
     Quantized a;
     std::vector<float> normed, scores;
+    std::vector<uint16_t> xb;  // a bf16 matrix's input rounded to bf16 (the vdpbf16ps path)
     TileScratch tile;
   };
 
@@ -1006,7 +1065,14 @@ class Step {
           clock.mark(kQuantize);
         }
       }
-      matmul_share(w, *a, in, k, rows, out, lut8_.data_ptr<int8_t>(), id, pool_.size());
+      const uint16_t* xb = nullptr;
+      if (w.kind == kBF16 && bf16_dot_) {  // every thread rounds all rows (few) into its own buffer
+        sc.xb.resize(rows * k);
+        for (int64_t i = 0; i < rows * k; ++i) sc.xb[i] = float_to_bf16(in[i]);
+        xb = sc.xb.data();
+        clock.mark(kQuantize);
+      }
+      matmul_share(w, *a, in, k, rows, out, lut8_.data_ptr<int8_t>(), id, pool_.size(), xb);
       clock.mark(stage);
     };
     for (const Layer& l : layers_) {
@@ -1067,6 +1133,7 @@ class Step {
   Pool pool_;
   std::vector<Scratch> scratch_;
   bool profile_ = false;
+  bool bf16_dot_ = false;
   double stage_seconds_[kStages] = {};
 };
 
@@ -1140,6 +1207,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &Step::forward, pybind11::arg("x"), pybind11::arg("positions"), pybind11::arg("slots"),
            pybind11::arg("head_from") = 0, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("profile", &Step::profile)
+      .def("set_bf16_dot", &Step::set_bf16_dot)
+      .def("bf16_dot", &Step::bf16_dot)
       .def("stage_seconds", &Step::stage_seconds)
       .def_property_readonly("threads", &Step::threads);
   m.def("pack_int4", &pack_int4, "int4 reference layout -> the step's tiles of 8 rows");
