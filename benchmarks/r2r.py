@@ -78,6 +78,7 @@ def large_nll(large: EmbeddedEngine, prompts: list[list[int]], outputs: list[lis
     for ids, out in zip(prompts, outputs):
         if not out:
             continue
+        large.runner.hold(0, len(ids + out))
         logits = large.runner.verify([ids + out], [0])[0, len(ids) - 1 : -1].float()
         total -= float(logits.log_softmax(-1).gather(-1, torch.tensor(out).unsqueeze(-1)).sum())
         count += len(out)

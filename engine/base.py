@@ -156,8 +156,9 @@ class RequestOutput:
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # fraction of KV slots' token capacity in use
+    kv_cache_usage: float  # tokens held over the KV pool's token capacity
     kv_evicted_tokens: int = 0  # since start: tokens an H2O cache evicted (per sequence, not per head)
+    num_preemptions: int = 0  # since start: sequences preempted for want of KV pages (recomputed later)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class KVPoolInfo:
     slots: int  # sequences the pool holds at once
     slot_bytes: int
     settings: dict[str, object] = field(default_factory=dict)  # the policy's ratios or budget, as configured
+    pages: dict[str, object] | None = None  # a paged pool: pages, page_size, page_bytes, bytes, tokens, dtype
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,8 @@ class ModelInfo:
             out["kv_cache"] = pool.policy
             slots = {"slot_tokens": pool.slot_tokens, "slots": pool.slots, "slot_bytes": pool.slot_bytes}
             out["kv_cache_slots"] = {**pool.settings, **slots}
+            if pool.pages is not None:
+                out["kv_cache_pool"] = pool.pages
         if self.engine == "embedded" or self.draft is not None:
             out["speculative"] = self.draft
         if self.weight_bytes is not None:

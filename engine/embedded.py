@@ -22,6 +22,7 @@ from engine.base import (
 )
 from engine.decoding import Decoder, Picker, PlainDecoder, RoutedDecoder, SpeculativeDecoder, StepResult
 from engine.model.h2o_cache import KVPolicy
+from engine.model.kv_pool import PagePool
 from engine.r2r import R2RDecoder
 from engine.runner import ModelRunner
 from engine.sampler import make_generator
@@ -41,15 +42,27 @@ class EmbeddedConfig:
     max_prefill_tokens: int = 1024  # prompt tokens prefilled per engine step (chunked prefill)
     speculative: SpeculativeConfig | None = None
     kv: KVPolicy = field(default_factory=KVPolicy)
-    # the KV pool's size: when set, the expert holds as many sequences as fit (at most
-    # max_batch_size), so a smaller H2O slot admits more of them
+    # the KV pool's size. Full caches: pages for this many MiB (None: max_batch_size x
+    # max_model_len tokens, at most a quarter of the machine's memory), handed out as sequences
+    # grow. H2O: as many budget-sized slots as fit (at most max_batch_size)
     kv_memory_mb: float | None = None
+    kv_dtype: str = "auto"  # of the cached keys and values: auto (bf16) | bfloat16 | float32
+    kv_page_size: int = 16  # tokens per page (a power of two)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_model_len < 2 or self.max_prefill_tokens < 1:
             raise ValueError("max_batch_size, max_model_len and max_prefill_tokens must be positive")
         if self.kv_memory_mb is not None and self.kv_memory_mb <= 0:
             raise ValueError("kv_memory_mb must be positive")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_page_size < 1 or self.kv_page_size & (self.kv_page_size - 1):
+            raise ValueError(f"kv_cache page_size must be a power of two, got {self.kv_page_size}")
+
+
+# the cached keys' and values' dtype: 16-bit unless float32 is asked for (the step and the fused
+# decode kernels read bf16 caches widened to float32; the torch path widens what it gathers)
+KV_DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -79,12 +92,17 @@ class EmbeddedEngine:
         self.draft, self.r2r = draft, r2r
         args = runner.model.args
         described = described or Described()
+        self.pool = runner.pool if runner.pool is not None and not runner.pool.dedicated else None
+        # every model's pages move together (a shared pool, or a draft's own beside an H2O target)
+        owners = [runner.pool, draft.runner.pool if draft else None, r2r.large.pool if r2r else None]
+        self._pools = list({id(p): p for p in owners if p is not None}.values())
         pool = KVPoolInfo(
             policy=config.kv.policy,
             slot_tokens=config.kv.capacity(config.max_model_len),
             slots=config.max_batch_size,
             slot_bytes=runner.slot_bytes(),
             settings=config.kv.describe(config.max_model_len),
+            pages=_describe_pages(self.pool),
         )
         self.info = ModelInfo(
             max_model_len=config.max_model_len,
@@ -99,7 +117,9 @@ class EmbeddedEngine:
             details={"max_batch_size": config.max_batch_size, **described.details},
             chat_stop=tokenizer.chat_stop,
         )
-        self.scheduler = Scheduler(config.max_batch_size, self._move_slot)
+        self.scheduler = Scheduler(config.max_batch_size, self._move_slot, self.pool)
+        # tokens a decode pass may write past a sequence's last: its drafts
+        self._lookahead = config.speculative.num_draft_tokens if config.speculative else 0
         self.picker = Picker(tokenizer.stop_token_ids)
         self.decoder: Decoder = PlainDecoder(runner, self.picker)
         if config.speculative is not None:
@@ -117,11 +137,9 @@ class EmbeddedEngine:
         self._failed: str | None = None
 
     def _move_slot(self, src: int, dst: int, length: int) -> None:
-        self.runner.move_slot(src, dst, length)
-        if self.draft is not None:  # the draft's cache holds at most what the target's does
-            self.draft.move_slot(src, dst, length)
-        if self.r2r is not None:  # so does the large model's
-            self.r2r.move_slot(src, dst, length)
+        for pool in self._pools:  # pages: a row of the page table
+            pool.move(src, dst)
+        self.runner.move_slot(src, dst, length)  # an H2O cache copies
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -151,15 +169,16 @@ class EmbeddedEngine:
         return self._failed is None and (self._thread is None or self._thread.is_alive())
 
     def stats(self) -> EngineStats:
-        waiting = len(self.scheduler.waiting) + len(self._inbox)
+        scheduler = self.scheduler
+        waiting = len(scheduler.waiting) + len(self._inbox)
         capacity = self.config.max_batch_size * self.runner.slot_tokens
         if (h2o := self.runner.h2o) is not None:  # entries really held, after evictions
-            usage = h2o.used_entries(self.scheduler.num_running) / capacity  # live slots come first
-            return EngineStats(self.scheduler.num_running, waiting, usage, h2o.evicted_total)
-        used = sum(s.num_computed for s in self.scheduler.decoding)
-        if self.scheduler.prefilling:
-            used += self.scheduler.prefilling.num_computed
-        return EngineStats(self.scheduler.num_running, waiting, used / capacity)
+            usage = h2o.used_entries(scheduler.num_running) / capacity  # live slots come first
+            return EngineStats(scheduler.num_running, waiting, usage, h2o.evicted_total, scheduler.preemptions)
+        if self.pool is not None:
+            capacity = self.pool.capacity_tokens
+        usage = scheduler.tokens_held() / capacity
+        return EngineStats(scheduler.num_running, waiting, usage, num_preemptions=scheduler.preemptions)
 
     # -- tokenization -------------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -173,8 +192,13 @@ class EmbeddedEngine:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        if len(request.prompt_ids) + request.params.max_tokens > self.config.max_model_len:
+        length = len(request.prompt_ids) + request.params.max_tokens
+        if length > self.config.max_model_len:
             raise ValueError("prompt plus max_tokens exceeds max_model_len")
+        if self.pool is not None and self.pool.pages_for(length) > self.pool.n_pages:
+            raise ValueError(
+                f"prompt plus max_tokens ({length} tokens) exceeds the KV pool ({self.pool.capacity_tokens} tokens)"
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         seq = Sequence(
@@ -221,6 +245,9 @@ class EmbeddedEngine:
                 self._fail_all(f"engine error: {exc}")
             finally:
                 self._outbox.flush()
+            if not self.scheduler.has_work():
+                for pool in self._pools:  # idle: free pages back to the OS
+                    pool.trim()
 
     def _apply_aborts(self, aborts: set[str]) -> None:
         for seq in self.scheduler.all():
@@ -242,6 +269,7 @@ class EmbeddedEngine:
             seq, start, end = job
             budget -= end - start
             self._postprocess([seq], self._prefill(seq, start, end))
+        self.scheduler.reserve(self._lookahead)  # may preempt the newest to make room
         if seqs := list(self.scheduler.decoding):
             self._postprocess(seqs, self.decoder.run(seqs))
 
@@ -253,9 +281,11 @@ class EmbeddedEngine:
         t0 = time.perf_counter()
         logits = self.runner.prefill(seq.slot, seq.token_ids[start:end], start)
         seconds = [time.perf_counter() - t0]
-        if end < seq.num_prompt:
+        if end < seq.prefill_target:
             return StepResult([[]], [[]], [end], seconds)
         self.scheduler.prefill_done(seq)
+        if seq.resumed:  # back after preemption: its last token is fed by its next pass
+            return StepResult([[]], [[]], [end], seconds)
         tokens, logprobs = self.decoder.choose([seq], logits.unsqueeze(0), self.runner.greedy_tokens(), seconds)
         return StepResult([tokens], logprobs, [end], seconds)
 
@@ -276,6 +306,20 @@ class EmbeddedEngine:
                 s.sink(out)
                 if s.finish_reason:
                     break
+
+
+def _describe_pages(pool: PagePool | None) -> dict[str, object] | None:
+    if pool is None:
+        return None
+    dtypes = sorted({str(store.layout.dtype).removeprefix("torch.") for store in pool.storages})
+    return {
+        "pages": pool.n_pages,
+        "page_size": pool.page_size,
+        "page_bytes": pool.page_bytes,
+        "bytes": pool.n_pages * pool.page_bytes,
+        "tokens": pool.capacity_tokens,
+        "dtype": "/".join(dtypes),
+    }
 
 
 class _Outbox:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import torch
 
 from engine import zoo
 from engine.base import R2RInfo
-from engine.embedded import Described, EmbeddedConfig, EmbeddedEngine
+from engine.embedded import KV_DTYPES, Described, EmbeddedConfig, EmbeddedEngine
 from engine.loader import EngineModel, convert_gguf, load_transformer, read_args, token_embedding
 from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
 from engine.model.kv_cache import token_bytes
+from engine.model.kv_pool import PageLayout, PagePool
 from engine.model.linear import add_narrow_copies
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized_transformer
 from engine.r2r import R2RDecoder, load_token_router
@@ -31,12 +33,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
-    cpu = torch._C._cpu
-    return bool(
-        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    )
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); else bf16 is emulated
+    and slow. Read from the CPU's flags (torch 2.13 has no public check), and only where the
+    AVX-512 kernels are selected: ``TURNOUT_ISA=avx2`` stands for an AVX2-only CPU in full."""
+    flags = cpu.cpu_flags()
+    return cpu.selected_isa() == "avx512" and bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def resolve_dtype(name: str) -> tuple[torch.dtype, torch.dtype | None]:
@@ -95,7 +96,8 @@ def build_embedded(
         details={"decode_read_bytes": decode_read_bytes(transformer), **capabilities(transformer)},
     )
     log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, described.quantization, held / 1e6)
-    draft = None
+    config = fit_kv_pool(transformer, config)
+    models: list[EngineModel] = [transformer]
     spec = config.speculative
     if spec is not None and spec.draft != NGRAM:
         draft_path = resolve_model_path(spec.draft)
@@ -107,17 +109,54 @@ def build_embedded(
             )
         _, draft_model, draft_label = load_engine_model(str(draft_path), dtype, draft_quant_spec(spec, quantization))
         log.info("draft model %s: %s, %.1f MB of weights", spec.draft, draft_label, weight_bytes(draft_model) / 1e6)
-        draft = ModelDrafter(ModelRunner(draft_model, config.max_batch_size, config.max_model_len))
-    config = fit_kv_pool(transformer, config)
-    runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv)
+        models.append(draft_model)
+    pool, kv_dtype = make_pool(models, config), KV_DTYPES[config.kv_dtype]
+    runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv, pool, kv_dtype)
+    draft = None
+    if len(models) > 1:  # beside an H2O target (no pool) the draft keeps a full slot per sequence
+        draft = ModelDrafter(ModelRunner(models[1], config.max_batch_size, config.max_model_len, None, pool, kv_dtype))
     described.details["decode_path"] = decode_path(transformer)  # now its caches are set up
     described.details["prefill_path"] = prefill_path(transformer)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, described, draft)
 
 
+def make_pool(models: list[EngineModel], config: EmbeddedConfig) -> PagePool | None:
+    """The expert's KV pages, shared by ``models`` (the target, then a draft or R2R's large model):
+    ``kv_memory_mb`` of them, or by default ``max_batch_size`` x ``max_model_len`` tokens' worth, at
+    most a quarter of the machine's memory (resident only as pages are written). None under H2O,
+    whose slots are its own."""
+    if config.kv.h2o:
+        return None
+    dtype = KV_DTYPES[config.kv_dtype]
+    layouts = [PageLayout(m.args.n_layers, m.args.n_kv_heads, m.args.head_dim, dtype) for m in models]
+    per_token = sum(layout.page_bytes(1) for layout in layouts)
+    if config.kv_memory_mb is not None:
+        memory = config.kv_memory_mb * 2**20
+    else:
+        memory = min(config.max_batch_size * config.max_model_len * per_token, machine_memory() / 4)
+    pool = PagePool.sized(memory, layouts, config.kv_page_size, config.max_batch_size, config.max_model_len)
+    if pool.n_pages < 1:
+        raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no page of {config.kv_page_size} tokens")
+    log.info(
+        "KV pool: %d pages of %d tokens (%s), %.0f MiB, %d tokens",
+        pool.n_pages,
+        pool.page_size,
+        _name(dtype),
+        memory / 2**20,
+        pool.capacity_tokens,
+    )
+    return pool
+
+
+def machine_memory() -> int:
+    """Bytes of memory this machine has (MemTotal)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def fit_kv_pool(model: EngineModel, config: EmbeddedConfig) -> EmbeddedConfig:
-    """With ``kv_memory_mb`` set, as many slots as that pool holds (at most ``max_batch_size``)."""
-    if config.kv_memory_mb is None:
+    """H2O with ``kv_memory_mb`` set: as many budget-sized slots as that pool holds (at most
+    ``max_batch_size``). A full cache's pool is sized in pages instead (``make_pool``)."""
+    if config.kv_memory_mb is None or not config.kv.h2o:
         return config
     a = model.args
     per_token = token_bytes(a.n_layers, a.n_kv_heads, a.head_dim, model.norm.weight.element_size(), config.kv.h2o)
@@ -155,8 +194,9 @@ def build_r2r(
         "r2r: %s writes, %s rewrites flagged tokens; threshold %.4f (from the %s)", small, large, threshold, source
     )
     embedding = token_embedding(small_path)
-    small_runner = ModelRunner(small_model, config.max_batch_size, config.max_model_len)
-    large_runner = ModelRunner(large_model, config.max_batch_size, config.max_model_len)
+    pool, kv_dtype = make_pool([small_model, large_model], config), KV_DTYPES[config.kv_dtype]
+    small_runner = ModelRunner(small_model, config.max_batch_size, config.max_model_len, None, pool, kv_dtype)
+    large_runner = ModelRunner(large_model, config.max_batch_size, config.max_model_len, None, pool, kv_dtype)
     params = (small_model.args.activated_params_per_token(), large_model.args.activated_params_per_token())
     described = Described(
         quantization=quantization.tag if quantization else "none",

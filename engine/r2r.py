@@ -1,7 +1,8 @@
 """R2R decoding inside the embedded engine: the small model writes every token, the token router
 scores it, and a flagged token is replaced by the large model's.
 
-The large model keeps its own KV cache, a slot per small-model slot, moving with it. It catches up
+The large model keeps its keys and values in the expert's KV pages, under the small model's page
+table, so they move with the sequence. It catches up
 lazily: when a sequence is next flagged, the tokens it has not seen yet go through in one forward
 (batched across the flagged sequences), whose last logits give the replacement token. Nothing is
 computed twice, and a sequence that is never flagged costs the large model nothing.
@@ -76,9 +77,6 @@ class R2RDecoder:
         self.large, self.router, self.threshold = large, router, threshold
         self.embedding = embedding  # [V, D] the small model's token embedding, float32
         self.small = small.model  # its last forward leaves its final hidden states in last_hidden
-
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        self.large.move_slot(src, dst, length)
 
     @torch.inference_mode()
     def flag(self, logits: Tensor, tokens: Sequence[int], thresholds: Sequence[float]) -> list[bool]:

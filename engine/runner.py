@@ -8,21 +8,42 @@ from torch import Tensor
 from engine.loader import EngineModel
 from engine.model.h2o_cache import H2OKVCache, KVPolicy
 from engine.model.kv_cache import AttentionBatch
+from engine.model.kv_pool import DEFAULT_PAGE_SIZE, PagePool
 from engine.model.llama import Transformer
 from kernels import dispatch
 
 
 class ModelRunner:
-    def __init__(self, model: EngineModel, n_slots: int, max_len: int, kv: KVPolicy | None = None) -> None:
+    def __init__(
+        self,
+        model: EngineModel,
+        n_slots: int,
+        max_len: int,
+        kv: KVPolicy | None = None,
+        pool: PagePool | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        """``pool``: the expert's KV pages, which every model of the expert shares (its own pool,
+        giving each slot ``max_len`` tokens, without one); ``kv_dtype``: of the keys and values
+        stored there (the compute dtype by default). An H2O policy keeps its own budget-sized slots."""
         self.model = model
         self.n_slots, self.max_len = n_slots, max_len
         self.kv = kv or KVPolicy()
+        self.pool: PagePool | None = None
         if self.kv.h2o:
             if not isinstance(model, Transformer):
                 raise ValueError("kv_cache policy h2o is implemented for Llama-family models only")
             model.setup_caches(n_slots, max_len, self.kv)
         else:
-            model.setup_caches(n_slots, max_len)
+            self.pool = pool or PagePool(0, DEFAULT_PAGE_SIZE, n_slots, max_len, dedicated=True)
+            model.setup_caches(n_slots, max_len, pool=self.pool, kv_dtype=kv_dtype)
+
+    def hold(self, slot: int, tokens: int) -> None:
+        """Pages for ``tokens`` tokens of ``slot``, for a caller that runs the model directly on an
+        engine's runner (the engine's scheduler hands pages out itself); a no-op where every slot
+        has its own."""
+        if self.pool is not None and not self.pool.dedicated:
+            self.pool.grow(slot, tokens)
 
     @property
     def h2o(self) -> H2OKVCache | None:
@@ -91,8 +112,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
-        for cache in self.model.kv_caches:
+        """An H2O cache copies the slot; paged caches move with their pool (``PagePool.move``,
+        once for every model that shares it)."""
+        if (cache := self.h2o) is not None:
             cache.copy_slot(src, dst, length)
+
+    @torch.inference_mode()
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """The first ``length`` tokens of ``src``'s cache copied into ``dst`` (a shared prefix)."""
+        if (cache := self.h2o) is not None:
+            cache.copy_slot(src, dst, length)
+        else:
+            assert self.pool is not None
+            self.pool.copy(src, dst, length)
 
     def kv_bytes_per_token(self) -> int:
         return sum(cache.bytes_per_token for cache in self.model.kv_caches)

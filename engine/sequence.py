@@ -46,8 +46,21 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt
 
     @property
-    def prefilled(self) -> bool:
-        return self.num_computed >= self.num_prompt
+    def prefill_target(self) -> int:
+        """Tokens a prefill puts in the cache before decoding: the prompt, or, for a sequence
+        resumed after preemption, every token but the last (which its next pass feeds)."""
+        return len(self.token_ids) - 1 if self.num_generated else self.num_prompt
+
+    @property
+    def resumed(self) -> bool:
+        """A preempted sequence being prefilled again: its prefill picks no new token."""
+        return self.num_generated > 0
+
+    def preempt(self) -> None:
+        """Its cache is gone: every cache (a draft's, a large model's) starts over."""
+        self.num_computed, self.slot, self.large_seen = 0, -1, 0
+        if self.speculation is not None:
+            self.speculation.draft_seen = 0
 
     def append(self, token_id: int, is_stop_token: bool, now: float, max_len: int) -> None:
         """Record a sampled token and update text and finish state."""

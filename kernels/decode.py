@@ -42,24 +42,37 @@ def rope_store_reference(
     slots: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
+    table: Tensor,
     n_heads: int,
     n_kv_heads: int,
 ) -> Tensor:
-    """``qkv [T, (H + 2KV) * D]`` -> rotated queries ``[T, H, D]``; keys/values written to the caches."""
-    d = k_cache.shape[-1]
+    """``qkv [T, (H + 2KV) * D]`` -> rotated queries ``[T, H, D]``; keys/values written to the paged
+    caches ``[pages, KV, P, D]`` at entry ``p % P`` of page ``table[slot, p // P]``."""
+    d, size = k_cache.shape[-1], k_cache.shape[2]
     heads = qkv.view(qkv.shape[0], n_heads + 2 * n_kv_heads, d)
     qk = rotate_half(heads[:, : n_heads + n_kv_heads], cos[positions][:, None], sin[positions][:, None])
-    k_cache[slots, :, positions] = qk[:, n_heads:]
-    v_cache[slots, :, positions] = heads[:, n_heads + n_kv_heads :]
+    page, entry = table[slots, positions // size].long(), positions % size
+    k_cache[page, :, entry] = qk[:, n_heads:].to(k_cache.dtype)
+    v_cache[page, :, entry] = heads[:, n_heads + n_kv_heads :].to(v_cache.dtype)
     return qk[:, :n_heads].contiguous()
 
 
-def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
-    """``q [T, H, D]``, a query per new token, over its slot's cache positions ``0..positions[t]`` -> ``[T, H * D]``."""
+def slot_entries(cache: Tensor, table: Tensor, slot: int, length: int) -> Tensor:
+    """The first ``length`` entries of ``slot`` in a paged cache, ``[KV, length, D]`` float32."""
+    size = cache.shape[2]
+    pages = table[slot, : -(-length // size)].long()
+    return cache[pages].transpose(0, 1).flatten(1, 2)[:, :length].float()
+
+
+def decode_attention_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, table: Tensor, slots: Tensor, positions: Tensor
+) -> Tensor:
+    """``q [T, H, D]``, a query per new token, over its slot's positions ``0..positions[t]`` in the
+    paged caches -> ``[T, H * D]``."""
     rows = []
     for b in range(q.shape[0]):
-        length = int(positions[b]) + 1
-        keys, values = k_cache[slots[b], :, :length], v_cache[slots[b], :, :length]  # [KV, L, D]
+        length, slot = int(positions[b]) + 1, int(slots[b])
+        keys, values = slot_entries(k_cache, table, slot, length), slot_entries(v_cache, table, slot, length)
         out = F.scaled_dot_product_attention(q[b, :, None], keys, values, enable_gqa=True)  # [H, 1, D]
         rows.append(out.flatten())
     return torch.stack(rows)

@@ -147,6 +147,8 @@ class NativeStep:
                 cache.v,
             )
         self.step.set_output(_matrix(model.output))
+        assert isinstance(cache, KVCache)  # every layer's pool: its page table changes in place as sequences grow
+        self.step.set_pages(cache.pool.table, cache.pool.page_size)
         # bf16 weights multiply by vdpbf16ps where the CPU has it (their inputs rounded to bf16),
         # else widened to float32 in registers
         self.step.set_bf16_dot(cpu.selected_isa() == "avx512" and "avx512_bf16" in cpu.cpu_flags())

@@ -43,13 +43,19 @@ class KVCacheConfig(_Strict):
     recent_ratio: float = Field(default=0.1, gt=0, le=1)
     # ...or as a fixed number of tokens per sequence (split between the two in the ratios' proportion)
     budget_tokens: int | None = Field(default=None, ge=8)
-    # the KV pool's size: the expert then holds as many sequences as fit (at most max_batch_size)
+    # the KV pool's size. full: pages for this many MiB, handed to sequences as they grow (null:
+    # max_batch_size x max_model_len tokens, at most a quarter of the machine's memory); h2o: as
+    # many budget-sized slots as fit (at most max_batch_size)
     memory_mb: float | None = Field(default=None, gt=0)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # cached keys/values: auto is bf16
+    page_size: int = Field(default=16, ge=1, le=1024)  # tokens per page, a power of two
 
     @model_validator(mode="after")
     def _ratios_fit(self) -> KVCacheConfig:
         if self.heavy_ratio + self.recent_ratio > 1:
             raise ValueError("kv_cache: heavy_ratio + recent_ratio must be at most 1")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"kv_cache: page_size must be a power of two, got {self.page_size}")
         return self
 
     def engine_policy(self) -> KVPolicy:

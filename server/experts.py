@@ -38,6 +38,8 @@ def build_expert(cfg: ExpertConfig) -> Expert:
         speculative,
         cfg.kv_cache.engine_policy(),
         cfg.kv_cache.memory_mb,
+        cfg.kv_cache.dtype,
+        cfg.kv_cache.page_size,
     )
     if cfg.r2r is not None:
         r = cfg.r2r

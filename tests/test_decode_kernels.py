@@ -34,39 +34,57 @@ def test_rms_norm_matches_torch(ext: ModuleType, shape: tuple[int, ...]) -> None
     torch.testing.assert_close(ext.rms_norm(x, w, 1e-5), decode.rms_norm_reference(x, w, 1e-5))
 
 
-def caches(slots: int, kv_heads: int, length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return fresh(slots, kv_heads, length, dim, seed=3), fresh(slots, kv_heads, length, dim, seed=4)
+def caches(
+    slots: int, kv_heads: int, length: int, dim: int, page: int = 16, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random paged caches ``[pages, KV, page, D]`` and a table giving each slot its pages in a
+    shuffled order (so a kernel that ignored the table would read another slot's entries)."""
+    per_slot = -(-length // page)
+    pages = slots * per_slot + 1
+    table = torch.randperm(pages - 1, generator=torch.Generator().manual_seed(8)).view(slots, per_slot).int()
+    k = fresh(pages, kv_heads, page, dim, seed=3).to(dtype)
+    v = fresh(pages, kv_heads, page, dim, seed=4).to(dtype)
+    return k, v, table
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 2, 16)])
-def test_rope_store_matches_torch(ext: ModuleType, heads: int, kv_heads: int, dim: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_matches_torch(ext: ModuleType, heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
     positions, slots = torch.tensor([0, 17, 63]), torch.tensor([2, 0, 1])
     qkv = fresh(3, (heads + 2 * kv_heads) * dim, seed=5)
     angles = torch.outer(torch.arange(64).float(), torch.rand(dim // 2, generator=torch.Generator().manual_seed(6)))
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    k1, v1 = caches(3, kv_heads, 64, dim)
+    k1, v1, table = caches(3, kv_heads, 64, dim, dtype=dtype)
     k2, v2 = k1.clone(), v1.clone()
-    q = ext.rope_store(qkv, cos, sin, positions, slots, k1, v1, heads, kv_heads)
-    q_ref = decode.rope_store_reference(qkv, cos, sin, positions, slots, k2, v2, heads, kv_heads)
+    q = ext.rope_store(qkv, cos, sin, positions, slots, k1, v1, table, heads, kv_heads)
+    q_ref = decode.rope_store_reference(qkv, cos, sin, positions, slots, k2, v2, table, heads, kv_heads)
     torch.testing.assert_close(q, q_ref)
     torch.testing.assert_close(k1, k2)
     torch.testing.assert_close(v1, v2)
 
 
-def test_rope_store_refuses_a_position_past_the_cache(ext: ModuleType) -> None:
-    k, v = caches(1, 1, 8, 16)
+def test_rope_store_refuses_a_position_past_the_cache_or_a_page_outside_it(ext: ModuleType) -> None:
+    k, v, table = caches(1, 1, 8, 16, page=8)
+    args = (fresh(1, 48), fresh(16, 16), fresh(16, 16))
     with pytest.raises(RuntimeError, match="outside the cache"):
-        ext.rope_store(fresh(1, 48), fresh(16, 16), fresh(16, 16), torch.tensor([8]), torch.tensor([0]), k, v, 1, 1)
+        ext.rope_store(*args, torch.tensor([8]), torch.tensor([0]), k, v, table, 1, 1)
+    table[0, 0] = k.shape[0]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ext.rope_store(*args, torch.tensor([3]), torch.tensor([0]), k, v, table, 1, 1)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
 @pytest.mark.parametrize("positions", [[0], [5, 300, 41], [4095, 0]])
-def test_decode_attention_matches_torch(ext: ModuleType, heads: int, kv_heads: int, positions: list[int]) -> None:
-    k, v = caches(4, kv_heads, 4096, 64)
+@pytest.mark.parametrize(("page", "dtype"), [(16, torch.float32), (4, torch.float32), (32, torch.bfloat16)])
+def test_decode_attention_matches_torch(
+    ext: ModuleType, heads: int, kv_heads: int, positions: list[int], page: int, dtype: torch.dtype
+) -> None:
+    k, v, table = caches(4, kv_heads, 4096, 64, page, dtype)
     q = fresh(len(positions), heads, 64, seed=7)
     slots, pos = torch.tensor([3, 1, 0][: len(positions)]), torch.tensor(positions)
-    got = ext.decode_attention(q, k, v, slots, pos, decode.attention_scale(64))
-    torch.testing.assert_close(got, decode.decode_attention_reference(q, k, v, slots, pos), atol=1e-5, rtol=1e-4)
+    got = ext.decode_attention(q, k, v, table, slots, pos, decode.attention_scale(64))
+    want = decode.decode_attention_reference(q, k, v, table, slots, pos)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_model_decode_is_the_same_with_and_without_the_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.factory import build_embedded, fit_kv_pool, load_engine_model
+from engine.factory import build_embedded, fit_kv_pool, load_engine_model, make_pool
 from engine.model.args import ModelArgs
 from engine.model.h2o_cache import H2OKVCache, KVPolicy
 from engine.model.kv_cache import AttentionBatch
@@ -275,11 +275,16 @@ def test_config_and_flags_choose_the_policy() -> None:
 
 
 def test_a_fixed_kv_pool_holds_more_h2o_sequences() -> None:
+    """16 MiB: full caches get pages of bf16 tokens (32 sequences of 2,048), H2O 77 slots of 400
+    float32 entries with their positions and scores."""
     model = _tiny(dtype=torch.float32)
-    full = fit_kv_pool(model, EmbeddedConfig(128, 2048, kv_memory_mb=16))
+    config = EmbeddedConfig(128, 2048, kv_memory_mb=16)
+    pool = make_pool([model], config)
+    assert fit_kv_pool(model, config) == config  # a full cache's pool is sized in pages, not slots
+    bf16_token = 2 * 2 * 2 * 16 * 2  # layers * KV heads * (key + value) * head_dim * bf16
+    assert pool is not None and pool.capacity_tokens == 16 * 2**20 // bf16_token == 32 * 2048
     h2o_config = fit_kv_pool(model, EmbeddedConfig(128, 2048, kv=KVPolicy("h2o", budget_tokens=400), kv_memory_mb=16))
-    per_token = 2 * 2 * 2 * 16 * 4  # layers * KV heads * (key + value) * head_dim * float32
-    assert full.max_batch_size == 16 * 2**20 // (2048 * per_token) == 16
+    per_token = 2 * 2 * 2 * 16 * 4  # float32
     assert h2o_config.max_batch_size == 16 * 2**20 // (400 * (per_token + 2 * 2 * 8)) == 77
     runner = ModelRunner(copy.deepcopy(model), h2o_config.max_batch_size, 2048, h2o_config.kv)
     assert runner.slot_bytes() * h2o_config.max_batch_size <= 16 * 2**20

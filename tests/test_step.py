@@ -20,7 +20,7 @@ from torch import Tensor
 
 from engine.model.args import ModelArgs
 from engine.model.h2o_cache import KVPolicy
-from engine.model.kv_cache import AttentionBatch
+from engine.model.kv_cache import AttentionBatch, KVCache
 from engine.model.linear import Linear, add_narrow_copies
 from engine.model.llama import Transformer
 from engine.model.quantized import make_linear
@@ -69,6 +69,13 @@ def fill(model: Transformer, lengths: list[int], seed: int) -> None:
         for slot, length in enumerate(lengths):
             prompt = torch.randint(0, model.args.vocab_size, (1, length), generator=g)
             model(prompt, AttentionBatch.build(slot, torch.arange(length)[None]), last_only=True)
+
+
+def copy_slot(model: Transformer, src: int, dst: int, length: int) -> None:
+    """The first ``length`` cache entries of slot ``src`` copied into ``dst`` (every layer)."""
+    cache = model.kv_caches[0]
+    assert isinstance(cache, KVCache)
+    cache.pool.copy(src, dst, length)
 
 
 def assert_matches(native: Tensor, reference: Tensor, fmt: str, msg: str = "", bf16_dot: bool = False) -> None:
@@ -203,8 +210,7 @@ def test_a_prompt_chunk_over_a_16_bit_cache_matches_the_same_tokens_as_decoding_
     model.setup_caches(SLOTS, MAX_LEN)
     assert model.native is not None and model.kv_caches[0].k.dtype == torch.bfloat16
     fill(model, [30], 4)
-    for cache in model.kv_caches:  # the same 30-token prompt in slots 0 and 1
-        cache.copy_slot(0, 1, 30)
+    copy_slot(model, 0, 1, 30)  # the same 30-token prompt in slots 0 and 1
     tokens = torch.randint(0, ARGS.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
     positions = torch.arange(30, 70)[None]
     with torch.inference_mode():
@@ -213,8 +219,8 @@ def test_a_prompt_chunk_over_a_16_bit_cache_matches_the_same_tokens_as_decoding_
     scale = float(rows.abs().max())
     torch.testing.assert_close(chunk, rows, atol=1e-4 * scale, rtol=1e-4)
     for cache in model.kv_caches:  # bf16 entries: equal, or one rounding step apart
-        torch.testing.assert_close(cache.k[0, :, :70].float(), cache.k[1, :, :70].float(), atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(cache.v[0, :, :70].float(), cache.v[1, :, :70].float(), atol=2e-2, rtol=1e-2)
+        for chunk_entries, row_entries in zip(cache.slot(0, 70), cache.slot(1, 70), strict=True):
+            torch.testing.assert_close(chunk_entries.float(), row_entries.float(), atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("fmt", ["int4-g32", "nf4-b64", "bf16"])
@@ -233,8 +239,7 @@ def test_batched_rows_equal_their_solo_runs(fmt: str) -> None:
 def test_verification_rows_equal_decoding_one_token_at_a_time(fmt: str) -> None:
     model = tiny_model(fmt, 7)
     fill(model, [12], 7)
-    for cache in model.kv_caches:
-        cache.copy_slot(0, 1, 12)  # the same prompt in slots 0 and 1
+    copy_slot(model, 0, 1, 12)  # the same prompt in slots 0 and 1
     drafts = torch.tensor([[11, 22, 33, 44, 55]])
     one_by_one = [run(model, drafts[:, i : i + 1], torch.tensor([[12 + i]]))[0, 0] for i in range(5)]
     together = run(model, drafts, torch.arange(12, 17)[None], torch.tensor([1]))[0]
@@ -244,12 +249,13 @@ def test_verification_rows_equal_decoding_one_token_at_a_time(fmt: str) -> None:
 def test_a_catch_up_over_some_slots_touches_only_those_slots() -> None:
     model = tiny_model("int4-g32", 11)
     fill(model, [20, 21, 22, 23], 11)
-    untouched = [(c.k[[0, 2]].clone(), c.v[[0, 2]].clone()) for c in model.kv_caches]
+    untouched = [(c.slot(0, 40), c.slot(2, 40)) for c in model.kv_caches]
     rows = torch.tensor([[5, 6, 7], [8, 9, 10]])
     out = both_paths(model, rows, torch.tensor([[21, 22, 23], [23, 24, 25]]), torch.tensor([1, 3]))
     assert_matches(out["native"], out["reference"], "int4-g32")
-    for cache, (k, v) in zip(model.kv_caches, untouched, strict=True):
-        assert torch.equal(cache.k[[0, 2]], k) and torch.equal(cache.v[[0, 2]], v)
+    for cache, (slot0, slot2) in zip(model.kv_caches, untouched, strict=True):
+        for before, after in zip([*slot0, *slot2], [*cache.slot(0, 40), *cache.slot(2, 40)], strict=True):
+            assert torch.equal(before, after)
 
 
 def test_positions_and_slots_outside_the_cache_are_refused() -> None:
@@ -345,9 +351,8 @@ def test_a_prompt_in_pieces_equals_the_prompt_in_one_call(isa: str, fmt: str) ->
     pieces = runner.prefill(1, prompt, 0)
     assert torch.equal(whole, pieces), f"seed {seed}"
     for cache in model.kv_caches:
-        assert torch.equal(cache.k[0, :, :60], cache.k[1, :, :60]) and torch.equal(
-            cache.v[0, :, :60], cache.v[1, :, :60]
-        )
+        for whole_entries, piece_entries in zip(cache.slot(0, 60), cache.slot(1, 60), strict=True):
+            assert torch.equal(whole_entries, piece_entries)
 
 
 def test_long_prompts_take_the_step_where_it_prefills_faster(isa: str) -> None:

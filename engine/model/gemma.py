@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from engine.model.args import GemmaArgs
 from engine.model.kv_cache import AttentionBatch, KVCache
+from engine.model.kv_pool import DEFAULT_PAGE_SIZE, PageLayout, PagePool
 from engine.model.linear import Linear
 from kernels.decode import rotate_half
 
@@ -120,13 +121,18 @@ class GemmaTransformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.rope: dict[bool, Rope] = {}  # keyed by "sliding layer": full tables [max_len, D]
 
-    def setup_caches(self, n_slots: int, max_len: int) -> None:
-        """Allocate the static KV cache and both RoPE tables; ``max_len`` bounds every position."""
+    def setup_caches(
+        self, n_slots: int, max_len: int, pool: PagePool | None = None, kv_dtype: torch.dtype | None = None
+    ) -> None:
+        """Set up the KV cache (in ``pool``'s pages, as the Llama model's) and both RoPE tables;
+        ``max_len`` bounds every position."""
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.args.max_seq_len}")
         a, dtype = self.args, self.norm.weight.dtype
-        for layer in self.blocks:
-            layer.attention.kv_cache = KVCache(n_slots, a.n_kv_heads, max_len, a.head_dim, dtype)
+        pool = pool or PagePool(0, DEFAULT_PAGE_SIZE, n_slots, max_len, dedicated=True)
+        storage = pool.storage(PageLayout(a.n_layers, a.n_kv_heads, a.head_dim, kv_dtype or dtype))
+        for i, layer in enumerate(self.blocks):
+            layer.attention.kv_cache = KVCache(pool, *storage.layer(i))
         self.rope = {
             False: rope_tables(a.head_dim, a.rope_theta, a.rope_factor, max_len, dtype),
             True: rope_tables(a.head_dim, a.rope_local_theta, 1.0, max_len, dtype),

@@ -1,11 +1,13 @@
-"""Static key/value cache: one fixed-shape buffer per layer, one row per batch slot."""
+"""What a forward pass attends over, and one layer's keys and values in the expert's KV pages."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from engine.model.kv_pool import PagePool
 
 
 @dataclass
@@ -50,27 +52,38 @@ class AttentionBatch:
         return slice(self.first_slot, self.first_slot + self.positions.shape[0])
 
 
-class KVCache(nn.Module):
-    """Keys and values of one layer for every slot: ``[slots, kv_heads, max_len, head_dim]``."""
+class KVCache:
+    """Keys and values of one layer in the expert's pages: ``k``/``v`` ``[pages + 1, kv_heads,
+    page_size, head_dim]`` (kernels/cpu reads the same views through the pool's table)."""
 
-    k: Tensor
-    v: Tensor
-
-    def __init__(self, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        shape = (n_slots, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+    def __init__(self, pool: PagePool, k: Tensor, v: Tensor) -> None:
+        self.pool, self.k, self.v = pool, k, v
 
     def update(self, batch: AttentionBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store new keys/values ``[B, S, kv_heads, D]`` and return the views attention reads."""
-        self.k[batch.slot_index, :, batch.positions] = k
-        self.v[batch.slot_index, :, batch.positions] = v
-        return self.k[batch.rows, :, : batch.kv_len], self.v[batch.rows, :, : batch.kv_len]
+        """Store new keys/values ``[B, S, kv_heads, D]`` in their pages and return what attention
+        reads, ``[B, kv_heads, kv_len, D]`` in the new keys' dtype (gathered from the pages)."""
+        size = self.pool.page_size
+        table = self.pool.table
+        page = table[batch.slot_index, batch.positions // size].long()
+        entry = batch.positions % size
+        self.k[page, :, entry] = k.to(self.k.dtype)
+        self.v[page, :, entry] = v.to(self.v.dtype)
+        pages = table[batch.rows, : self.pool.pages_for(batch.kv_len)].long()  # [B, n]
+        return self._gather(self.k, pages, batch.kv_len, k.dtype), self._gather(self.v, pages, batch.kv_len, v.dtype)
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        self.k[dst, :, :length] = self.k[src, :, :length]
-        self.v[dst, :, :length] = self.v[src, :, :length]
+    def slot(self, slot: int, length: int) -> tuple[Tensor, Tensor]:
+        """The first ``length`` keys and values of ``slot``, ``[kv_heads, length, D]`` each (copies)."""
+        pages = self.pool.table[slot : slot + 1, : self.pool.pages_for(length)].long()
+        return self._gather(self.k, pages, length, self.k.dtype)[0], self._gather(self.v, pages, length, self.v.dtype)[
+            0
+        ]
+
+    @staticmethod
+    def _gather(cache: Tensor, pages: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+        rows, n = pages.shape
+        _, heads, size, dim = cache.shape
+        out = cache[pages].transpose(1, 2).reshape(rows, heads, n * size, dim)[:, :, :length]
+        return out.to(dtype)
 
     @property
     def bytes_per_token(self) -> int:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from engine.model.args import ModelArgs
 from engine.model.h2o_cache import H2OKVCache, H2OLayer, KVPolicy
 from engine.model.kv_cache import AttentionBatch, KVCache
+from engine.model.kv_pool import DEFAULT_PAGE_SIZE, PageLayout, PagePool
 from engine.model.linear import Linear
 from kernels import decode as fused_decode
 from kernels import dispatch
@@ -105,10 +106,21 @@ class Attention(nn.Module):
         bsz, seq, _ = x.shape
         slots, positions = batch.slot_index.reshape(-1).contiguous(), batch.positions.reshape(-1).contiguous()
         qkv = self.wqkv(x).reshape(bsz * seq, -1).contiguous()
+        table = cache.pool.table
         q = ext.rope_store(
-            qkv, rotary.cos_table, rotary.sin_table, positions, slots, cache.k, cache.v, self.n_heads, self.n_kv_heads
+            qkv,
+            rotary.cos_table,
+            rotary.sin_table,
+            positions,
+            slots,
+            cache.k,
+            cache.v,
+            table,
+            self.n_heads,
+            self.n_kv_heads,
         )
-        out = ext.decode_attention(q, cache.k, cache.v, slots, positions, fused_decode.attention_scale(self.head_dim))
+        scale = fused_decode.attention_scale(self.head_dim)
+        out = ext.decode_attention(q, cache.k, cache.v, table, slots, positions, scale)
         return self.wo(out.view(bsz, seq, -1))
 
 
@@ -157,21 +169,34 @@ class Transformer(nn.Module):
         # the argmax of each of the last forward's logits rows [B, S], where the native step computed it
         self.last_argmax: Tensor | None = None
 
-    def setup_caches(self, n_slots: int, max_len: int, policy: KVPolicy | None = None) -> None:
-        """Allocate the static KV cache and RoPE tables; ``max_len`` bounds every position. An
-        H2O ``policy`` gives every slot its budget's worth of entries instead of ``max_len``."""
+    def setup_caches(
+        self,
+        n_slots: int,
+        max_len: int,
+        policy: KVPolicy | None = None,
+        pool: PagePool | None = None,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Set up the KV cache and RoPE tables; ``max_len`` bounds every position. The keys and
+        values go in ``pool``'s pages (``kv_dtype``, by default the compute dtype), or, without one,
+        in a pool of their own that gives every slot ``max_len`` tokens. An H2O ``policy`` gives
+        every slot its budget's worth of entries instead, in a cache of its own."""
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.args.max_seq_len}")
         dtype, a = self.norm.weight.dtype, self.args
         self.h2o = None
         if policy is not None and policy.h2o:
             self.h2o = H2OKVCache(a.n_layers, n_slots, a.n_kv_heads, a.head_dim, dtype, policy, max_len)
+        else:
+            pool = pool or PagePool(0, DEFAULT_PAGE_SIZE, n_slots, max_len, dedicated=True)
+            storage = pool.storage(PageLayout(a.n_layers, a.n_kv_heads, a.head_dim, kv_dtype or dtype))
         for i, layer in enumerate(self.blocks):
             del layer.attention.kv_cache  # a module or a plain handle: either may replace it
             if self.h2o is not None:
                 layer.attention.kv_cache = self.h2o.layer(i)
             else:
-                layer.attention.kv_cache = KVCache(n_slots, a.n_kv_heads, max_len, a.head_dim, dtype)
+                assert pool is not None
+                layer.attention.kv_cache = KVCache(pool, *storage.layer(i))
         self.rope_cos, self.rope_sin = rope_tables(self.args, dtype)
         self.native = NativeStep.build(self)
 

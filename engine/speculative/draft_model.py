@@ -1,6 +1,7 @@
 """A draft model: a small model with the target's tokenizer proposes k tokens, one at a time.
 
-Its KV cache has a slot per target slot and moves with it. It is brought up to date lazily: when a
+Its keys and values are in the expert's KV pages, under the target's page table, so they move
+with the target's sequence. It is brought up to date lazily: when a
 sequence next drafts, the tokens the draft has not seen yet (the whole prompt the first time,
 afterwards the target's corrections and bonus tokens) go through in one forward, whose last
 logits propose the first draft. Drafts that the target rejects stay in the draft's cache past the
@@ -22,9 +23,6 @@ from engine.sampler import filter_logits
 class ModelDrafter:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        self.runner.move_slot(src, dst, length)
 
     def draft(
         self,

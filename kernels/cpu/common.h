@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -170,46 +171,86 @@ inline void softmax(float* scores, int64_t n, float top = -INFINITY) {
   for (j = 0; j < n; ++j) scores[j] *= inv;
 }
 
-// One query head q [dh] over `len` cached keys and values (rows of dh, float32 or bf16) -> out [dh].
-// `scores` holds len floats.
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 template <typename C>
-void attend_head(const float* q, const C* keys, const C* values, int64_t len, int64_t dh, float scale, float* scores,
-                 float* out) {
-  int64_t j = 0;
-#if defined(__AVX2__)
-  if (dh % 8 == 0) {
-    for (; j + 8 <= len; j += 8) {  // eight keys at a time: their dot products side by side
-      __m256 acc[8];
-      for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
-      for (int64_t i = 0; i < dh; i += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(keys + (j + k) * dh + i), acc[k]);
-      }
-      const __m256 s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
-      _mm256_storeu_ps(scores + j, s);
-    }
+C store_as(float v) {
+  if constexpr (std::is_same_v<C, float>) {
+    return v;
+  } else {
+    return float_to_bf16(v);
   }
+}
+
+// One sequence's keys (or values) for one kv head in a paged cache [pages, KV, P, dh]: row j is
+// entry j % P of page pages[j / P]. P is a power of two; a page's P rows are contiguous.
+template <typename C>
+struct PagedRows {
+  C* base;                 // the cache at page 0, this kv head
+  const int32_t* pages;    // the sequence's pages, in order
+  int64_t page_stride;     // elements from one page to the next
+  int shift;               // log2 P
+  int64_t dh;
+  int64_t page_size() const { return int64_t{1} << shift; }
+  C* page(int64_t i) const { return base + pages[i] * page_stride; }  // rows i*P ..
+  C* row(int64_t j) const { return page(j >> shift) + (j & (page_size() - 1)) * dh; }
+};
+
+// One query head q [dh] over `len` cached keys and values (paged rows of dh, float32 or bf16) ->
+// out [dh]. `scores` holds len floats. Page by page, in the order a contiguous cache would take:
+// with pages of a multiple of 8 rows, every key takes the same arithmetic it would there.
+template <typename C>
+void attend_head(const float* q, const PagedRows<const C>& keys, const PagedRows<const C>& values, int64_t len,
+                 int64_t dh, float scale, float* scores, float* out) {
+  const int64_t page = keys.page_size();
+  for (int64_t p0 = 0; p0 < len; p0 += page) {
+    const C* kp = keys.page(p0 / page);
+    const int64_t n = std::min(page, len - p0);
+    float* sp = scores + p0;
+    int64_t j = 0;
+#if defined(__AVX2__)
+    if (dh % 8 == 0) {
+      for (; j + 8 <= n; j += 8) {  // eight keys at a time: their dot products side by side
+        __m256 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < dh; i += 8) {
+          const __m256 qv = _mm256_loadu_ps(q + i);
+          for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(qv, load8(kp + (j + k) * dh + i), acc[k]);
+        }
+        _mm256_storeu_ps(sp + j, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+      }
+    }
 #endif
-  for (; j < len; ++j) {
-    float s = 0.f;
-    for (int64_t i = 0; i < dh; ++i) s += q[i] * widen(keys[j * dh + i]);
-    scores[j] = s * scale;
+    for (; j < n; ++j) {
+      float s = 0.f;
+      for (int64_t i = 0; i < dh; ++i) s += q[i] * widen(kp[j * dh + i]);
+      sp[j] = s * scale;
+    }
   }
   softmax(scores, len);
   int64_t i = 0;
 #if defined(__AVX2__)
   for (; i + 32 <= dh; i += 32) {  // 32 output values in registers over every value row
     __m256 o[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (j = 0; j < len; ++j) {
-      const __m256 p = _mm256_set1_ps(scores[j]);
-      for (int k = 0; k < 4; ++k) o[k] = _mm256_fmadd_ps(p, load8(values + j * dh + i + 8 * k), o[k]);
+    for (int64_t p0 = 0; p0 < len; p0 += page) {
+      const C* vp = values.page(p0 / page) + i;
+      for (int64_t j = 0, n = std::min(page, len - p0); j < n; ++j) {
+        const __m256 p = _mm256_set1_ps(scores[p0 + j]);
+        for (int k = 0; k < 4; ++k) o[k] = _mm256_fmadd_ps(p, load8(vp + j * dh + 8 * k), o[k]);
+      }
     }
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + i + 8 * k, o[k]);
   }
 #endif
   for (; i < dh; ++i) {
     float o = 0.f;
-    for (j = 0; j < len; ++j) o = std::fma(scores[j], widen(values[j * dh + i]), o);
+    for (int64_t j = 0; j < len; ++j) o = std::fma(scores[j], widen(*(values.row(j) + i)), o);
     out[i] = o;
   }
 }

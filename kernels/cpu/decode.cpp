@@ -1,6 +1,7 @@
 // Small fused CPU kernels for the decode step, where a 576-wide model spends more time in
 // framework overhead than in arithmetic: RMSNorm, RoPE + KV-cache store, and attention of one
-// new token per sequence over its cache. Float32 throughout; tiny inputs stay on one thread.
+// new token per sequence over its paged cache. Float32 arithmetic over float32 or bf16 caches; tiny
+// inputs stay on one thread.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -38,37 +39,87 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
-// qkv [T, (H + 2 KV) * Dh] for tokens at positions[T] of slots[T]: rotates queries and keys
-// (rotate-half layout; cos/sin [max_pos, Dh]), stores keys and values into the caches
-// [slots, KV, L, Dh], and returns the rotated queries [T, H, Dh].
-torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
-                         torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t n_heads,
-                         int64_t n_kv_heads) {
-  check_float(qkv, "rope_store: qkv");
-  check_float(k_cache, "rope_store: k_cache");
-  check_float(v_cache, "rope_store: v_cache");
-  const int64_t t_count = qkv.size(0), dh = k_cache.size(3), max_len = k_cache.size(2), half = dh / 2;
-  TORCH_CHECK(qkv.size(1) == (n_heads + 2 * n_kv_heads) * dh, "rope_store: qkv width does not match the heads");
-  auto q = torch::empty({t_count, n_heads, dh}, qkv.options());
-  const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  const int64_t *pos = positions.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
-  float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+namespace {
+
+// Checks a layer's paged cache [pages, KV, P, Dh] (float32 or bf16, each page contiguous) and the
+// page table [slots, pages per sequence] (int32) against the tokens' slots and positions.
+int check_pages(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& table,
+                const int64_t* slot, const int64_t* pos, int64_t t_count) {
+  for (const auto& c : {k_cache, v_cache})
+    TORCH_CHECK(c.dim() == 4 && c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3) && c.sizes() == k_cache.sizes() && c.stride(0) == k_cache.stride(0) && c.scalar_type() == k_cache.scalar_type(),
+                "the caches must be pages [pages, KV, P, Dh] alike, each page contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kBFloat16, "the caches must be float32 or bf16");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kInt && table.is_contiguous(), "the page table must be contiguous int32");
+  const int64_t page = k_cache.size(2), per_seq = table.size(1), n_pages = k_cache.size(0);
+  TORCH_CHECK(page > 0 && (page & (page - 1)) == 0, "the page size must be a power of two");
+  int shift = 0;
+  while ((int64_t{1} << shift) < page) ++shift;
+  const int32_t* tp = table.data_ptr<int32_t>();
   for (int64_t t = 0; t < t_count; ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_len, "rope_store: position ", pos[t], " is outside the cache");
+    TORCH_CHECK(pos[t] >= 0 && (pos[t] >> shift) < per_seq, "position ", pos[t], " is outside the cache");
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < table.size(0), "slot ", slot[t], " does not exist");
+    for (int64_t i = 0; i <= pos[t] >> shift; ++i)
+      TORCH_CHECK(tp[slot[t] * per_seq + i] >= 0 && tp[slot[t] * per_seq + i] < n_pages, "slot ", slot[t], " names a page outside the cache");
+  }
+  return shift;
+}
+
+template <typename C>
+turnout::PagedRows<C> paged_rows(const torch::Tensor& cache, const torch::Tensor& table, int64_t slot, int64_t kv_head, int shift) {
+  using Raw = std::remove_const_t<C>;
+  Raw* base = reinterpret_cast<Raw*>(cache.data_ptr()) + kv_head * cache.stride(1);
+  return {base, table.data_ptr<int32_t>() + slot * table.size(1), cache.stride(0), shift, cache.size(3)};
+}
+
+template <typename C>
+void rope_store_as(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, const int64_t* pos,
+                   const int64_t* slot, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                   const torch::Tensor& table, int shift, int64_t n_heads, int64_t n_kv_heads, torch::Tensor& q) {
+  const int64_t t_count = qkv.size(0), dh = k_cache.size(3), half = dh / 2;
+  const float *src = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float rotated[512];
+  for (int64_t t = 0; t < t_count; ++t) {
     const float *c = cp + pos[t] * dh, *s = sp + pos[t] * dh, *row = src + t * qkv.size(1);
     for (int64_t h = 0; h < n_heads + n_kv_heads; ++h) {
       const float* x = row + h * dh;
-      float* dst = h < n_heads ? qp + (t * n_heads + h) * dh
-                               : kc + ((slot[t] * n_kv_heads + (h - n_heads)) * max_len + pos[t]) * dh;
+      float* dst = h < n_heads ? qp + (t * n_heads + h) * dh : rotated;
       for (int64_t i = 0; i < half; ++i) {
         dst[i] = x[i] * c[i] - x[i + half] * s[i];
         dst[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
       }
+      if (h >= n_heads) {
+        C* key = paged_rows<C>(k_cache, table, slot[t], h - n_heads, shift).row(pos[t]);
+        for (int64_t i = 0; i < dh; ++i) key[i] = turnout::store_as<C>(rotated[i]);
+      }
     }
     for (int64_t h = 0; h < n_kv_heads; ++h) {
       const float* x = row + (n_heads + n_kv_heads + h) * dh;
-      std::memcpy(vc + ((slot[t] * n_kv_heads + h) * max_len + pos[t]) * dh, x, dh * sizeof(float));
+      C* value = paged_rows<C>(v_cache, table, slot[t], h, shift).row(pos[t]);
+      for (int64_t i = 0; i < dh; ++i) value[i] = turnout::store_as<C>(x[i]);
     }
+  }
+}
+
+}  // namespace
+
+// qkv [T, (H + 2 KV) * Dh] for tokens at positions[T] of slots[T]: rotates queries and keys
+// (rotate-half layout; cos/sin [max_pos, Dh]), stores keys and values into the paged caches
+// [pages, KV, P, Dh] through the page table, and returns the rotated queries [T, H, Dh].
+torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
+                         torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor table,
+                         int64_t n_heads, int64_t n_kv_heads) {
+  check_float(qkv, "rope_store: qkv");
+  const int64_t t_count = qkv.size(0), dh = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (n_heads + 2 * n_kv_heads) * dh && dh <= 512, "rope_store: qkv width does not match the heads");
+  const int64_t *pos = positions.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+  const int shift = check_pages(k_cache, v_cache, table, slot, pos, t_count);
+  for (int64_t t = 0; t < t_count; ++t) TORCH_CHECK(pos[t] < cos.size(0), "rope_store: position ", pos[t], " has no rotation");
+  auto q = torch::empty({t_count, n_heads, dh}, qkv.options());
+  if (k_cache.scalar_type() == torch::kBFloat16) {
+    rope_store_as<uint16_t>(qkv, cos, sin, pos, slot, k_cache, v_cache, table, shift, n_heads, n_kv_heads, q);
+  } else {
+    rope_store_as<float>(qkv, cos, sin, pos, slot, k_cache, v_cache, table, shift, n_heads, n_kv_heads, q);
   }
   return q;
 }
@@ -76,14 +127,16 @@ torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
 // One query per new token: q [T, H, Dh] attends over cache positions 0..positions[t] of slots[t]
 // (grouped-query: head h reads kv head h / (H / KV)); a token and its drafts are several entries
 // of the same slot, each computed exactly as if it came alone. Returns [T, H * Dh].
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-                               torch::Tensor positions, double scale) {
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor table,
+                               torch::Tensor slots, torch::Tensor positions, double scale) {
   check_float(q, "decode_attention: q");
   const int64_t b_count = q.size(0), n_heads = q.size(1), dh = q.size(2);
-  const int64_t n_kv = k_cache.size(1), max_len = k_cache.size(2), group = n_heads / n_kv;
-  auto out = torch::zeros({b_count, n_heads * dh}, q.options());
-  const float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const int64_t n_kv = k_cache.size(1), group = n_heads / n_kv;
   const int64_t *pos = positions.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+  const int shift = check_pages(k_cache, v_cache, table, slot, pos, b_count);
+  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
+  auto out = torch::zeros({b_count, n_heads * dh}, q.options());
+  const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   int64_t longest = 1;
   for (int64_t b = 0; b < b_count; ++b) longest = std::max(longest, pos[b] + 1);
@@ -95,9 +148,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_heads, h = task % n_heads, len = pos[b] + 1;
       const float* qh = qp + task * dh;
-      const float* keys = kc + (slot[b] * n_kv + h / group) * max_len * dh;
-      const float* values = vc + (slot[b] * n_kv + h / group) * max_len * dh;
-      turnout::attend_head(qh, keys, values, len, dh, static_cast<float>(scale), scores.data(), op + task * dh);
+      const float fscale = static_cast<float>(scale);
+      if (bf16) {
+        turnout::attend_head<uint16_t>(qh, paged_rows<const uint16_t>(k_cache, table, slot[b], h / group, shift),
+                                       paged_rows<const uint16_t>(v_cache, table, slot[b], h / group, shift), len, dh,
+                                       fscale, scores.data(), op + task * dh);
+      } else {
+        turnout::attend_head<float>(qh, paged_rows<const float>(k_cache, table, slot[b], h / group, shift),
+                                    paged_rows<const float>(v_cache, table, slot[b], h / group, shift), len, dh, fscale,
+                                    scores.data(), op + task * dh);
+      }
     }
   });
   return out;

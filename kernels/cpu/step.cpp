@@ -51,12 +51,8 @@ enum Kind : int64_t { kInt4 = 0, kNF4 = 1, kBF16 = 2, kF32 = 3 };
 
 using turnout::bf16_to_float;
 using turnout::dot;
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN stays NaN
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
+using turnout::float_to_bf16;
+using turnout::PagedRows;
 
 inline void pause() {
 #if defined(__AVX2__) || defined(__SSE2__)
@@ -637,8 +633,8 @@ inline __m512 exp16(__m512 x) {
 // Queries qs[m] (dh floats, m < nq <= kTileQueries) over keys [0, lens[m]) of one kv head -> outs[m].
 // dh must be a multiple of 16.
 template <typename C>
-void attend_tile(const float* const* qs, const int64_t* lens, int nq, const C* keys, const C* values, int64_t dh,
-                 float scale, TileScratch& ts, float* const* outs) {
+void attend_tile(const float* const* qs, const int64_t* lens, int nq, const PagedRows<const C>& keys,
+                 const PagedRows<const C>& values, int64_t dh, float scale, TileScratch& ts, float* const* outs) {
   int64_t lmax = 0;
   alignas(64) int32_t len32[kTileQueries];
   for (int m = 0; m < kTileQueries; ++m) {
@@ -661,7 +657,7 @@ void attend_tile(const float* const* qs, const int64_t* lens, int nq, const C* k
   // scores: four keys by the three query vectors per pass
   for (int64_t j0 = 0; j0 < lmax; j0 += 4) {
     const C* kr[4];
-    for (int k = 0; k < 4; ++k) kr[k] = keys + std::min(j0 + k, lmax - 1) * dh;  // past lmax: a repeat, unread
+    for (int k = 0; k < 4; ++k) kr[k] = keys.row(std::min(j0 + k, lmax - 1));  // past lmax: a repeat, unread
     __m512 acc[4][kTileVecs];
     for (int k = 0; k < 4; ++k)
       for (int v = 0; v < kTileVecs; ++v) acc[k][v] = _mm512_setzero_ps();
@@ -710,7 +706,8 @@ void attend_tile(const float* const* qs, const int64_t* lens, int nq, const C* k
         for (int u = 0; u < 4; ++u) acc[mm][u] = _mm512_setzero_ps();
       for (int64_t j = 0; j < span; ++j) {
         __m512 vv[4];
-        for (int u = 0; u < nu; ++u) vv[u] = load16(values + j * dh + c0 + 16 * u);
+        const C* vr = values.row(j) + c0;
+        for (int u = 0; u < nu; ++u) vv[u] = load16(vr + 16 * u);
         const float* pj = S + j * kTileQueries + m0;
         for (int mm = 0; mm < nm; ++mm) {
           const __m512 p = _mm512_set1_ps(pj[mm]);
@@ -727,8 +724,8 @@ void attend_tile(const float* const* qs, const int64_t* lens, int nq, const C* k
 #else
 constexpr bool kTiledAttention = false;
 template <typename C>
-void attend_tile(const float* const*, const int64_t*, int, const C*, const C*, int64_t, float, TileScratch&,
-                 float* const*) {}
+void attend_tile(const float* const*, const int64_t*, int, const PagedRows<const C>&, const PagedRows<const C>&,
+                 int64_t, float, TileScratch&, float* const*) {}
 #endif
 // ---------------------------------------------------------------------------------------------
 // The index of the largest of x[0..n), the first of equals (as torch.argmax): a vector maximum, then
@@ -753,7 +750,7 @@ inline int64_t argmax_row(const float* x, int64_t n) {
 struct Layer {
   torch::Tensor attn_norm, ffn_norm;  // float32 [D]
   Matrix wqkv, wo, w13, w2;
-  torch::Tensor k_cache, v_cache;  // [slots, KV, L, Dh], float32 or bf16
+  torch::Tensor k_cache, v_cache;  // [pages, KV, P, Dh] (pages may be strided), float32 or bf16
 };
 
 class Step {
@@ -783,7 +780,9 @@ class Step {
       for (auto [m, f] : {std::pair{&l.wqkv, &first.wqkv}, {&l.wo, &first.wo}, {&l.w13, &first.w13}, {&l.w2, &first.w2}})
         TORCH_CHECK(m->kind == f->kind && m->kp == f->kp && m->group == f->group, "step: every layer must be quantized alike");
     }
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "step: caches must be contiguous [slots, KV, L, Dh]");
+    for (const auto& c : {k_cache, v_cache})
+      TORCH_CHECK(c.dim() == 4 && c.size(1) == n_kv_ && c.size(3) == dh_ && c.stride(3) == 1 && c.stride(2) == dh_ && c.stride(1) == c.size(2) * dh_ && c.sizes() == k_cache.sizes() && c.stride(0) == k_cache.stride(0),
+                  "step: caches must be pages [pages, KV, P, Dh], each page contiguous");
     TORCH_CHECK(k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kBFloat16, "step: caches must be float32 or bf16");
     TORCH_CHECK(l.wqkv.n == (n_heads_ + 2 * n_kv_) * dh_ && l.w13.n == 2 * hidden_ && l.w2.k == hidden_, "step: layer shapes do not match the model");
     l.k_cache = k_cache;
@@ -792,6 +791,17 @@ class Step {
   }
 
   void set_output(const std::vector<torch::Tensor>& output) { output_ = matrix(output, kRoleHead); }
+
+  // The page table [slots, pages per sequence] (int32, updated in place by its owner between
+  // steps): position p of a slot is entry p % P of page table[slot, p / P] of every layer's cache.
+  void set_pages(torch::Tensor table, int64_t page_size) {
+    TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kInt && table.is_contiguous(), "step: the page table must be contiguous int32 [slots, pages]");
+    TORCH_CHECK(page_size > 0 && (page_size & (page_size - 1)) == 0, "step: the page size must be a power of two");
+    for (const Layer& l : layers_) TORCH_CHECK(l.k_cache.size(2) == page_size, "step: the caches' pages hold ", l.k_cache.size(2), " tokens, not ", page_size);
+    table_ = table;
+    shift_ = 0;
+    while ((int64_t{1} << shift_) < page_size) ++shift_;
+  }
 
   // x [T, D] embeddings of the step's tokens at positions[T] of slots[T] -> (logits [H, V], the
   // final-normed hidden states [H, D] the LM head read) of the last H = T - head_from rows (a
@@ -804,11 +814,17 @@ class Step {
     slots = slots.contiguous().to(torch::kLong);
     const int64_t t_count = x.size(0);
     TORCH_CHECK(x.dim() == 2 && x.size(1) == dim_ && positions.numel() == t_count && slots.numel() == t_count, "step: x must be [T, D] with a position and a slot per row");
-    const auto& cache = layers_[0].k_cache;
+    TORCH_CHECK(table_.defined(), "step: no page table (set_pages)");
     const int64_t *pos = positions.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+    const int64_t n_pages = layers_[0].k_cache.size(0), per_seq = table_.size(1);
+    const int32_t* table = table_.data_ptr<int32_t>();
     for (int64_t t = 0; t < t_count; ++t) {
-      TORCH_CHECK(pos[t] >= 0 && pos[t] < cache.size(2) && pos[t] < cos_.size(0), "step: position ", pos[t], " is outside the cache");
-      TORCH_CHECK(slot[t] >= 0 && slot[t] < cache.size(0), "step: slot ", slot[t], " does not exist");
+      TORCH_CHECK(pos[t] >= 0 && (pos[t] >> shift_) < per_seq && pos[t] < cos_.size(0), "step: position ", pos[t], " is outside the cache");
+      TORCH_CHECK(slot[t] >= 0 && slot[t] < table_.size(0), "step: slot ", slot[t], " does not exist");
+      for (int64_t i = 0; i <= pos[t] >> shift_; ++i) {
+        const int32_t page = table[slot[t] * per_seq + i];
+        TORCH_CHECK(page >= 0 && page < n_pages, "step: slot ", slot[t], " names page ", page, " of ", n_pages);
+      }
     }
     TORCH_CHECK(head_from >= 0 && head_from <= t_count, "step: head_from must be within the rows");
     auto logits = torch::empty({t_count - head_from, output_.n}, torch::kFloat);
@@ -925,18 +941,15 @@ class Step {
 
   template <typename C>
   void rope_store(State& s, const Layer& l, int id) {
-    const int64_t heads = n_heads_ + 2 * n_kv_, qkv_w = heads * dh_, half = dh_ / 2, max_len = l.k_cache.size(2);
-    C* kc = reinterpret_cast<C*>(l.k_cache.data_ptr());
-    C* vc = reinterpret_cast<C*>(l.v_cache.data_ptr());
+    const int64_t heads = n_heads_ + 2 * n_kv_, qkv_w = heads * dh_, half = dh_ / 2;
     const float *cp = cos_.data_ptr<float>(), *sp = sin_.data_ptr<float>();
     const auto [begin, end] = share(s.t * heads, id, pool_.size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / heads, h = task % heads;
       float* x = s.qkv.data() + t * qkv_w + h * dh_;
-      const int64_t at = ((s.slot[t] * n_kv_ + (h - n_heads_) % n_kv_) * max_len + s.pos[t]) * dh_;
       if (h >= n_heads_ + n_kv_) {  // a value: stored as it is
-        C* dst = vc + ((s.slot[t] * n_kv_ + (h - n_heads_ - n_kv_)) * max_len + s.pos[t]) * dh_;
-        for (int64_t i = 0; i < dh_; ++i) dst[i] = store<C>(x[i]);
+        C* dst = rows<C>(l.v_cache, s.slot[t], h - n_heads_ - n_kv_).row(s.pos[t]);
+        for (int64_t i = 0; i < dh_; ++i) dst[i] = turnout::store_as<C>(x[i]);
         continue;
       }
       const float *c = cp + s.pos[t] * dh_, *sn = sp + s.pos[t] * dh_;
@@ -948,19 +961,20 @@ class Step {
       if (h < n_heads_) {
         std::memcpy(x, rotated, dh_ * sizeof(float));  // the query, rotated in place
       } else {
-        for (int64_t i = 0; i < dh_; ++i) kc[at + i] = store<C>(rotated[i]);
+        C* dst = rows<C>(l.k_cache, s.slot[t], h - n_heads_).row(s.pos[t]);
+        for (int64_t i = 0; i < dh_; ++i) dst[i] = turnout::store_as<C>(rotated[i]);
       }
     }
   }
 
+  // The rows of slot's kv head in a layer's cache (C const or not)
   template <typename C>
-  static C store(float v) {
-    if constexpr (std::is_same_v<C, float>) {
-      return v;
-    } else {
-      return float_to_bf16(v);
-    }
+  PagedRows<C> rows(const torch::Tensor& cache, int64_t slot, int64_t kv_head) const {
+    using Raw = std::remove_const_t<C>;
+    Raw* base = reinterpret_cast<Raw*>(cache.data_ptr()) + kv_head * cache.stride(1);
+    return {base, table_.data_ptr<int32_t>() + slot * table_.size(1), cache.stride(0), shift_, dh_};
   }
+
 
   // A chunk of one sequence's prompt: one slot, consecutive positions, and a head group that fits a tile.
   bool prompt_chunk(const int64_t* pos, const int64_t* slot, int64_t t_count) const {
@@ -973,10 +987,8 @@ class Step {
   // attend_tile over tasks of (kv head, a block of tokens whose group heads fill a tile)
   template <typename C>
   void attend_chunk(State& s, const Layer& l, Scratch& sc, int id) {
-    const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, max_len = l.k_cache.size(2), group = n_heads_ / n_kv_;
+    const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, group = n_heads_ / n_kv_;
     const int64_t per_task = kTileQueries / group, blocks = (s.t + per_task - 1) / per_task;
-    const C* kc = reinterpret_cast<const C*>(l.k_cache.data_ptr());
-    const C* vc = reinterpret_cast<const C*>(l.v_cache.data_ptr());
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));
     const auto [begin, end] = share(n_kv_ * blocks, id, pool_.size());
     for (int64_t task = begin; task < end; ++task) {
@@ -993,8 +1005,8 @@ class Step {
           lens[nq] = s.pos[t] + 1;
         }
       }
-      const int64_t head = (s.slot[0] * n_kv_ + kh) * max_len * dh_;
-      attend_tile(qs, lens, nq, kc + head, vc + head, dh_, scale, sc.tile, outs);
+      attend_tile(qs, lens, nq, rows<const C>(l.k_cache, s.slot[0], kh), rows<const C>(l.v_cache, s.slot[0], kh), dh_,
+                  scale, sc.tile, outs);
     }
   }
 
@@ -1004,17 +1016,15 @@ class Step {
       attend_chunk<C>(s, l, sc, id);
       return;
     }
-    const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, max_len = l.k_cache.size(2), group = n_heads_ / n_kv_;
-    const C* kc = reinterpret_cast<const C*>(l.k_cache.data_ptr());
-    const C* vc = reinterpret_cast<const C*>(l.v_cache.data_ptr());
+    const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, group = n_heads_ / n_kv_;
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));  // as kernels/decode.py
     const auto [begin, end] = share(s.t * n_heads_, id, pool_.size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / n_heads_, h = task % n_heads_, len = s.pos[t] + 1;
       if (static_cast<int64_t>(sc.scores.size()) < len) sc.scores.resize(len);
       const float* q = s.qkv.data() + t * qkv_w + h * dh_;
-      const int64_t head = (s.slot[t] * n_kv_ + h / group) * max_len * dh_;
-      turnout::attend_head(q, kc + head, vc + head, len, dh_, scale, sc.scores.data(), s.attn.data() + task * dh_);
+      turnout::attend_head<C>(q, rows<const C>(l.k_cache, s.slot[t], h / group), rows<const C>(l.v_cache, s.slot[t], h / group),
+                              len, dh_, scale, sc.scores.data(), s.attn.data() + task * dh_);
     }
   }
 
@@ -1127,6 +1137,8 @@ class Step {
   int64_t dim_ = 0;
   std::vector<Layer> layers_;
   Matrix output_;
+  torch::Tensor table_;  // [slots, pages per sequence] int32: each slot's pages
+  int shift_ = 0;        // log2 of the page size
   Pool pool_;
   std::vector<Scratch> scratch_;
   bool profile_ = false;
@@ -1201,6 +1213,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           torch::Tensor, int64_t>())
       .def("add_layer", &Step::add_layer)
       .def("set_output", &Step::set_output)
+      .def("set_pages", &Step::set_pages)
       .def("forward", &Step::forward, pybind11::arg("x"), pybind11::arg("positions"), pybind11::arg("slots"),
            pybind11::arg("head_from") = 0, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("profile", &Step::profile)

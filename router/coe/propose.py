@@ -69,6 +69,7 @@ def bits_per_byte(name: str, model: str, examples: list[Example]) -> dict[str, f
     for ex in tqdm(examples, desc=f"scoring {name}", unit="answer"):
         prompt = engine.tokenize_chat([dict(m) for m in ex.messages])
         answer = engine.tokenizer.encode(ex.reference)  # no <bos> in the middle of a sequence
+        engine.runner.hold(0, len(prompt + answer))
         logits = engine.runner.verify([prompt + answer], [0])[0, len(prompt) - 1 : -1].float()
         nats = -logits.log_softmax(-1).gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
         per_category[ex.category].append(float(nats) / math.log(2) / len(ex.reference.encode()))

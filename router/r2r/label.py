@@ -34,6 +34,7 @@ class SmallView:
 
 @torch.inference_mode()
 def small_view(runner: ModelRunner, ids: list[int], answer_start: int) -> SmallView:
+    runner.hold(0, len(ids))
     logits = runner.verify([ids], [0])[0]  # [L, V]
     hidden = runner.model.last_hidden  # the final-normed states that forward fed its LM head
     assert hidden is not None
@@ -57,7 +58,7 @@ def divergence(
     for start in range(0, len(differ), source):
         chunk = differ[start : start + source]
         for slot, a in enumerate(chunk):
-            large.move_slot(source, slot, answer_start + a)  # the shared prefix, not recomputed
+            large.copy_slot(source, slot, answer_start + a)  # the shared prefix, not recomputed
         gap, diverged = _branches(large, logp, ids, answer_start, chunk, small_tokens, window, tau)
         gaps[chunk], labels[chunk] = gap, diverged
     return labels, gaps
