@@ -99,6 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
         "kv_heavy_ratio": args.kv_heavy_ratio,
         "kv_recent_ratio": args.kv_recent_ratio,
         "kv_memory_mb": args.kv_memory_mb,
+        "kv_dtype": args.kv_dtype,
+        "kv_page_size": args.kv_page_size,
     }
     settings = load_settings(args.config, overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -173,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-budget-tokens", type=int, default=None, help="h2o: KV entries kept per sequence")
     serve.add_argument("--kv-heavy-ratio", type=float, default=None, help="h2o: heavy hitters, share of length")
     serve.add_argument("--kv-recent-ratio", type=float, default=None, help="h2o: recent window, share of length")
-    serve.add_argument("--kv-memory-mb", type=float, default=None, help="KV pool size; slots = what fits")
+    serve.add_argument("--kv-memory-mb", type=float, default=None, help="KV pool size (pages; h2o: slots)")
+    serve.add_argument("--kv-dtype", default=None, choices=["auto", "bfloat16", "float32"], help="cached keys/values")
+    serve.add_argument("--kv-page-size", type=int, default=None, help="tokens per KV page (a power of two)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
 

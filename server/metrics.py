@@ -67,20 +67,28 @@ class EngineStatsCollector(Collector):
             labels=LABEL,
         )
         slots = GaugeMetricFamily("turnout:kv_cache_slots", "Sequences the KV pool holds at once", labels=LABEL)
+        tokens = GaugeMetricFamily("turnout:kv_cache_pool_tokens", "Tokens the paged KV pool holds", labels=LABEL)
         for name, info in self._infos().items():
             if (pool := info.kv_pool) is not None:
                 budget.add_metric([name], float(pool.slot_tokens))
                 slots.add_metric([name], float(pool.slots))
+                if pool.pages is not None:
+                    tokens.add_metric([name], float(pool.pages["tokens"]))  # type: ignore[arg-type]
             kv_policy = pool.policy if pool is not None else "full"
             config.add_metric([name, info.quantization or "none", kv_policy, info.draft or "none"], {})
             if info.weight_bytes is not None:
                 weights.add_metric([name], float(info.weight_bytes))
-        return [config, weights, budget, slots]
+        return [config, weights, budget, slots, tokens]
 
     def _live(self) -> Iterable[Metric]:
         running = GaugeMetricFamily("turnout:num_requests_running", "Requests in the decode batch", labels=LABEL)
         waiting = GaugeMetricFamily("turnout:num_requests_waiting", "Requests waiting for a slot", labels=LABEL)
-        kv = GaugeMetricFamily("turnout:kv_cache_usage_perc", "Fraction of KV cache in use (0-1)", labels=LABEL)
+        kv = GaugeMetricFamily(
+            "turnout:kv_cache_usage_perc", "Tokens held over the KV pool's capacity (0-1)", labels=LABEL
+        )
+        preempted = CounterMetricFamily(
+            "turnout:num_preemptions", "Sequences preempted for want of KV pages (recomputed later)", labels=LABEL
+        )
         evicted = CounterMetricFamily(
             "turnout:kv_evicted_tokens", "Tokens evicted from sequences' KV caches (H2O)", labels=LABEL
         )
@@ -89,7 +97,8 @@ class EngineStatsCollector(Collector):
             waiting.add_metric([name], stats.num_waiting)
             kv.add_metric([name], stats.kv_cache_usage)
             evicted.add_metric([name], stats.kv_evicted_tokens)
-        return [running, waiting, kv, evicted]
+            preempted.add_metric([name], stats.num_preemptions)
+        return [running, waiting, kv, evicted, preempted]
 
 
 class Metrics:

@@ -62,11 +62,12 @@ TIMESERIES: list[tuple[str, str, list[tuple[str, str]]]] = [
         ],
     ),
     (
-        "KV cache use and H2O evictions",
+        "KV cache use, H2O evictions and preemptions",
         "short",
         [
             ("use (0-1) {{model_name}}", f"turnout:kv_cache_usage_perc{SEL}"),
             ("evicted tokens/s {{model_name}}", rate("turnout:kv_evicted_tokens_total")),
+            ("preemptions/s {{model_name}}", rate("turnout:num_preemptions_total")),
         ],
     ),
     (
@@ -126,8 +127,8 @@ TIMESERIES: list[tuple[str, str, list[tuple[str, str]]]] = [
 TABLES: list[tuple[str, str]] = [
     ("Experts: quantization, KV policy, draft", f"turnout:engine_config_info{SEL}"),
     (
-        "KV budget (tokens per sequence) and slots",
-        f"turnout:kv_cache_budget_tokens{SEL} or turnout:kv_cache_slots{SEL}",
+        "KV budget (tokens per sequence), slots and pool tokens",
+        f"turnout:kv_cache_budget_tokens{SEL} or turnout:kv_cache_slots{SEL} or turnout:kv_cache_pool_tokens{SEL}",
     ),
 ]
 
