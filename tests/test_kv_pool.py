@@ -194,6 +194,15 @@ def test_speculation_on_a_short_pool_keeps_the_outputs(model_path: Path, roomy: 
 
 def test_a_request_larger_than_the_pool_is_refused_and_aborts_free_their_pages(model_path: Path) -> None:
     engine = _engine(model_path, memory_mb=4 * 0.36)  # 64 tokens
+    card = engine.info.card()["kv_cache_pool"]
+    assert card == {
+        "pages": 4,
+        "page_size": 16,
+        "page_bytes": 368_640,
+        "bytes": 4 * 368_640,
+        "tokens": 64,
+        "dtype": "bfloat16",
+    }
 
     async def go() -> None:
         await engine.start()
@@ -216,3 +225,23 @@ def test_a_request_larger_than_the_pool_is_refused_and_aborts_free_their_pages(m
             await engine.stop()
 
     asyncio.run(go())
+
+
+def test_r2r_on_a_short_pool_keeps_the_outputs() -> None:
+    """R2R's large model keeps its pages under the small model's table: preempted and resumed,
+    both catch up again and the answers equal the roomy pool's."""
+    from engine import zoo
+    from engine.factory import build_r2r
+
+    def r2r(pages: int | None) -> EmbeddedEngine:
+        config = EmbeddedConfig(max_batch_size=4, max_model_len=512, max_prefill_tokens=64)
+        if pages is not None:  # a page of both models: 6 + 30 layers of bf16
+            config = EmbeddedConfig(4, 512, 64, kv_memory_mb=pages * (6 + 30) * 12_288 / 2**20)
+        return build_r2r("smollm2-small", "smollm2-135m-instruct", zoo.ASSETS / "r2r", None, "float32", config)
+
+    roomy, _ = asyncio.run(_run(r2r(None), max_tokens=48))
+    short = r2r(pages=12)
+    assert short.pool is not None and short.pool.n_pages == 12
+    answers, preempted = asyncio.run(_run(short, max_tokens=48))
+    assert preempted > 0
+    assert answers == roomy
