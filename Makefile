@@ -68,6 +68,7 @@ bench: pull
 	$(PY) benchmarks/routing.py
 	$(PY) benchmarks/routing_quality.py --fresh --write-map
 	$(PY) benchmarks/footprint.py
+	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/r2r.py
 	$(PY) benchmarks/kv_cache.py
 

@@ -217,10 +217,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1900)
     parser.add_argument("--reps", type=int, default=3, help="decode speed: runs per figure (median)")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only the page-size decode speed (memory-speed.json)")
     parser.add_argument(
         "--config", type=Path, default=None, help="measure this turnout.yaml instead (its server: dropped)"
     )
     args = parser.parse_args()
+    if args.speed_only:
+        speed = {"machine": machine_info(), "decode_tok_s": page_speed(args.reps)}
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "memory-speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+        print(json.dumps(speed["decode_tok_s"], indent=2))
+        return
     prompt = long_prompt(args.prompt_tokens)
     trees = {"after": ROOT, **({"before": args.before.resolve()} if args.before else {})}
     configs = CONFIGS
