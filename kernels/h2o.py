@@ -27,12 +27,19 @@ def column_scores(probs: Tensor, n_keep: Tensor) -> Tensor:
     return torch.matmul(kept[:, None, None, :], summed).squeeze(2)
 
 
-def eviction_key(score: Tensor, pos: Tensor, newest: Tensor, recent: Tensor) -> Tensor:
+def eviction_key(
+    score: Tensor, pos: Tensor, newest: Tensor, recent: Tensor, sinks: int = 0, mean: bool = False
+) -> Tensor:
     """Eviction priority of cache entries, lowest goes first: ``-inf`` for empty entries,
-    ``+inf`` for the recent window (positions ``> newest - recent``), else the score.
+    ``+inf`` for the recent window (positions ``> newest - recent``) and the sinks (positions
+    ``< sinks``), else the score, or with ``mean`` the score per query that could see the entry
+    (``newest - pos + 1`` of them: a kept key has been in the cache since its own step).
     ``score``/``pos`` ``[B, KV, N]``, ``newest``/``recent`` ``[B]``."""
-    in_window = pos > (newest - recent)[:, None, None]
-    key = torch.where(in_window, INF, score)
+    newest = newest[:, None, None]
+    if mean:
+        score = score / (newest - pos + 1).clamp(min=1)
+    kept = (pos > newest - recent[:, None, None]) | (pos < sinks)
+    key = torch.where(kept, INF, score)
     return torch.where(pos < 0, -INF, key)
 
 
@@ -80,11 +87,16 @@ def column_scores_reference(probs: Tensor, n_keep: Tensor) -> Tensor:
     return out
 
 
-def kept_positions_reference(score: list[float], pos: list[int], budget: int, recent: int) -> set[int]:
+def kept_positions_reference(
+    score: list[float], pos: list[int], budget: int, recent: int, sinks: int = 0, mean: bool = False
+) -> set[int]:
     """One head's cache after eviction, by the H2O rule: the recent window (the ``recent`` newest
-    positions) plus the highest-scored of the rest, ``budget`` entries in all."""
+    positions) and the sinks (positions below ``sinks``) plus the highest-scored of the rest (per
+    query that could see them, with ``mean``), ``budget`` entries in all."""
     entries = [(p, s) for p, s in zip(pos, score) if p >= 0]
     newest = max(p for p, _ in entries)
-    window = {p for p, _ in entries if p > newest - recent}
+    if mean:
+        entries = [(p, s / (newest - p + 1)) for p, s in entries]
+    window = {p for p, _ in entries if p > newest - recent or p < sinks}
     rest = sorted((e for e in entries if e[0] not in window), key=lambda e: -e[1])
     return window | {p for p, _ in rest[: max(0, budget - len(window))]}

@@ -40,8 +40,11 @@ def _kept(pos: torch.Tensor, valid: torch.Tensor | None = None) -> set[int]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_both_eviction_paths_keep_what_the_reference_keeps(seed: int) -> None:
-    """Random cache states (shuffled positions, random scores, empty entries, per-row budgets)."""
+@pytest.mark.parametrize(("sinks", "mean"), [(0, False), (6, False), (6, True)])
+def test_both_eviction_paths_keep_what_the_reference_keeps(seed: int, sinks: int, mean: bool) -> None:
+    """Random cache states (shuffled positions, random scores, empty entries, per-row budgets),
+    with and without sinks (positions 0..5 here, which fit in the smallest row's budget beside its
+    window) and scored by the sum or by the mean per query."""
     gen = torch.Generator().manual_seed(seed)
     rows, heads, capacity, new = 3, 2, 24, 3
     budget = torch.tensor([24, 17, 9])
@@ -58,15 +61,15 @@ def test_both_eviction_paths_keep_what_the_reference_keeps(seed: int) -> None:
     all_pos = torch.cat([pos, new_pos], dim=2)
     newest = torch.full((rows,), 102)
     # the write-in-place path (new tokens inside the recent window)
-    slots = h2o.slots_to_write(h2o.eviction_key(score[..., :capacity], pos, newest, recent), budget, new)
+    slots = h2o.slots_to_write(h2o.eviction_key(score[..., :capacity], pos, newest, recent, sinks, mean), budget, new)
     written = pos.clone()
     written.scatter_(2, slots, new_pos)
     # the general path (rank old and new together)
-    keep, valid = h2o.entries_to_keep(h2o.eviction_key(score, all_pos, newest, recent), budget, capacity)
+    keep, valid = h2o.entries_to_keep(h2o.eviction_key(score, all_pos, newest, recent, sinks, mean), budget, capacity)
     for b in range(rows):
         for h in range(heads):
             want = h2o.kept_positions_reference(
-                score[b, h].tolist(), all_pos[b, h].tolist(), int(budget[b]), int(recent[b])
+                score[b, h].tolist(), all_pos[b, h].tolist(), int(budget[b]), int(recent[b]), sinks, mean
             )
             assert _kept(written[b, h]) == want
             assert _kept(all_pos[b, h][keep[b, h]], valid[b, h]) == want
@@ -97,6 +100,51 @@ def test_eviction_keeps_the_heavy_hitters_and_the_recent_window_per_head() -> No
     assert _kept(cache.pos[0, 0, 0]) == {0, 2, 3, 4, 5, 6, 7, 8}
     assert _kept(cache.pos[0, 0, 1]) == {0, 1, 2, 3, 5, 6, 7, 8}
     assert cache.evicted_total == 1
+
+
+@pytest.mark.parametrize(("sinks", "dropped"), [(0, 0), (2, 3)])
+def test_sinks_are_never_evicted(sinks: int, dropped: int) -> None:
+    """Positions 0 and 1 have the lowest scores: without sinks the new token evicts position 0,
+    with two sinks the lowest-scored entry outside them and the window (position 3)."""
+    cache = H2OKVCache(1, 1, 1, 4, torch.float64, KVPolicy("h2o", budget_tokens=8, sinks=sinks), max_len=64)
+    cache.budget[0], cache.recent[0] = 8, 4
+    cache.pos[0, 0] = torch.arange(8, dtype=torch.int32).expand(1, 8)
+    cache.score[0, 0, 0] = torch.tensor([0.0, 0.001, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03])
+    batch = AttentionBatch.build(0, torch.tensor([[8]]))
+    cache.begin(batch)
+    q, k, v = torch.zeros(1, 1, 2, 4, dtype=torch.float64), *torch.ones(2, 1, 1, 1, 4, dtype=torch.float64)
+    cache.attend(0, batch, q, k, v, 0.5)
+    cache.end_step(batch)
+    assert _kept(cache.pos[0, 0, 0]) == set(range(9)) - {dropped}
+
+
+@torch.inference_mode()
+def test_sinks_survive_a_long_sequence_in_every_layer_and_head() -> None:
+    """Wide prompt chunks (rank and regather) and then single tokens (write in place), far past
+    a 16-entry budget: every layer and KV head still holds positions 0..3."""
+    runner = ModelRunner(_tiny(), 1, 128, KVPolicy("h2o", budget_tokens=16, sinks=4))
+    runner.admit(0, 128)
+    ids = torch.randint(0, 49152, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+    for start in range(0, 60, 12):
+        runner.verify([ids[start : start + 12]], [start])
+    for position in range(60, 100):
+        runner.decode([ids[position]], [position])
+    cache = runner.h2o
+    assert cache is not None and cache.evicted_total == 100 - 16
+    kept = cache.pos[:, 0]  # [layers, KV, C]
+    assert bool((kept >= 0).all()) and bool(((kept >= 0) & (kept < 4)).sum(dim=-1).eq(4).all())
+
+
+def test_sinks_are_validated_and_come_out_of_the_heavy_share() -> None:
+    with pytest.raises(ValueError, match="sinks"):
+        KVPolicy("h2o", sinks=-1)
+    with pytest.raises(ValueError, match="sinks"):
+        KVPolicy("h2o", sinks=16)  # ratios give a sequence as few as 16 entries
+    with pytest.raises(ValueError, match="sinks"):
+        KVPolicy("h2o", budget_tokens=8, sinks=8)
+    policy = KVPolicy("h2o", heavy_ratio=0, recent_ratio=0.5, sinks=4)
+    assert policy.budget(64, 64) == (32, 28)  # the window gives way to the sinks
+    assert policy.describe(64)["sinks"] == 4
 
 
 @torch.inference_mode()

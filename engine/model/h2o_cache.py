@@ -20,21 +20,25 @@ from engine.model.kv_cache import AttentionBatch, token_bytes
 from kernels import h2o
 
 POLICIES = ("full", "h2o")
-SINKS = 4  # attention-sink tokens a recent-window cache keeps (StreamingLLM)
+EVICTION_RULES = ("h2o", "h2o_mean", "recent", "random")
+SINKS = 4  # attention-sink tokens (StreamingLLM): the first positions, which every query attends to
 
 
 @dataclass(frozen=True)
 class KVPolicy:
     """An expert's KV cache: ``full`` (every position) or ``h2o`` with a budget given either as
     ratios of each sequence's length or as a fixed number of tokens. ``evict`` picks what an
-    over-budget cache drops: ``h2o`` (lowest accumulated attention), or the baselines ``recent``
-    (oldest first, keeping ``SINKS`` sink tokens) and ``random``."""
+    over-budget cache drops: ``h2o`` (lowest accumulated attention), ``h2o_mean`` (lowest attention
+    per query that could see the key, which does not favour old keys), or the baselines ``recent``
+    (oldest first) and ``random``. Under every rule the first ``sinks`` positions are never
+    evicted; they come out of the heavy hitters' share."""
 
     policy: str = "full"
     heavy_ratio: float = 0.1
     recent_ratio: float = 0.1
     budget_tokens: int | None = None
     evict: str = "h2o"
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -43,8 +47,10 @@ class KVPolicy:
             raise ValueError("kv_cache needs heavy_ratio >= 0, recent_ratio > 0 and their sum <= 1")
         if self.budget_tokens is not None and self.budget_tokens < 8:
             raise ValueError("kv_cache budget_tokens must be at least 8")
-        if self.evict not in ("h2o", "recent", "random"):
+        if self.evict not in EVICTION_RULES:
             raise ValueError(f"unknown eviction rule {self.evict!r}")
+        if not 0 <= self.sinks < (self.budget_tokens or 16):  # fewer than the smallest budget
+            raise ValueError("kv_cache sinks must be at least 0 and below the budget (16 entries with ratios)")
 
     @property
     def h2o(self) -> bool:
@@ -67,7 +73,7 @@ class KVPolicy:
         else:
             entries = min(cap, self._share(length))
         recent = max(1, round(entries * self.recent_ratio / (self.heavy_ratio + self.recent_ratio)))
-        return entries, min(recent, entries)
+        return entries, min(recent, entries - self.sinks)
 
     def _share(self, length: int) -> int:
         """The ratios' share of ``length`` tokens, at least 16 entries."""
@@ -76,7 +82,7 @@ class KVPolicy:
     def describe(self, max_len: int) -> dict[str, object]:
         out: dict[str, object] = {"policy": self.policy, "slot_tokens": self.capacity(max_len)}
         if self.h2o:
-            out |= {"heavy_ratio": self.heavy_ratio, "recent_ratio": self.recent_ratio}
+            out |= {"heavy_ratio": self.heavy_ratio, "recent_ratio": self.recent_ratio, "sinks": self.sinks}
             out |= {"budget_tokens": self.budget_tokens} if self.budget_tokens is not None else {}
         return out
 
@@ -217,19 +223,23 @@ class H2OKVCache(nn.Module):
         capacity, rule = self.capacity, self.policy.evict
         old = self.score[layer, slot]  # [L * B, KV, C]
         shape = (positions.shape[0], received.shape[1], positions.shape[1])
-        if rule == "h2o":
+        if rule in ("h2o", "h2o_mean"):
             return old + received[..., :capacity], received[..., capacity:]
-        if rule == "recent":  # oldest goes first; the sink tokens never do
-            new = positions[:, None, :].expand(shape).float()
-            return old, torch.where(new < SINKS, h2o.INF, new)
+        if rule == "recent":  # oldest goes first
+            return old, positions[:, None, :].expand(shape).float()
         return old, torch.rand(shape, generator=self.generator)
+
+    def _key(self, score: Tensor, pos: Tensor, at: _Rows) -> Tensor:
+        """Eviction priority of ``score``/``pos`` ``[L * B, KV, N]`` under this cache's policy."""
+        mean = self.policy.evict == "h2o_mean"
+        return h2o.eviction_key(score, pos, at.newest, at.recent, self.policy.sinks, mean)
 
     def _write(self, at: _Rows, new: _New, old_score: Tensor, new_score: Tensor) -> Tensor:
         """Decode/verify: each kept new token takes an empty entry or the lowest-keyed one's."""
-        layer, slot, newest, recent, budget = at.layer, at.slot, at.newest, at.recent, at.budget
+        layer, slot, budget = at.layer, at.slot, at.budget
         rows, kv_heads, seq = new_score.shape
         old_pos = self.pos[layer, slot]
-        targets = h2o.slots_to_write(h2o.eviction_key(old_score, old_pos, newest, recent), budget, seq)
+        targets = h2o.slots_to_write(self._key(old_score, old_pos, at), budget, seq)
         self.score[layer, slot] = old_score
         write = new.kept[:, None, :].expand(rows, kv_heads, seq)  # [L * B, KV, S]
         grid = (rows, kv_heads, seq)
@@ -246,12 +256,12 @@ class H2OKVCache(nn.Module):
 
     def _regather(self, at: _Rows, new: _New, old_score: Tensor, new_score: Tensor) -> Tensor:
         """A wide chunk: rank old entries and new tokens together and keep each row's budget."""
-        layer, slot, newest, recent, budget = at.layer, at.slot, at.newest, at.recent, at.budget
+        layer, slot, budget = at.layer, at.slot, at.budget
         rows, kv_heads, seq = new_score.shape
         new_pos = torch.where(new.kept, new.positions, -1)[:, None, :].expand(rows, kv_heads, seq)
         pos = torch.cat([self.pos[layer, slot].long(), new_pos], dim=2)
         score = torch.cat([old_score, new_score], dim=2)
-        keep, valid = h2o.entries_to_keep(h2o.eviction_key(score, pos, newest, recent), budget, self.capacity)
+        keep, valid = h2o.entries_to_keep(self._key(score, pos, at), budget, self.capacity)
         gather = keep[..., None].expand(-1, -1, -1, self.k.shape[-1])
         self.k[layer, slot] = torch.cat([self.k[layer, slot], new.k], dim=2).gather(2, gather)
         self.v[layer, slot] = torch.cat([self.v[layer, slot], new.v], dim=2).gather(2, gather)
