@@ -98,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         "kv_budget_tokens": args.kv_budget_tokens,
         "kv_heavy_ratio": args.kv_heavy_ratio,
         "kv_recent_ratio": args.kv_recent_ratio,
+        "kv_sinks": args.kv_sinks,
         "kv_memory_mb": args.kv_memory_mb,
         "kv_dtype": args.kv_dtype,
         "kv_page_size": args.kv_page_size,
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-budget-tokens", type=int, default=None, help="h2o: KV entries kept per sequence")
     serve.add_argument("--kv-heavy-ratio", type=float, default=None, help="h2o: heavy hitters, share of length")
     serve.add_argument("--kv-recent-ratio", type=float, default=None, help="h2o: recent window, share of length")
+    serve.add_argument("--kv-sinks", type=int, default=None, help="h2o: first positions never evicted")
     serve.add_argument("--kv-memory-mb", type=float, default=None, help="KV pool size (pages; h2o: slots)")
     serve.add_argument("--kv-dtype", default=None, choices=["auto", "bfloat16", "float32"], help="cached keys/values")
     serve.add_argument("--kv-page-size", type=int, default=None, help="tokens per KV page (a power of two)")

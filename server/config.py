@@ -43,6 +43,8 @@ class KVCacheConfig(_Strict):
     recent_ratio: float = Field(default=0.1, gt=0, le=1)
     # ...or as a fixed number of tokens per sequence (split between the two in the ratios' proportion)
     budget_tokens: int | None = Field(default=None, ge=8)
+    # h2o: the first positions (attention sinks) are never evicted; they come out of the heavy share
+    sinks: int = Field(default=0, ge=0)
     # the KV pool's size. full: pages for this many MiB, handed to sequences as they grow (null:
     # max_batch_size x max_model_len tokens, at most a quarter of the machine's memory); h2o: as
     # many budget-sized slots as fit (at most max_batch_size)
@@ -56,10 +58,11 @@ class KVCacheConfig(_Strict):
             raise ValueError("kv_cache: heavy_ratio + recent_ratio must be at most 1")
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"kv_cache: page_size must be a power of two, got {self.page_size}")
+        self.engine_policy()  # the engine's own checks (sinks below the smallest budget)
         return self
 
     def engine_policy(self) -> KVPolicy:
-        return KVPolicy(self.policy, self.heavy_ratio, self.recent_ratio, self.budget_tokens)
+        return KVPolicy(self.policy, self.heavy_ratio, self.recent_ratio, self.budget_tokens, sinks=self.sinks)
 
 
 class QuantizationOptions(_Strict):
