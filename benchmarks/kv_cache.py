@@ -13,6 +13,15 @@ SmolLM2-135M-Instruct, float32 with the bf16 decode weight copy (dtype auto on t
 - Concurrency in a fixed KV pool of ``--pool-mb``: the slots each policy gets, and
   ``--requests`` 4k-token requests served through the engine with each (peak running, wall time).
 Writes benchmarks/results/kv_cache.json and kv_cache.png (perplexity vs budget).
+
+    .venv/bin/python benchmarks/kv_cache.py --lengths 512 1024 2048 4096 [--tokens 6144] [--budgets ...]
+
+Sweep mode (``--lengths``): perplexity only, for each length and budget, of the full cache, the
+recent window + 4 sinks, and H2O variants: the heavy hitters' share of the budget, with and without
+the 4 sink tokens, and scored by mean attention per query instead of the sum. ``--tokens`` per
+length: ``tokens // length`` documents (at least one; fewer where fewer topics are that long, the
+count is reported), so every length costs about the same and weighs as much. Writes
+benchmarks/results/kv_cache_sweep.json and kv_cache_sweep.png (perplexity / full cache vs budget).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig
 from engine.factory import build_embedded, load_engine_model
 from engine.loader import EngineModel
-from engine.model.h2o_cache import KVPolicy
+from engine.model.h2o_cache import SINKS, KVPolicy
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
 
@@ -44,12 +53,16 @@ MODEL = "smollm2-135m-instruct"
 CONTEXT = 4096
 
 
-def documents(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
-    """The first ``length`` tokens of the ``count`` longest ``pydoc_data.topics`` entries."""
+def longest_topics(tokenizer: Tokenizer) -> list[list[int]]:
+    """Every ``pydoc_data.topics`` entry, tokenized, longest first."""
     from pydoc_data.topics import topics
 
-    encoded = sorted((tokenizer.encode(text) for text in topics.values()), key=len, reverse=True)
-    docs = [ids[:length] for ids in encoded[:count]]
+    return sorted((tokenizer.encode(text) for text in topics.values()), key=len, reverse=True)
+
+
+def documents(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    """The first ``length`` tokens of the ``count`` longest ``pydoc_data.topics`` entries."""
+    docs = [ids[:length] for ids in longest_topics(tokenizer)[:count]]
     if len(docs[-1]) < length:
         raise RuntimeError(f"pydoc_data.topics has fewer than {count} topics of {length} tokens")
     return docs
@@ -59,8 +72,26 @@ def policies(budget: float) -> dict[str, KVPolicy]:
     half = budget / 2
     return {
         "h2o": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half),
-        "recent": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half, evict="recent"),
+        "recent": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half, evict="recent", sinks=SINKS),
         "random": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half, evict="random"),
+    }
+
+
+def sweep_policies(budget: float) -> dict[str, KVPolicy]:
+    """The sweep's caches at ``budget``: the recent-window baseline and H2O variants by the heavy
+    hitters' share of the budget (sinks, where kept, come out of that share)."""
+
+    def split(share: float, evict: str = "h2o", sinks: int = SINKS) -> KVPolicy:
+        heavy = round(budget * share, 6)
+        return KVPolicy("h2o", heavy, round(budget - heavy, 6), evict=evict, sinks=sinks)
+
+    return {
+        "recent+4 sinks": split(0.5, "recent"),
+        "h2o 50% heavy": split(0.5, sinks=0),  # the policy before sinks
+        "h2o+4 sinks 50% heavy": split(0.5),
+        "h2o+4 sinks 25% heavy": split(0.25),
+        "h2o+4 sinks 10% heavy": split(0.1),
+        "h2o_mean+4 sinks 25% heavy": split(0.25, "h2o_mean"),
     }
 
 
@@ -143,10 +174,66 @@ def plot(body: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def sweep(model: EngineModel, topics: list[list[int]], args: argparse.Namespace, body: dict[str, Any]) -> None:
+    """Perplexity of every sweep cache at every length and budget, saved after each length."""
+    body["perplexity"], body["docs"] = {}, {}
+    for length in tqdm(args.lengths, desc="lengths", unit="length"):
+        docs = [ids[:length] for ids in topics if len(ids) >= length][: max(1, args.tokens // length)]
+        body["docs"][str(length)] = len(docs)
+        ppl: dict[str, Any] = {"full": perplexity(model, docs, KVPolicy(), args.step, f"{length} full")}
+        for budget in tqdm(args.budgets, desc=f"{length} budgets", unit="budget", leave=False):
+            caches = sweep_policies(budget)
+            assert len({p.budget(length, length)[0] for p in caches.values()}) == 1, "one budget for all"
+            for name, policy in caches.items():
+                label = f"{length} {budget:.0%} {name}"
+                ppl.setdefault(name, {})[str(budget)] = perplexity(model, docs, policy, args.step, label)
+        body["perplexity"][str(length)] = ppl
+        (RESULTS / "kv_cache_sweep.json").write_text(json.dumps(body, indent=2) + "\n")
+        report_sweep(body, length)
+    plot_sweep(body, RESULTS / "kv_cache_sweep.png")
+
+
+def report_sweep(body: dict[str, Any], length: int) -> None:
+    ppl = body["perplexity"][str(length)]
+    names = [n for n in ppl if n != "full"]
+    print(f"\n{length} tokens x {body['docs'][str(length)]} docs, step {body['step']}: full cache {ppl['full']:.3f}")
+    for budget in body["budgets"]:
+        cells = ", ".join(f"{n} {ppl[n][str(budget)]:.3f}" for n in names)
+        print(f"  {budget:.0%}: {cells}")
+
+
+def plot_sweep(body: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = list(body["perplexity"])
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4.6), sharey=True, squeeze=False)
+    budgets = body["budgets"]
+    for ax, length in zip(axes[0], lengths):
+        ppl = body["perplexity"][length]
+        for name in (n for n in ppl if n != "full"):
+            style = "--" if name.startswith("recent") else ":" if "mean" in name else "-"
+            ratios = [ppl[name][str(b)] / ppl["full"] for b in budgets]
+            ax.plot([b * 100 for b in budgets], ratios, style, marker="o", markersize=3, label=name)
+        ax.set_title(f"{length} tokens, {body['docs'][length]} docs (full {ppl['full']:.2f})")
+        ax.set_xlabel("KV budget (% of the document's tokens)")
+        ax.invert_xaxis()
+    axes[0][0].set_ylabel("perplexity / full cache")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{body['model']}: H2O variants vs recent window + 4 sinks, step {body['step']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=6)
     parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--lengths", type=int, nargs="+", help="sweep mode: perplexity only, at each length")
+    parser.add_argument("--tokens", type=int, default=6144, help="sweep mode: document tokens per length")
     parser.add_argument("--step", type=int, default=4, help="tokens per teacher-forced pass (1 = token by token)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.2, 0.1])
     parser.add_argument("--decode", type=int, default=32, help="tokens timed at 4k context")
@@ -156,6 +243,11 @@ def main() -> None:
     path = zoo.pull(MODEL)
     tokenizer = Tokenizer(path)
     _, model, dtype = load_engine_model(str(path), "auto")
+    RESULTS.mkdir(exist_ok=True)
+    if args.lengths:
+        body = {"model": MODEL, "dtype": dtype, "step": args.step, "budgets": args.budgets, "machine": machine_info()}
+        sweep(model, longest_topics(tokenizer), args, body)
+        return
     docs = documents(tokenizer, args.docs, args.length)
     body: dict[str, Any] = {"model": MODEL, "dtype": dtype, "docs": args.docs, "length": args.length, "step": args.step}
     body |= {"budgets": args.budgets, "machine": machine_info()}
@@ -178,7 +270,6 @@ def main() -> None:
     for name, p in (("full", KVPolicy()), ("h2o_20", h2o20)):
         body["pool"][name] = asyncio.run(serve_concurrently(p, args.pool_mb, prompts))
     report(body)
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "kv_cache.json").write_text(json.dumps(body, indent=2) + "\n")
     plot(body, RESULTS / "kv_cache.png")
 
