@@ -39,12 +39,12 @@ class CostConfig(_Strict):
 class KVCacheConfig(_Strict):
     policy: Literal["full", "h2o"] = "full"
     # h2o: keep the heavy hitters and a recent window, as shares of each sequence's length...
-    heavy_ratio: float = Field(default=0.1, ge=0, le=1)
-    recent_ratio: float = Field(default=0.1, gt=0, le=1)
+    heavy_ratio: float = Field(default=0.05, ge=0, le=1)
+    recent_ratio: float = Field(default=0.15, gt=0, le=1)
     # ...or as a fixed number of tokens per sequence (split between the two in the ratios' proportion)
     budget_tokens: int | None = Field(default=None, ge=8)
     # h2o: the first positions (attention sinks) are never evicted; they come out of the heavy share
-    sinks: int = Field(default=0, ge=0)
+    sinks: int = Field(default=4, ge=0)
     # the KV pool's size. full: pages for this many MiB, handed to sequences as they grow (null:
     # max_batch_size x max_model_len tokens, at most a quarter of the machine's memory); h2o: as
     # many budget-sized slots as fit (at most max_batch_size)

@@ -86,7 +86,8 @@ def test_eviction_keeps_the_heavy_hitters_and_the_recent_window_per_head() -> No
     """A hand-built pattern: 8 entries, budget 8 of which a recent window of 4. Zero queries spread
     attention evenly, which leaves the order of the old scores as built, so the one entry each head
     evicts for a new token is known: its lowest-scored position outside the window."""
-    cache = H2OKVCache(1, 1, 2, 4, torch.float64, KVPolicy("h2o", budget_tokens=8), max_len=64)
+    policy = KVPolicy("h2o", budget_tokens=8, evict="h2o", sinks=0)  # the plain rule: summed scores
+    cache = H2OKVCache(1, 1, 2, 4, torch.float64, policy, max_len=64)
     cache.budget[0], cache.recent[0] = 8, 4
     cache.pos[0, 0] = torch.arange(8, dtype=torch.int32).expand(2, 8)
     cache.score[0, 0, 0] = torch.tensor([5.0, 0.1, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03])  # head 0 drops position 1
@@ -106,7 +107,8 @@ def test_eviction_keeps_the_heavy_hitters_and_the_recent_window_per_head() -> No
 def test_sinks_are_never_evicted(sinks: int, dropped: int) -> None:
     """Positions 0 and 1 have the lowest scores: without sinks the new token evicts position 0,
     with two sinks the lowest-scored entry outside them and the window (position 3)."""
-    cache = H2OKVCache(1, 1, 1, 4, torch.float64, KVPolicy("h2o", budget_tokens=8, sinks=sinks), max_len=64)
+    policy = KVPolicy("h2o", budget_tokens=8, evict="h2o", sinks=sinks)
+    cache = H2OKVCache(1, 1, 1, 4, torch.float64, policy, max_len=64)
     cache.budget[0], cache.recent[0] = 8, 4
     cache.pos[0, 0] = torch.arange(8, dtype=torch.int32).expand(1, 8)
     cache.score[0, 0, 0] = torch.tensor([0.0, 0.001, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03])
@@ -119,10 +121,11 @@ def test_sinks_are_never_evicted(sinks: int, dropped: int) -> None:
 
 
 @torch.inference_mode()
-def test_sinks_survive_a_long_sequence_in_every_layer_and_head() -> None:
+@pytest.mark.parametrize("evict", ["h2o", "h2o_mean"])
+def test_sinks_survive_a_long_sequence_in_every_layer_and_head(evict: str) -> None:
     """Wide prompt chunks (rank and regather) and then single tokens (write in place), far past
     a 16-entry budget: every layer and KV head still holds positions 0..3."""
-    runner = ModelRunner(_tiny(), 1, 128, KVPolicy("h2o", budget_tokens=16, sinks=4))
+    runner = ModelRunner(_tiny(), 1, 128, KVPolicy("h2o", budget_tokens=16, evict=evict, sinks=4))
     runner.admit(0, 128)
     ids = torch.randint(0, 49152, (100,), generator=torch.Generator().manual_seed(3)).tolist()
     for start in range(0, 60, 12):
@@ -145,6 +148,8 @@ def test_sinks_are_validated_and_come_out_of_the_heavy_share() -> None:
     policy = KVPolicy("h2o", heavy_ratio=0, recent_ratio=0.5, sinks=4)
     assert policy.budget(64, 64) == (32, 28)  # the window gives way to the sinks
     assert policy.describe(64)["sinks"] == 4
+    with pytest.raises(ValueError, match="sinks"):
+        ExpertConfig(name="a", kv_cache={"policy": "h2o", "budget_tokens": 32, "sinks": 32})
 
 
 @torch.inference_mode()
@@ -313,7 +318,7 @@ def test_config_and_flags_choose_the_policy() -> None:
     flagged = apply_overrides(settings, {"kv_policy": "h2o", "kv_budget_tokens": 64, "kv_memory_mb": 100.0})
     kv = flagged.experts[0].kv_cache
     assert (kv.policy, kv.budget_tokens, kv.memory_mb) == ("h2o", 64, 100.0)
-    assert kv.engine_policy().budget(5000, 4096) == (64, 32)
+    assert kv.engine_policy().budget(5000, 4096) == (64, 48)  # a quarter for sinks and heavy hitters
     ratios = KVPolicy("h2o", heavy_ratio=0.1, recent_ratio=0.1)
     assert ratios.capacity(4096) == 820 and ratios.budget(1000, 4096) == (200, 100)
     with pytest.raises(ValueError, match="at most 1"):
