@@ -5,8 +5,9 @@
 SmolLM2-135M-Instruct, float32 with the bf16 decode weight copy (dtype auto on this CPU).
 - Perplexity: ``--docs`` documents of ``--length`` tokens from ``pydoc_data.topics`` (the longest
   topics), teacher-forced ``--step`` tokens per forward pass as decoding would feed them, each pass
-  attending to what the cache kept (evictions happen between passes). Caches: full; H2O (half
-  heavy hitters, half recent window); recent window only with 4 attention sinks (StreamingLLM);
+  attending to what the cache kept (evictions happen between passes). Caches: full; H2O (the
+  default policy: 4 sinks and heavy hitters by mean attention in a quarter of the budget, the
+  recent window in the rest); recent window only with 4 attention sinks (StreamingLLM);
   random eviction outside the same recent window as H2O. Budgets are shares of the document.
 - KV bytes per sequence: a 4k-token slot, full vs H2O at 20%.
 - Decode tokens/s at 4k context: a 4,000-token prompt, then ``--decode`` tokens, full vs H2O 20%.
@@ -31,6 +32,7 @@ import asyncio
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +71,13 @@ def documents(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def policies(budget: float) -> dict[str, KVPolicy]:
-    half = budget / 2
+    """The default H2O policy (its split, rule and sinks) at ``budget``, and the two baselines."""
+    default, half = KVPolicy("h2o"), budget / 2
+    heavy = round(budget * default.heavy_ratio / (default.heavy_ratio + default.recent_ratio), 6)
     return {
-        "h2o": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half),
+        "h2o": replace(default, heavy_ratio=heavy, recent_ratio=round(budget - heavy, 6)),
         "recent": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half, evict="recent", sinks=SINKS),
-        "random": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half, evict="random"),
+        "random": KVPolicy("h2o", heavy_ratio=half, recent_ratio=half, evict="random", sinks=0),
     }
 
 
@@ -256,7 +260,7 @@ def main() -> None:
         for name, policy in policies(budget).items():
             ppl.setdefault(name, {})[str(budget)] = perplexity(model, docs, policy, args.step, f"{name} {budget:.0%}")
     body["perplexity"] = ppl
-    h2o20 = KVPolicy("h2o", heavy_ratio=0.1, recent_ratio=0.1)
+    h2o20 = KVPolicy("h2o")  # the default: a 20% budget
     full_slot, h2o_slot = (ModelRunner(model, 1, CONTEXT, p).slot_bytes() for p in (KVPolicy(), h2o20))
     body["kv_bytes_per_sequence"] = {"full": full_slot, "h2o_20": h2o_slot, "ratio": h2o_slot / full_slot}
     long_prompt = documents(tokenizer, 1, CONTEXT - 96)[0]
