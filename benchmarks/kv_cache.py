@@ -148,7 +148,8 @@ async def serve_concurrently(policy: KVPolicy, pool_mb: float, prompts: list[lis
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-        slots = engine.config.max_batch_size
+        assert engine.pool is not None
+        slots = engine.pool.n_pages // engine.pool.pages_for(engine.entries_for(len(prompts[0]) + 8))
         return {"slots": slots, "peak_running": peak, "seconds": time.perf_counter() - t0}
     finally:
         await engine.stop()

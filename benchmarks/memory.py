@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from engine import zoo
 from engine.embedded import EmbeddedConfig
-from engine.factory import fit_kv_pool, load_engine_model, make_pool
+from engine.factory import load_engine_model, make_pool
 from engine.model.h2o_cache import KVPolicy
 from engine.tokenizer import Tokenizer
 
@@ -166,9 +166,10 @@ def pool_capacity() -> dict[str, int]:
     """4,096-token sequences a 1 GiB pool holds: pages of bf16 (full), slots of H2O at 20%."""
     _, model, _ = load_engine_model("smollm2-135m-instruct", "auto")
     full = make_pool([model], EmbeddedConfig(64, 4096, kv_memory_mb=1024))
-    h2o = fit_kv_pool(model, EmbeddedConfig(64, 4096, kv=KVPolicy("h2o", 0.1, 0.1), kv_memory_mb=1024))
-    assert full is not None
-    return {"full": full.capacity_tokens // 4096, "h2o 20%": h2o.max_batch_size}
+    policy = KVPolicy("h2o", 0.05, 0.15)
+    h2o = make_pool([model], EmbeddedConfig(64, 4096, kv=policy, kv_memory_mb=1024))
+    budget = policy.budget(4096, 4096)[0]
+    return {"full": full.n_pages // full.pages_for(4096), "h2o 20%": h2o.n_pages // h2o.pages_for(budget)}
 
 
 async def decode_speed(url: str, short: list[list[int]], reps: int) -> dict[str, float]:

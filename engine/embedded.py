@@ -92,7 +92,7 @@ class EmbeddedEngine:
         self.draft, self.r2r = draft, r2r
         args = runner.model.args
         described = described or Described()
-        self.pool = runner.pool if runner.pool is not None and not runner.pool.dedicated else None
+        self.pool = None if runner.pool.dedicated else runner.pool
         # every model's pages move together (a shared pool, or a draft's own beside an H2O target)
         owners = [runner.pool, draft.runner.pool if draft else None, r2r.large.pool if r2r else None]
         self._pools = list({id(p): p for p in owners if p is not None}.values())
@@ -117,7 +117,7 @@ class EmbeddedEngine:
             details={"max_batch_size": config.max_batch_size, **described.details},
             chat_stop=tokenizer.chat_stop,
         )
-        self.scheduler = Scheduler(config.max_batch_size, self._move_slot, self.pool)
+        self.scheduler = Scheduler(config.max_batch_size, self._move_slot, self.pool, self._entries)
         # tokens a decode pass may write past a sequence's last: its drafts
         self._lookahead = config.speculative.num_draft_tokens if config.speculative else 0
         self.picker = Picker(tokenizer.stop_token_ids)
@@ -135,6 +135,16 @@ class EmbeddedEngine:
         self._running = False
         self._ready = False
         self._failed: str | None = None
+
+    def entries_for(self, length: int) -> int:
+        """Cache entries a sequence that can reach ``length`` tokens holds at most."""
+        if self.runner.h2o is None:
+            return length
+        return min(length, self.config.kv.budget(length, self.config.max_model_len)[0])
+
+    def _entries(self, seq: Sequence, tokens: int) -> int:
+        """Cache entries ``seq`` holds with ``tokens`` tokens: all of them, or its H2O budget's."""
+        return min(tokens, self.entries_for(seq.num_prompt + seq.request.params.max_tokens))
 
     def _move_slot(self, src: int, dst: int, length: int) -> None:
         for pool in self._pools:  # pages: a row of the page table
@@ -172,11 +182,11 @@ class EmbeddedEngine:
         scheduler = self.scheduler
         waiting = len(scheduler.waiting) + len(self._inbox)
         capacity = self.config.max_batch_size * self.runner.slot_tokens
+        if self.pool is not None:
+            capacity = self.pool.capacity_tokens
         if (h2o := self.runner.h2o) is not None:  # entries really held, after evictions
             usage = h2o.used_entries(scheduler.num_running) / capacity  # live slots come first
             return EngineStats(scheduler.num_running, waiting, usage, h2o.evicted_total, scheduler.preemptions)
-        if self.pool is not None:
-            capacity = self.pool.capacity_tokens
         usage = scheduler.tokens_held() / capacity
         return EngineStats(scheduler.num_running, waiting, usage, num_preemptions=scheduler.preemptions)
 
@@ -195,7 +205,7 @@ class EmbeddedEngine:
         length = len(request.prompt_ids) + request.params.max_tokens
         if length > self.config.max_model_len:
             raise ValueError("prompt plus max_tokens exceeds max_model_len")
-        if self.pool is not None and self.pool.pages_for(length) > self.pool.n_pages:
+        if self.pool is not None and self.pool.pages_for(self.entries_for(length)) > self.pool.n_pages:
             raise ValueError(
                 f"prompt plus max_tokens ({length} tokens) exceeds the KV pool ({self.pool.capacity_tokens} tokens)"
             )
@@ -311,14 +321,14 @@ class EmbeddedEngine:
 def _describe_pages(pool: PagePool | None) -> dict[str, object] | None:
     if pool is None:
         return None
-    dtypes = sorted({str(store.layout.dtype).removeprefix("torch.") for store in pool.storages})
+    keys = pool.storages[0].dtype  # the target's keys (every model's keys and values share it)
     return {
         "pages": pool.n_pages,
         "page_size": pool.page_size,
         "page_bytes": pool.page_bytes,
         "bytes": pool.n_pages * pool.page_bytes,
         "tokens": pool.capacity_tokens,
-        "dtype": "/".join(dtypes),
+        "dtype": str(keys).removeprefix("torch."),
     }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +14,6 @@ from engine.embedded import KV_DTYPES, Described, EmbeddedConfig, EmbeddedEngine
 from engine.loader import EngineModel, convert_gguf, load_transformer, read_args, token_embedding
 from engine.model.args import GemmaArgs
 from engine.model.footprint import decode_read_bytes, weight_bytes
-from engine.model.kv_cache import token_bytes
 from engine.model.kv_pool import PageLayout, PagePool
 from engine.model.linear import add_narrow_copies
 from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized_transformer
@@ -96,7 +94,6 @@ def build_embedded(
         details={"decode_read_bytes": decode_read_bytes(transformer), **capabilities(transformer)},
     )
     log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, described.quantization, held / 1e6)
-    config = fit_kv_pool(transformer, config)
     models: list[EngineModel] = [transformer]
     spec = config.speculative
     if spec is not None and spec.draft != NGRAM:
@@ -113,35 +110,43 @@ def build_embedded(
     pool, kv_dtype = make_pool(models, config), KV_DTYPES[config.kv_dtype]
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv, pool, kv_dtype)
     draft = None
-    if len(models) > 1:  # beside an H2O target (no pool) the draft keeps a full slot per sequence
-        draft = ModelDrafter(ModelRunner(models[1], config.max_batch_size, config.max_model_len, None, pool, kv_dtype))
+    if len(models) > 1:  # beside an H2O target the draft keeps a full slot per sequence, its own
+        shared = None if config.kv.h2o else pool
+        draft_runner = ModelRunner(models[1], config.max_batch_size, config.max_model_len, None, shared, kv_dtype)
+        draft = ModelDrafter(draft_runner)
     described.details["decode_path"] = decode_path(transformer)  # now its caches are set up
     described.details["prefill_path"] = prefill_path(transformer)
     return EmbeddedEngine(runner, Tokenizer(path), config, label, described, draft)
 
 
-def make_pool(models: list[EngineModel], config: EmbeddedConfig) -> PagePool | None:
+def make_pool(models: list[EngineModel], config: EmbeddedConfig) -> PagePool:
     """The expert's KV pages, shared by ``models`` (the target, then a draft or R2R's large model):
-    ``kv_memory_mb`` of them, or by default ``max_batch_size`` x ``max_model_len`` tokens' worth, at
-    most a quarter of the machine's memory (resident only as pages are written). None under H2O,
-    whose slots are its own."""
+    ``kv_memory_mb`` of them, or by default ``max_batch_size`` full sequences' worth, at most a
+    quarter of the machine's memory (resident only as pages are written). Under H2O the pages hold
+    the target's budgeted entries (in its compute dtype, with a position and score each) and a
+    sequence's row is the budget's capacity long."""
+    rows = config.kv.capacity(config.max_model_len)
     if config.kv.h2o:
-        return None
-    dtype = KV_DTYPES[config.kv_dtype]
-    layouts = [PageLayout(m.args.n_layers, m.args.n_kv_heads, m.args.head_dim, dtype) for m in models]
+        a = models[0].args
+        compute = models[0].norm.weight.dtype
+        layouts = [PageLayout(a.n_layers, a.n_kv_heads, a.head_dim, compute, extra_bytes=8)]
+    else:
+        dtype = KV_DTYPES[config.kv_dtype]
+        layouts = [PageLayout(m.args.n_layers, m.args.n_kv_heads, m.args.head_dim, dtype) for m in models]
     per_token = sum(layout.page_bytes(1) for layout in layouts)
     if config.kv_memory_mb is not None:
         memory = config.kv_memory_mb * 2**20
     else:
-        memory = min(config.max_batch_size * config.max_model_len * per_token, machine_memory() / 4)
-    pool = PagePool.sized(memory, layouts, config.kv_page_size, config.max_batch_size, config.max_model_len)
+        memory = min(config.max_batch_size * rows * per_token, machine_memory() / 4)
+    pool = PagePool.sized(memory, layouts, config.kv_page_size, config.max_batch_size, rows)
     if pool.n_pages < 1:
         raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no page of {config.kv_page_size} tokens")
     log.info(
-        "KV pool: %d pages of %d tokens (%s), %.0f MiB, %d tokens",
+        "KV pool: %d pages of %d tokens (%s, %s), %.0f MiB, %d tokens",
         pool.n_pages,
         pool.page_size,
-        _name(dtype),
+        _name(layouts[0].dtype),
+        config.kv.policy,
         memory / 2**20,
         pool.capacity_tokens,
     )
@@ -151,23 +156,6 @@ def make_pool(models: list[EngineModel], config: EmbeddedConfig) -> PagePool | N
 def machine_memory() -> int:
     """Bytes of memory this machine has (MemTotal)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def fit_kv_pool(model: EngineModel, config: EmbeddedConfig) -> EmbeddedConfig:
-    """H2O with ``kv_memory_mb`` set: as many budget-sized slots as that pool holds (at most
-    ``max_batch_size``). A full cache's pool is sized in pages instead (``make_pool``)."""
-    if config.kv_memory_mb is None or not config.kv.h2o:
-        return config
-    a = model.args
-    per_token = token_bytes(a.n_layers, a.n_kv_heads, a.head_dim, model.norm.weight.element_size(), config.kv.h2o)
-    slot = per_token * config.kv.capacity(config.max_model_len)
-    slots = int(config.kv_memory_mb * 2**20 // slot)
-    if slots < 1:
-        raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no sequence of {slot / 2**20:.1f} MiB")
-    log.info(
-        "KV pool of %.0f MiB: %d slots of %.1f MiB (%s)", config.kv_memory_mb, slots, slot / 2**20, config.kv.policy
-    )
-    return replace(config, max_batch_size=min(slots, config.max_batch_size))
 
 
 def build_r2r(

@@ -24,16 +24,18 @@ class ModelRunner:
         kv_dtype: torch.dtype | None = None,
     ) -> None:
         """``pool``: the expert's KV pages, which every model of the expert shares (its own pool,
-        giving each slot ``max_len`` tokens, without one); ``kv_dtype``: of the keys and values
-        stored there (the compute dtype by default). An H2O policy keeps its own budget-sized slots."""
+        giving each slot ``max_len`` tokens, or an H2O budget's entries, without one); ``kv_dtype``:
+        of the keys and values stored there (the compute dtype by default; H2O keeps that)."""
         self.model = model
         self.n_slots, self.max_len = n_slots, max_len
         self.kv = kv or KVPolicy()
-        self.pool: PagePool | None = None
+        self.pool: PagePool
         if self.kv.h2o:
             if not isinstance(model, Transformer):
                 raise ValueError("kv_cache policy h2o is implemented for Llama-family models only")
-            model.setup_caches(n_slots, max_len, self.kv)
+            model.setup_caches(n_slots, max_len, self.kv, pool)
+            assert model.h2o is not None
+            self.pool = model.h2o.pool
         else:
             self.pool = pool or PagePool(0, DEFAULT_PAGE_SIZE, n_slots, max_len, dedicated=True)
             model.setup_caches(n_slots, max_len, pool=self.pool, kv_dtype=kv_dtype)
@@ -42,7 +44,7 @@ class ModelRunner:
         """Pages for ``tokens`` tokens of ``slot``, for a caller that runs the model directly on an
         engine's runner (the engine's scheduler hands pages out itself); a no-op where every slot
         has its own."""
-        if self.pool is not None and not self.pool.dedicated:
+        if not self.pool.dedicated:
             self.pool.grow(slot, tokens)
 
     @property
@@ -112,19 +114,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
-        """An H2O cache copies the slot; paged caches move with their pool (``PagePool.move``,
-        once for every model that shares it)."""
+        """The entries move with the pool's pages (``PagePool.move``, once for every model that
+        shares it); an H2O cache's budget moves here."""
         if (cache := self.h2o) is not None:
-            cache.copy_slot(src, dst, length)
+            cache.copy_budget(src, dst)
 
     @torch.inference_mode()
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """The first ``length`` tokens of ``src``'s cache copied into ``dst`` (a shared prefix)."""
+        self.pool.copy(src, dst, self.pool.max_len if self.h2o is not None else length)  # H2O: every entry
         if (cache := self.h2o) is not None:
-            cache.copy_slot(src, dst, length)
-        else:
-            assert self.pool is not None
-            self.pool.copy(src, dst, length)
+            cache.copy_budget(src, dst)
 
     def kv_bytes_per_token(self) -> int:
         return sum(cache.bytes_per_token for cache in self.model.kv_caches)

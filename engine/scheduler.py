@@ -22,13 +22,21 @@ from engine.model.kv_pool import PagePool
 from engine.sequence import Sequence
 
 MoveSlot = Callable[[int, int, int], None]  # (src, dst, length)
+Held = Callable[[Sequence, int], int]  # (seq, tokens) -> the entries it holds with that many tokens
+
+
+def _all_of(seq: Sequence, tokens: int) -> int:
+    return tokens
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, move_slot: MoveSlot, pool: PagePool | None = None) -> None:
+    def __init__(self, max_slots: int, move_slot: MoveSlot, pool: PagePool | None = None, held: Held = _all_of) -> None:
+        """``held``: the cache entries a sequence of so many tokens holds (all of them, or an H2O
+        budget's at most)."""
         self.max_slots = max_slots
         self._move_slot = move_slot
         self.pool = pool
+        self._held = held
         self.waiting: deque[Sequence] = deque()
         self.decoding: list[Sequence] = []  # index == slot
         self.prefilling: Sequence | None = None  # at slot len(decoding)
@@ -64,7 +72,7 @@ class Scheduler:
         pool, slot = self.pool, len(self.decoding)
         if pool is None:
             return True
-        tokens = seq.prefill_target + 1
+        tokens = self._held(seq, seq.prefill_target + 1)
         if pool.needed(slot, tokens) > pool.num_free - len(self.decoding):
             return False
         pool.grow(slot, tokens)
@@ -84,14 +92,14 @@ class Scheduler:
             return []
         preempted = []
         while True:
-            need = sum(pool.needed(s.slot, _next_pass(s, lookahead)) for s in self.decoding)
+            need = sum(pool.needed(s.slot, self._held(s, _next_pass(s, lookahead))) for s in self.decoding)
             if need <= pool.num_free or not self.decoding:
                 break
             victim = max([*self.decoding, *([self.prefilling] if self.prefilling else [])], key=_arrival)
             self.preempt(victim)
             preempted.append(victim)
         for s in self.decoding:
-            pool.grow(s.slot, _next_pass(s, lookahead))
+            pool.grow(s.slot, self._held(s, _next_pass(s, lookahead)))
         return preempted
 
     def preempt(self, seq: Sequence) -> None:

@@ -50,7 +50,7 @@ class KVCacheConfig(_Strict):
     # many budget-sized slots as fit (at most max_batch_size)
     memory_mb: float | None = Field(default=None, gt=0)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # cached keys/values: auto is bf16
-    page_size: int = Field(default=16, ge=1, le=1024)  # tokens per page, a power of two
+    page_size: int = Field(default=16, ge=1, le=65536)  # tokens per page, a power of two
 
     @model_validator(mode="after")
     def _ratios_fit(self) -> KVCacheConfig:

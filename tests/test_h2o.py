@@ -4,7 +4,6 @@ the engine serving with it (batching, speculation, int4, HTTP, metrics)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,7 @@ import torch
 
 from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.factory import build_embedded, fit_kv_pool, load_engine_model, make_pool
+from engine.factory import build_embedded, load_engine_model, make_pool
 from engine.model.args import ModelArgs
 from engine.model.h2o_cache import H2OKVCache, KVPolicy
 from engine.model.kv_cache import AttentionBatch
@@ -82,6 +81,12 @@ def _tiny(n_layers: int = 2, dtype: torch.dtype = torch.float64) -> Transformer:
     return Transformer(args).to(dtype).eval()
 
 
+def _entries(cache: H2OKVCache, buffer: torch.Tensor) -> torch.Tensor:
+    """Slot 0's entries of ``buffer`` in layer 0, ``[KV, C]``: a view, its budget being one page."""
+    assert cache.n_pages == 1
+    return buffer[int(cache.pool.table[0, 0]), 0][:, : cache.capacity]
+
+
 def test_eviction_keeps_the_heavy_hitters_and_the_recent_window_per_head() -> None:
     """A hand-built pattern: 8 entries, budget 8 of which a recent window of 4. Zero queries spread
     attention evenly, which leaves the order of the old scores as built, so the one entry each head
@@ -89,17 +94,21 @@ def test_eviction_keeps_the_heavy_hitters_and_the_recent_window_per_head() -> No
     policy = KVPolicy("h2o", budget_tokens=8, evict="h2o", sinks=0)  # the plain rule: summed scores
     cache = H2OKVCache(1, 1, 2, 4, torch.float64, policy, max_len=64)
     cache.budget[0], cache.recent[0] = 8, 4
-    cache.pos[0, 0] = torch.arange(8, dtype=torch.int32).expand(2, 8)
-    cache.score[0, 0, 0] = torch.tensor([5.0, 0.1, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03])  # head 0 drops position 1
-    cache.score[0, 0, 1] = torch.tensor([0.5, 6.0, 7.0, 8.0, 0.4, 0.01, 0.02, 0.03])  # head 1 drops position 4
+    _entries(cache, cache.pos)[:] = torch.arange(8, dtype=torch.int32).expand(2, 8)
+    _entries(cache, cache.score)[0] = torch.tensor(
+        [5.0, 0.1, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03]
+    )  # head 0 drops position 1
+    _entries(cache, cache.score)[1] = torch.tensor(
+        [0.5, 6.0, 7.0, 8.0, 0.4, 0.01, 0.02, 0.03]
+    )  # head 1 drops position 4
     batch = AttentionBatch.build(0, torch.tensor([[8]]))
     cache.begin(batch)
     cache.attend(
         0, batch, torch.zeros(1, 1, 4, 4, dtype=torch.float64), *torch.ones(2, 1, 1, 2, 4, dtype=torch.float64), 0.5
     )
     cache.end_step(batch)
-    assert _kept(cache.pos[0, 0, 0]) == {0, 2, 3, 4, 5, 6, 7, 8}
-    assert _kept(cache.pos[0, 0, 1]) == {0, 1, 2, 3, 5, 6, 7, 8}
+    assert _kept(_entries(cache, cache.pos)[0]) == {0, 2, 3, 4, 5, 6, 7, 8}
+    assert _kept(_entries(cache, cache.pos)[1]) == {0, 1, 2, 3, 5, 6, 7, 8}
     assert cache.evicted_total == 1
 
 
@@ -110,14 +119,14 @@ def test_sinks_are_never_evicted(sinks: int, dropped: int) -> None:
     policy = KVPolicy("h2o", budget_tokens=8, evict="h2o", sinks=sinks)
     cache = H2OKVCache(1, 1, 1, 4, torch.float64, policy, max_len=64)
     cache.budget[0], cache.recent[0] = 8, 4
-    cache.pos[0, 0] = torch.arange(8, dtype=torch.int32).expand(1, 8)
-    cache.score[0, 0, 0] = torch.tensor([0.0, 0.001, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03])
+    _entries(cache, cache.pos)[:] = torch.arange(8, dtype=torch.int32).expand(1, 8)
+    _entries(cache, cache.score)[0] = torch.tensor([0.0, 0.001, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03])
     batch = AttentionBatch.build(0, torch.tensor([[8]]))
     cache.begin(batch)
     q, k, v = torch.zeros(1, 1, 2, 4, dtype=torch.float64), *torch.ones(2, 1, 1, 1, 4, dtype=torch.float64)
     cache.attend(0, batch, q, k, v, 0.5)
     cache.end_step(batch)
-    assert _kept(cache.pos[0, 0, 0]) == set(range(9)) - {dropped}
+    assert _kept(_entries(cache, cache.pos)[0]) == set(range(9)) - {dropped}
 
 
 @torch.inference_mode()
@@ -134,7 +143,7 @@ def test_sinks_survive_a_long_sequence_in_every_layer_and_head(evict: str) -> No
         runner.decode([ids[position]], [position])
     cache = runner.h2o
     assert cache is not None and cache.evicted_total == 100 - 16
-    kept = cache.pos[:, 0]  # [layers, KV, C]
+    kept = cache.pos[int(cache.pool.table[0, 0])]  # [layers, KV, C]: the slot's one page
     assert bool((kept >= 0).all()) and bool(((kept >= 0) & (kept < 4)).sum(dim=-1).eq(4).all())
 
 
@@ -166,7 +175,7 @@ def test_attention_reads_only_the_kept_entries() -> None:
         chunk = torch.arange(start, min(start + 10, 59))[None]
         h2o_model(ids[:, chunk[0]], AttentionBatch.build(0, chunk))
         full_model(ids[:, chunk[0]], AttentionBatch.build(0, chunk))
-    kept = h2o_model.h2o.pos[0, 0]  # [KV, C]
+    kept = h2o_model.h2o.positions(0, 0)  # [KV, C]
     assert int((kept[0] >= 0).sum()) == 24 and h2o_model.h2o.evicted_total == 59 - 24
     mask = torch.zeros(1, 4, 1, 60, dtype=torch.bool)  # [B, H, S, L]: query head h reads KV head h // 2
     for head in range(4):
@@ -208,7 +217,7 @@ async def test_a_long_generation_stays_within_the_budget(model_path: Path) -> No
     await engine.start()
     try:
         h2o_cache = engine.runner.h2o
-        assert h2o_cache is not None and h2o_cache.k.shape[3] == 48  # slots are budget-sized
+        assert h2o_cache is not None and h2o_cache.capacity == 48 and h2o_cache.n_pages == 3  # a budget of pages
         evicted_before = h2o_cache.evicted_total
         params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
         held = []
@@ -328,19 +337,16 @@ def test_config_and_flags_choose_the_policy() -> None:
 
 
 def test_a_fixed_kv_pool_holds_more_h2o_sequences() -> None:
-    """16 MiB: full caches get pages of bf16 tokens (32 sequences of 2,048), H2O 77 slots of 400
-    float32 entries with their positions and scores."""
+    """16 MiB of pages: 32 sequences of 2,048 bf16 tokens with full caches, 77 of H2O's 400
+    float32 entries (with their positions and scores), each on the pages of its budget."""
     model = _tiny(dtype=torch.float32)
-    config = EmbeddedConfig(128, 2048, kv_memory_mb=16)
-    pool = make_pool([model], config)
-    assert fit_kv_pool(model, config) == config  # a full cache's pool is sized in pages, not slots
+    full = make_pool([model], EmbeddedConfig(128, 2048, kv_memory_mb=16))
     bf16_token = 2 * 2 * 2 * 16 * 2  # layers * KV heads * (key + value) * head_dim * bf16
-    assert pool is not None and pool.capacity_tokens == 16 * 2**20 // bf16_token == 32 * 2048
-    h2o_config = fit_kv_pool(model, EmbeddedConfig(128, 2048, kv=KVPolicy("h2o", budget_tokens=400), kv_memory_mb=16))
-    per_token = 2 * 2 * 2 * 16 * 4  # float32
-    assert h2o_config.max_batch_size == 16 * 2**20 // (400 * (per_token + 2 * 2 * 8)) == 77
-    runner = ModelRunner(copy.deepcopy(model), h2o_config.max_batch_size, 2048, h2o_config.kv)
-    assert runner.slot_bytes() * h2o_config.max_batch_size <= 16 * 2**20
+    assert full.capacity_tokens == 16 * 2**20 // bf16_token == 32 * 2048
+    h2o = make_pool([model], EmbeddedConfig(128, 2048, kv=KVPolicy("h2o", budget_tokens=400), kv_memory_mb=16))
+    entry = 2 * 2 * (2 * 16 * 4 + 8)  # layers * KV heads * (key + value in float32, position, score)
+    assert h2o.n_pages == 16 * 2**20 // (16 * entry) and h2o.n_pages // h2o.pages_for(400) == 77
+    assert h2o.pages_per_seq == h2o.pages_for(400)  # a row is one budget long
 
 
 def test_gemma_is_refused_h2o() -> None:

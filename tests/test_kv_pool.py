@@ -245,3 +245,20 @@ def test_r2r_on_a_short_pool_keeps_the_outputs() -> None:
     answers, preempted = asyncio.run(_run(short, max_tokens=48))
     assert preempted > 0
     assert answers == roomy
+
+
+def test_h2o_on_a_short_pool_holds_pages_of_its_budget_and_keeps_the_outputs(model_path: Path) -> None:
+    """An H2O budget covering every sequence evicts nothing, so preempted and resumed on 16
+    pages of entries its answers equal its own on a roomy pool; a sequence's row is its budget's
+    pages, of which it holds what its tokens fill."""
+    from engine.model.h2o_cache import KVPolicy
+
+    kv = KVPolicy("h2o", budget_tokens=512)
+    roomy, preempted = asyncio.run(_run(_engine(model_path, None, kv=kv)))
+    assert preempted == 0
+    entry_page = 30 * 3 * 16 * (2 * 64 * 4 + 8)  # float32 keys and values, position and score
+    engine = _engine(model_path, memory_mb=16 * entry_page / 2**20, kv=kv)
+    assert engine.pool is not None and engine.pool.n_pages == 16 and engine.pool.pages_per_seq == 32
+    answers, preempted = asyncio.run(_run(engine))
+    assert preempted > 0
+    assert answers == roomy

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.model.kv_cache import AttentionBatch, token_bytes
+from engine.model.kv_pool import DEFAULT_PAGE_SIZE, PagePool
 from kernels import h2o
 
 POLICIES = ("full", "h2o")
@@ -106,18 +107,16 @@ class _Step:
 
 
 class H2OKVCache(nn.Module):
-    """The whole model's cache: ``k``/``v`` ``[layers, slots, kv_heads, capacity, D]``, with per
-    entry its position and accumulated score ``[layers, slots, kv_heads, capacity]``.
+    """The whole model's cache, in the expert's KV pages: a sequence's ``capacity`` entries are the
+    entries of its pages in order (``PagePool.table``), each page ``k``/``v`` ``[layers, kv_heads,
+    page_size, D]`` with per entry its position and accumulated score ``[layers, kv_heads,
+    page_size]``. A sequence holds the pages of its own budget: evictions compact within them, and
+    an entry on a page it does not hold reads as empty.
 
     A forward pass's layers attend through ``layer(i)`` and leave their new keys, values and
     attention received; ``end_step`` then scores, inserts and evicts for all layers at once (a
     layer's new tokens are in hand while it attends, so nothing needs them in the cache sooner).
     """
-
-    k: Tensor
-    v: Tensor
-    pos: Tensor
-    score: Tensor
 
     def __init__(
         self,
@@ -128,20 +127,67 @@ class H2OKVCache(nn.Module):
         dtype: torch.dtype,
         policy: KVPolicy,
         max_len: int,
+        pool: PagePool | None = None,
     ) -> None:
+        """``pool``: the expert's pages (their table's rows are ``capacity`` entries long); without
+        one, a pool that gives every slot its ``capacity`` entries."""
         super().__init__()
         self.policy, self.capacity = policy, policy.capacity(max_len)
-        shape = (n_layers, n_slots, n_kv_heads, self.capacity, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("pos", torch.full(shape[:4], -1, dtype=torch.int32), persistent=False)
-        self.register_buffer("score", torch.zeros(shape[:4], dtype=torch.float32), persistent=False)
+        self.pool = pool or PagePool(0, DEFAULT_PAGE_SIZE, n_slots, self.capacity, dedicated=True)
+        assert self.pool.max_len >= self.capacity, "the pool's rows must hold a slot's entries"
+        size = self.pool.page_size
+        self.n_layers, self.n_pages = n_layers, self.pool.pages_for(self.capacity)
+        self.k = self.pool.buffer((n_layers, n_kv_heads, size, head_dim), dtype)
+        self.v = self.pool.buffer((n_layers, n_kv_heads, size, head_dim), dtype)
+        self.pos = self.pool.buffer((n_layers, n_kv_heads, size), torch.int32)
+        self.score = self.pool.buffer((n_layers, n_kv_heads, size), torch.float32)
+        self.pool.on_grant.append(self._clear)  # a page a sequence takes holds no entry of its yet
         self.budget = torch.zeros(n_slots, dtype=torch.long)  # entries each slot may hold
         self.recent = torch.ones(n_slots, dtype=torch.long)  # of which the newest this many always
         self.evicted_total = 0  # tokens evicted per sequence (every layer and head evicts as many)
         self.generator = torch.Generator().manual_seed(0)  # the random-eviction baseline's scores
         self._step: _Step | None = None
         self._pending: _Step | None = None
+
+    # -- entries in pages ------------------------------------------------------------------------
+    def _clear(self, pages: Tensor) -> None:
+        self.pos[pages] = -1
+        self.score[pages] = 0
+
+    def _pages(self, slots: Tensor) -> Tensor:
+        """The pages of ``slots`` ``[N]`` -> ``[N, pages]`` (the scratch page where one holds none)."""
+        return self.pool.table[slots, : self.n_pages].long()
+
+    def _read(self, buffer: Tensor, layer: int | Tensor, slots: Tensor) -> Tensor:
+        """Entries ``0..capacity`` of ``slots`` in ``layer`` (one, or one per slot) -> ``[N, KV, C, ...]``."""
+        pages = self._pages(slots)
+        index = layer if isinstance(layer, int) else layer[:, None]
+        return buffer[pages, index].transpose(1, 2).flatten(2, 3)[:, :, : self.capacity]
+
+    def _positions(self, layer: int | Tensor, slots: Tensor) -> Tensor:
+        """As ``_read`` of the positions, ``-1`` (empty) for entries on pages a slot does not hold."""
+        pos = self._read(self.pos, layer, slots)
+        held = (self._pages(slots) != self.pool.scratch).repeat_interleave(self.pool.page_size, dim=1)
+        return torch.where(held[:, None, : self.capacity], pos, -1)
+
+    def _store(self, buffer: Tensor, layer: Tensor, slots: Tensor, value: Tensor) -> None:
+        """``value`` ``[N, KV, C, ...]`` into entries ``0..capacity`` of ``slots`` in ``layer`` (one per slot)."""
+        rows, heads = value.shape[:2]
+        room = self.n_pages * self.pool.page_size
+        if room > self.capacity:  # the last page's tail past the capacity: never read
+            value = torch.cat([value, value.new_zeros(rows, heads, room - self.capacity, *value.shape[3:])], dim=2)
+        pages = value.unflatten(2, (self.n_pages, self.pool.page_size)).transpose(1, 2)
+        buffer[self._pages(slots), layer[:, None]] = pages
+
+    def _backed(self, at: _Rows) -> Tensor:
+        """Each row's budget, within the entries its slot's pages hold (its pages grow with it)."""
+        held = (self._pages(at.slot) != self.pool.scratch).sum(dim=1) * self.pool.page_size
+        return torch.minimum(at.budget, held)
+
+    def _entry(self, slot: Tensor, entry: Tensor) -> tuple[Tensor, Tensor]:
+        """(page, offset) of entry ``entry`` of ``slot`` (elementwise)."""
+        size = self.pool.page_size
+        return self.pool.table[slot, entry // size].long(), entry % size
 
     def layer(self, index: int) -> H2OLayer:
         return H2OLayer(self, index)
@@ -151,9 +197,9 @@ class H2OKVCache(nn.Module):
         rows, positions = batch.rows, batch.positions
         fresh = positions[:, 0] == 0  # a new sequence starts in this slot
         if bool(fresh.any()):
-            index = self._slots(rows)[fresh]
-            self.pos[:, index] = -1
-            self.score[:, index] = 0
+            pages = self._pages(self._slots(rows)[fresh])
+            self.pos[pages] = -1
+            self.score[pages] = 0
         self._step = _Step(rows, positions, [], [], [])
 
     def attend(self, layer: int, batch: AttentionBatch, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -168,11 +214,13 @@ class H2OKVCache(nn.Module):
         new_k, new_v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         # queries of a GQA group side by side: [B, KV, G * S, D], so no key is copied per head
         grouped = q.transpose(1, 2).reshape(bsz, kv_heads, groups * seq, dim)
-        cached = (self.pos[layer, rows] >= 0)[:, :, None, :]  # [B, KV, 1, C]
+        slots = self._slots(rows)
+        cached = (self._positions(layer, slots) >= 0)[:, :, None, :]  # [B, KV, 1, C]
         causal = (positions[:, None, :] <= positions[:, :, None]).repeat(1, groups, 1)[:, None]  # [B, 1, G*S, S]
-        probs = h2o.attention_probs(grouped, self.k[layer, rows], new_k, cached, causal, scale)  # [B, KV, G*S, C+S]
+        keys = self._read(self.k, layer, slots)
+        probs = h2o.attention_probs(grouped, keys, new_k, cached, causal, scale)  # [B, KV, G*S, C+S]
         capacity = self.capacity
-        out = torch.matmul(probs[..., :capacity].to(new_v.dtype), self.v[layer, rows])
+        out = torch.matmul(probs[..., :capacity].to(new_v.dtype), self._read(self.v, layer, slots))
         out = out + torch.matmul(probs[..., capacity:].to(new_v.dtype), new_v)  # [B, KV, G * S, D]
         step.k.append(new_k)
         step.v.append(new_v)
@@ -185,7 +233,7 @@ class H2OKVCache(nn.Module):
 
     def end_step(self, batch: AttentionBatch) -> None:
         step, self._step = self._step, None
-        assert step is not None and len(step.k) == self.k.shape[0], "every layer attends once per step"
+        assert step is not None and len(step.k) == self.n_layers, "every layer attends once per step"
         if batch.provisional:
             self._pending = step
             return
@@ -199,7 +247,7 @@ class H2OKVCache(nn.Module):
 
     # -- scoring, insertion, eviction ----------------------------------------------------------
     def _slots(self, rows: slice | Tensor) -> Tensor:
-        return torch.arange(self.k.shape[1])[rows]
+        return torch.arange(self.pool.table.shape[0])[rows]
 
     def _commit(self, step: _Step, n_keep: Tensor) -> None:
         """Add the kept queries' attention to the scores, insert the kept tokens, evict to budget.
@@ -226,7 +274,7 @@ class H2OKVCache(nn.Module):
     def _scores(self, layer: Tensor, slot: Tensor, received: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(the cached entries' scores, the new tokens' scores) after this step, by eviction rule."""
         capacity, rule = self.capacity, self.policy.evict
-        old = self.score[layer, slot]  # [L * B, KV, C]
+        old = self._read(self.score, layer, slot)  # [L * B, KV, C]
         shape = (positions.shape[0], received.shape[1], positions.shape[1])
         if rule in ("h2o", "h2o_mean"):
             return old + received[..., :capacity], received[..., capacity:]
@@ -241,53 +289,58 @@ class H2OKVCache(nn.Module):
 
     def _write(self, at: _Rows, new: _New, old_score: Tensor, new_score: Tensor) -> Tensor:
         """Decode/verify: each kept new token takes an empty entry or the lowest-keyed one's."""
-        layer, slot, budget = at.layer, at.slot, at.budget
+        layer, slot, budget = at.layer, at.slot, self._backed(at)
         rows, kv_heads, seq = new_score.shape
-        old_pos = self.pos[layer, slot]
+        old_pos = self._positions(layer, slot)
         targets = h2o.slots_to_write(self._key(old_score, old_pos, at), budget, seq)
-        self.score[layer, slot] = old_score
+        self._store(self.score, layer, slot, old_score)
         write = new.kept[:, None, :].expand(rows, kv_heads, seq)  # [L * B, KV, S]
         grid = (rows, kv_heads, seq)
         ll = layer[:, None, None].expand(grid)[write]
         bb = slot[:, None, None].expand(grid)[write]
         hh = torch.arange(kv_heads)[None, :, None].expand(grid)[write]
-        ss = targets[write]
+        page, ss = self._entry(bb, targets[write])
         evicted = (old_pos.gather(2, targets) >= 0) & write
-        self.k[ll, bb, hh, ss] = new.k[write]
-        self.v[ll, bb, hh, ss] = new.v[write]
-        self.pos[ll, bb, hh, ss] = new.positions[:, None, :].expand(grid)[write].to(torch.int32)
-        self.score[ll, bb, hh, ss] = new_score[write]
+        self.k[page, ll, hh, ss] = new.k[write]
+        self.v[page, ll, hh, ss] = new.v[write]
+        self.pos[page, ll, hh, ss] = new.positions[:, None, :].expand(grid)[write].to(torch.int32)
+        self.score[page, ll, hh, ss] = new_score[write]
         return evicted[:, 0].sum(dim=-1)
 
     def _regather(self, at: _Rows, new: _New, old_score: Tensor, new_score: Tensor) -> Tensor:
         """A wide chunk: rank old entries and new tokens together and keep each row's budget."""
-        layer, slot, budget = at.layer, at.slot, at.budget
+        layer, slot, budget = at.layer, at.slot, self._backed(at)
         rows, kv_heads, seq = new_score.shape
         new_pos = torch.where(new.kept, new.positions, -1)[:, None, :].expand(rows, kv_heads, seq)
-        pos = torch.cat([self.pos[layer, slot].long(), new_pos], dim=2)
+        pos = torch.cat([self._positions(layer, slot).long(), new_pos], dim=2)
         score = torch.cat([old_score, new_score], dim=2)
         keep, valid = h2o.entries_to_keep(self._key(score, pos, at), budget, self.capacity)
         gather = keep[..., None].expand(-1, -1, -1, self.k.shape[-1])
-        self.k[layer, slot] = torch.cat([self.k[layer, slot], new.k], dim=2).gather(2, gather)
-        self.v[layer, slot] = torch.cat([self.v[layer, slot], new.v], dim=2).gather(2, gather)
-        self.pos[layer, slot] = torch.where(valid, pos.gather(2, keep), -1).to(torch.int32)
-        self.score[layer, slot] = torch.where(valid, score.gather(2, keep), 0.0)
+        for buffer, fresh in ((self.k, new.k), (self.v, new.v)):
+            kept = torch.cat([self._read(buffer, layer, slot), fresh], dim=2).gather(2, gather)
+            self._store(buffer, layer, slot, kept)
+        self._store(self.pos, layer, slot, torch.where(valid, pos.gather(2, keep), -1).to(torch.int32))
+        self._store(self.score, layer, slot, torch.where(valid, score.gather(2, keep), 0.0))
         return (pos[:, 0] >= 0).sum(dim=-1) - valid[:, 0].sum(dim=-1)
 
     # -- slots ---------------------------------------------------------------------------------
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        for buffer in (self.k, self.v, self.pos, self.score):
-            buffer[:, dst] = buffer[:, src]
+    def positions(self, layer: int, slot: int) -> Tensor:
+        """The positions ``slot`` keeps in ``layer``, ``[KV, C]`` (``-1``: an empty entry)."""
+        return self._positions(layer, torch.tensor([slot]))[0]
+
+    def copy_budget(self, src: int, dst: int) -> None:
+        """Slot ``dst`` takes ``src``'s budget (its entries move, or are copied, with its pages)."""
         self.budget[dst], self.recent[dst] = self.budget[src], self.recent[src]
 
     def used_entries(self, live_slots: int | None = None) -> int:
         """Entries holding a token in slots ``0..live_slots-1`` (all by default), counted on the
-        first layer and KV head (slots a finished sequence left are not cleared, only reused)."""
-        return int((self.pos[0, :live_slots, 0] >= 0).sum())
+        first layer and KV head (pages a finished sequence left are not cleared, only reused)."""
+        slots = torch.arange(self.pool.table.shape[0])[:live_slots]
+        return int((self._positions(0, slots)[:, 0] >= 0).sum())
 
     @property
     def bytes_per_token(self) -> int:
-        layers, _, heads, _, dim = self.k.shape
+        _, layers, heads, _, dim = self.k.shape
         return token_bytes(layers, heads, dim, self.k.element_size(), h2o=True)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,35 +32,31 @@ class PoolExhausted(RuntimeError):
 
 @dataclass(frozen=True)
 class PageLayout:
-    """One model's share of a page: its layers, KV heads, head size and element type."""
+    """One model's share of a page: its layers, KV heads, head size and element type, and bytes an
+    entry carries beside its key and value (an H2O cache's position and score: 8)."""
 
     n_layers: int
     n_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    extra_bytes: int = 0
 
     def page_bytes(self, page_size: int) -> int:
-        """Keys and values of ``page_size`` tokens over every layer and KV head."""
+        """Keys and values (and extras) of ``page_size`` tokens over every layer and KV head."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        return self.n_layers * 2 * self.n_kv_heads * page_size * self.head_dim * element
+        return self.n_layers * self.n_kv_heads * page_size * (2 * self.head_dim * element + self.extra_bytes)
 
 
-class PageStorage:
-    """One model's keys and values for every page, ``[pages + 1, layers, 2, kv_heads, page_size,
-    head_dim]`` in one anonymous mapping (zero until written; the last page is the scratch page)."""
+class PagedBuffer:
+    """``[pages + 1, *per_page]`` of ``dtype`` in one private anonymous mapping: zero until written
+    (the last page is the scratch page), and a discarded page really goes back to the OS (a shared
+    mapping would keep it in shmem)."""
 
-    def __init__(self, layout: PageLayout, n_pages: int, page_size: int) -> None:
-        self.layout, self.page_size = layout, page_size
-        shape = (n_pages + 1, layout.n_layers, 2, layout.n_kv_heads, page_size, layout.head_dim)
-        self.page_bytes = layout.page_bytes(page_size)
-        # private: a discarded page really goes back (a shared mapping would keep it in shmem)
+    def __init__(self, n_pages: int, per_page: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.page_bytes = math.prod(per_page) * torch.empty((), dtype=dtype).element_size()
         self._map = mmap.mmap(-1, (n_pages + 1) * self.page_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.data = torch.frombuffer(self._map, dtype=layout.dtype).view(shape)
-
-    def layer(self, index: int) -> tuple[Tensor, Tensor]:
-        """A layer's keys and values, each ``[pages + 1, kv_heads, page_size, head_dim]`` (a view
-        whose pages are ``layers * 2`` heads' worth apart)."""
-        return self.data[:, index, 0], self.data[:, index, 1]
+        self.data = torch.frombuffer(self._map, dtype=dtype).view(n_pages + 1, *per_page)
 
     def discard(self, pages: list[int]) -> None:
         """Give ``pages`` back to the OS (they read as zeros when next written): whole OS pages
@@ -73,6 +70,21 @@ class PageStorage:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+class PageStorage(PagedBuffer):
+    """One model's keys and values for every page, ``[pages + 1, layers, 2, kv_heads, page_size,
+    head_dim]``, page-major."""
+
+    def __init__(self, layout: PageLayout, n_pages: int, page_size: int) -> None:
+        self.layout, self.page_size = layout, page_size
+        per_page = (layout.n_layers, 2, layout.n_kv_heads, page_size, layout.head_dim)
+        super().__init__(n_pages, per_page, layout.dtype)
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        """A layer's keys and values, each ``[pages + 1, kv_heads, page_size, head_dim]`` (a view
+        whose pages are ``layers * 2`` heads' worth apart)."""
+        return self.data[:, index, 0], self.data[:, index, 1]
 
 
 class PagePool:
@@ -96,7 +108,8 @@ class PagePool:
         self.held: list[list[int]] = [[] for _ in range(n_slots)]
         self._free = list(range(n_pages))  # a heap: lowest first
         self._released: set[int] = set()  # freed since the last trim
-        self.storages: list[PageStorage] = []
+        self.storages: list[PagedBuffer] = []
+        self.on_grant: list[Callable[[Tensor], None]] = []  # told each slot's new pages (an H2O cache clears them)
         self.dedicated = dedicated
         if dedicated:
             for slot in range(n_slots):
@@ -111,10 +124,17 @@ class PagePool:
         return cls(int(memory_bytes // per_page), page_size, n_slots, max_len)
 
     def storage(self, layout: PageLayout) -> PageStorage:
-        """A model's storage for this pool's pages (kept, so ``trim`` reaches it)."""
+        """A model's keys and values for this pool's pages (kept, so ``trim`` reaches it)."""
         store = PageStorage(layout, self.n_pages, self.page_size)
         self.storages.append(store)
         return store
+
+    def buffer(self, per_page: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Another ``[pages + 1, *per_page]`` tensor in this pool's pages (an H2O cache's keys,
+        values, positions and scores), kept so ``trim`` reaches it."""
+        store = PagedBuffer(self.n_pages, per_page, dtype)
+        self.storages.append(store)
+        return store.data
 
     # -- pages of a slot ------------------------------------------------------------------------
     def pages_for(self, tokens: int) -> int:
@@ -139,11 +159,16 @@ class PagePool:
         if need > len(self._free):
             raise PoolExhausted(f"{need} pages wanted, {len(self._free)} free")
         held = self.held[slot]
+        granted = []
         for _ in range(need):
             page = heapq.heappop(self._free)
             self._released.discard(page)
             self.table[slot, len(held)] = page
             held.append(page)
+            granted.append(page)
+        if granted:
+            for hook in self.on_grant:
+                hook(torch.tensor(granted))
 
     def release(self, slot: int) -> None:
         """Return ``slot``'s pages to the pool."""

@@ -179,14 +179,14 @@ class Transformer(nn.Module):
     ) -> None:
         """Set up the KV cache and RoPE tables; ``max_len`` bounds every position. The keys and
         values go in ``pool``'s pages (``kv_dtype``, by default the compute dtype), or, without one,
-        in a pool of their own that gives every slot ``max_len`` tokens. An H2O ``policy`` gives
-        every slot its budget's worth of entries instead, in a cache of its own."""
+        in a pool of their own that gives every slot ``max_len`` tokens. Under an H2O ``policy`` a
+        slot holds its budget's entries instead (in the pool's pages too, in the compute dtype)."""
         if max_len > self.args.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.args.max_seq_len}")
         dtype, a = self.norm.weight.dtype, self.args
         self.h2o = None
         if policy is not None and policy.h2o:
-            self.h2o = H2OKVCache(a.n_layers, n_slots, a.n_kv_heads, a.head_dim, dtype, policy, max_len)
+            self.h2o = H2OKVCache(a.n_layers, n_slots, a.n_kv_heads, a.head_dim, dtype, policy, max_len, pool)
         else:
             pool = pool or PagePool(0, DEFAULT_PAGE_SIZE, n_slots, max_len, dedicated=True)
             storage = pool.storage(PageLayout(a.n_layers, a.n_kv_heads, a.head_dim, kv_dtype or dtype))
