@@ -95,12 +95,9 @@ def test_eviction_keeps_the_heavy_hitters_and_the_recent_window_per_head() -> No
     cache = H2OKVCache(1, 1, 2, 4, torch.float64, policy, max_len=64)
     cache.budget[0], cache.recent[0] = 8, 4
     _entries(cache, cache.pos)[:] = torch.arange(8, dtype=torch.int32).expand(2, 8)
-    _entries(cache, cache.score)[0] = torch.tensor(
-        [5.0, 0.1, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03]
-    )  # head 0 drops position 1
-    _entries(cache, cache.score)[1] = torch.tensor(
-        [0.5, 6.0, 7.0, 8.0, 0.4, 0.01, 0.02, 0.03]
-    )  # head 1 drops position 4
+    score = _entries(cache, cache.score)
+    score[0] = torch.tensor([5.0, 0.1, 3.0, 0.2, 9.0, 0.01, 0.02, 0.03])  # head 0 drops position 1
+    score[1] = torch.tensor([0.5, 6.0, 7.0, 8.0, 0.4, 0.01, 0.02, 0.03])  # head 1 drops position 4
     batch = AttentionBatch.build(0, torch.tensor([[8]]))
     cache.begin(batch)
     cache.attend(
