@@ -42,9 +42,9 @@ class EmbeddedConfig:
     max_prefill_tokens: int = 1024  # prompt tokens prefilled per engine step (chunked prefill)
     speculative: SpeculativeConfig | None = None
     kv: KVPolicy = field(default_factory=KVPolicy)
-    # the KV pool's size. Full caches: pages for this many MiB (None: max_batch_size x
-    # max_model_len tokens, at most a quarter of the machine's memory), handed out as sequences
-    # grow. H2O: as many budget-sized slots as fit (at most max_batch_size)
+    # the KV pool's size: pages for this many MiB (None: max_batch_size sequences of
+    # max_model_len tokens, or of an H2O budget, at most a quarter of the machine's memory),
+    # handed out as sequences grow
     kv_memory_mb: float | None = None
     kv_dtype: str = "auto"  # of the cached keys and values: auto (bf16) | bfloat16 | float32
     kv_page_size: int = 16  # tokens per page (a power of two)

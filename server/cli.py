@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-heavy-ratio", type=float, default=None, help="h2o: heavy hitters, share of length")
     serve.add_argument("--kv-recent-ratio", type=float, default=None, help="h2o: recent window, share of length")
     serve.add_argument("--kv-sinks", type=int, default=None, help="h2o: first positions never evicted")
-    serve.add_argument("--kv-memory-mb", type=float, default=None, help="KV pool size (pages; h2o: slots)")
+    serve.add_argument("--kv-memory-mb", type=float, default=None, help="KV pool size: MiB of pages")
     serve.add_argument("--kv-dtype", default=None, choices=["auto", "bfloat16", "float32"], help="cached keys/values")
     serve.add_argument("--kv-page-size", type=int, default=None, help="tokens per KV page (a power of two)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

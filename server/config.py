@@ -45,9 +45,9 @@ class KVCacheConfig(_Strict):
     budget_tokens: int | None = Field(default=None, ge=8)
     # h2o: the first positions (attention sinks) are never evicted; they come out of the heavy share
     sinks: int = Field(default=4, ge=0)
-    # the KV pool's size. full: pages for this many MiB, handed to sequences as they grow (null:
-    # max_batch_size x max_model_len tokens, at most a quarter of the machine's memory); h2o: as
-    # many budget-sized slots as fit (at most max_batch_size)
+    # the KV pool's size: pages for this many MiB, handed to sequences as they grow (null:
+    # max_batch_size sequences of max_model_len tokens, or of an h2o budget, at most a quarter of
+    # the machine's memory)
     memory_mb: float | None = Field(default=None, gt=0)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # cached keys/values: auto is bf16
     page_size: int = Field(default=16, ge=1, le=65536)  # tokens per page, a power of two
