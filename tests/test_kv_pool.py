@@ -262,3 +262,47 @@ def test_h2o_on_a_short_pool_holds_pages_of_its_budget_and_keeps_the_outputs(mod
     answers, preempted = asyncio.run(_run(engine))
     assert preempted > 0
     assert answers == roomy
+
+
+@pytest.mark.parametrize(
+    ("flags", "isa", "want"),
+    [
+        ({"avx512f", "avx512_vnni", "avx512_bf16"}, "avx512", (torch.bfloat16, None)),
+        ({"avx512f", "amx_bf16", "amx_tile"}, "avx512", (torch.bfloat16, None)),
+        ({"avx512f", "avx512_bf16"}, "avx2", (torch.float32, torch.bfloat16)),  # TURNOUT_ISA=avx2
+        ({"avx2", "fma"}, "avx2", (torch.float32, torch.bfloat16)),  # AMD Zen 3
+    ],
+)
+def test_dtype_auto_is_bf16_weights_once_where_the_cpu_multiplies_bf16(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], isa: str, want: tuple[torch.dtype, torch.dtype | None]
+) -> None:
+    """Read from the CPU's flags, not a private torch check (torch 2.13 has none, so auto never
+    chose bf16): bf16 compute keeps one copy of the weights; float32 keeps a bf16 decode copy."""
+    from engine import factory
+    from kernels import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu, "selected_isa", lambda: isa)
+    assert factory.resolve_dtype("auto") == want
+    assert factory.resolve_dtype("float32") == (torch.float32, None)
+
+
+def test_an_engine_error_fails_its_requests_and_returns_their_pages(model_path: Path) -> None:
+    engine = _engine(model_path, None)
+
+    def broken(seqs: object) -> object:
+        raise RuntimeError("injected")
+
+    async def go() -> None:
+        await engine.start()
+        try:
+            engine.decoder.run = broken  # type: ignore[method-assign]
+            ids = engine.tokenize("hello there")
+            params = SamplingParams(max_tokens=20, temperature=0)
+            outs = [out async for out in engine.generate(GenerationRequest("e", ids, params))]
+            assert outs[-1].finish_reason == "error" and "injected" in (outs[-1].error or "")
+            assert engine.pool is not None and engine.pool.num_free == engine.pool.n_pages
+        finally:
+            await engine.stop()
+
+    asyncio.run(go())
