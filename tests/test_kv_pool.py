@@ -13,6 +13,8 @@ from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.factory import build_embedded
 from engine.model.kv_pool import PageLayout, PagePool, PoolExhausted
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
 from engine.speculative.speculator import SpeculativeConfig
 
 LAYOUT = PageLayout(n_layers=2, n_kv_heads=2, head_dim=8, dtype=torch.float32)
@@ -306,3 +308,49 @@ def test_an_engine_error_fails_its_requests_and_returns_their_pages(model_path: 
             await engine.stop()
 
     asyncio.run(go())
+
+
+def _sequence(i: int, prompt: int, max_tokens: int) -> Sequence:
+    request = GenerationRequest(f"s{i}", list(range(prompt)), SamplingParams(max_tokens=max_tokens), arrival_time=i)
+    return Sequence(request, lambda out: None, torch.Generator(), None, None)  # type: ignore[arg-type]
+
+
+def _scheduler(pool: PagePool) -> Scheduler:
+    return Scheduler(4, lambda src, dst, length: pool.move(src, dst), pool)
+
+
+def test_admission_waits_for_pages_and_resumes_when_they_return() -> None:
+    pool = PagePool(4, 4, n_slots=4, max_len=64)
+    scheduler = _scheduler(pool)
+    first, second = _sequence(0, 7, 8), _sequence(1, 7, 8)  # 8 tokens with the first decoded: 2 pages
+    scheduler.add(first)
+    scheduler.add(second)
+    assert scheduler.next_prefill(100) == (first, 0, 7)
+    first.num_computed = 7
+    scheduler.prefill_done(first)
+    assert scheduler.next_prefill(100) is None  # 2 pages free, 1 kept for the decoding sequence
+    assert list(scheduler.waiting) == [second] and len(pool.held[0]) == 2
+    scheduler.remove(first)  # finished: its pages come back
+    assert pool.num_free == 4 and scheduler.next_prefill(100) == (second, 0, 7)
+    assert pool.held[0] == [0, 1]  # the lowest pages again, in slot 0
+
+
+def test_a_batch_that_outgrows_the_pool_preempts_its_newest_sequence() -> None:
+    pool = PagePool(5, 4, n_slots=4, max_len=64)
+    scheduler = _scheduler(pool)
+    older, newer = _sequence(0, 7, 20), _sequence(1, 7, 20)
+    for seq in (older, newer):
+        scheduler.add(seq)
+        *_, end = scheduler.next_prefill(100)  # type: ignore[misc]
+        seq.num_computed = end
+        scheduler.prefill_done(seq)
+        seq.token_ids.append(1)  # its first token: 8 tokens, 2 pages
+    assert pool.num_free == 1
+    older.token_ids += [2] * 4  # 12 tokens: a third page; then the newer one wants one too
+    newer.token_ids += [2] * 4
+    preempted = scheduler.reserve(lookahead=0)
+    assert preempted == [newer] and scheduler.preemptions == 1
+    assert scheduler.decoding == [older] and len(pool.held[0]) == 3
+    assert list(scheduler.waiting) == [newer] and newer.num_computed == 0 and newer.slot == -1
+    assert newer.prefill_target == len(newer.token_ids) - 1  # resumed: every token but the last
+    assert pool.num_free == 2
