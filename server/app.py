@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.config import AUTO, Settings
-from server.errors import APIError, install_error_handlers
+from server.errors import APIError, install_error_handlers, still_loading
 from server.experts import build_experts
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -46,8 +46,7 @@ class AppState:
 
     async def route(self, messages: list[dict[str, str]]) -> RouteDecision:
         if self.router is None:
-            message = "The router is still loading; retry shortly."
-            raise APIError(503, message, type="server_error", code="model_not_ready")
+            raise still_loading(f"The router behind '{AUTO}'")
         decision = await self.router.route(messages, self.healthy)
         self.metrics.route_decisions.labels(decision.category, decision.expert, decision.reason).inc()
         self.metrics.route_latency.observe(decision.latency_s)
@@ -73,6 +72,7 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
     state.api_keys = _read_keys(settings.server.api_keys_file)
 
     state.router_expected = settings.router.coe is not None
+    state.serving.configured = {e.name: e.max_model_len for e in settings.experts}
 
     async def load() -> None:
         started: list[Expert] = []
@@ -177,12 +177,18 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             ModelCard(
                 id=n,
                 max_model_len=e.engine.info.max_model_len,
-                turnout=e.engine.info.card(),
+                turnout={"ready": e.engine.ready(), **e.engine.info.card()},
             )
             for n, e in state.experts.items()
         ]
+        # configured but still loading: listed, not ready (a request for one gets 503 + Retry-After)
+        lengths = state.serving.configured
+        loading = sorted(set(lengths) - set(state.experts))
+        cards += [ModelCard(id=n, max_model_len=lengths[n], turnout={"ready": False}) for n in loading]
         if state.router is not None:
             cards.append(_auto_card(state.router, cards))
+        elif state.router_expected:
+            cards.append(ModelCard(id=AUTO, max_model_len=max(lengths.values()), turnout={"ready": False}))
         return ModelList(data=cards)
 
     @app.post("/v1/chat/completions", dependencies=auth)

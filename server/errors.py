@@ -24,16 +24,33 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=detail).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+LOADING_RETRY_S = 5  # Retry-After of a 503 for a model (or the router) still loading
+
+
+def still_loading(what: str) -> APIError:
+    """A configured model, or the router, that is not loaded yet: 503 with Retry-After (a client
+    retries; a 404 would tell it the model does not exist)."""
+    return APIError(
+        503,
+        f"{what} is still loading; retry shortly.",
+        type="server_error",
+        code="model_not_ready",
+        headers={"Retry-After": str(LOADING_RETRY_S)},
+    )
 
 
 def _param(loc: Sequence[Any]) -> str | None:

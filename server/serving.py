@@ -12,7 +12,7 @@ from typing import Any
 from engine.base import Engine, GenerationRequest, RequestOutput, SamplingParams
 from engine.remote import UpstreamError
 from server.config import CostConfig
-from server.errors import APIError
+from server.errors import APIError, still_loading
 from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd, r2r_usage
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
@@ -63,24 +63,24 @@ class OpenAIServing:
     def __init__(self, experts: dict[str, Expert], metrics: Metrics) -> None:
         self.experts, self.metrics = experts, metrics
         self.fallback: str | None = None  # the CoE router's fallback expert, for failover
+        self.configured: dict[str, int] = {}  # every expert the settings name, loaded or not: its max_model_len
 
     def expert(self, model: str) -> Expert:
         expert = self.experts.get(model)
-        if expert is None:
+        if expert is None and model not in self.configured:
             raise APIError(
                 404,
-                f"The model '{model}' does not exist. Available: {', '.join(self.experts)}",
+                f"The model '{model}' does not exist. Available: {', '.join(self.names())}",
                 param="model",
                 code="model_not_found",
             )
-        if not expert.engine.ready():
-            raise APIError(
-                503,
-                f"The model '{model}' is still loading; retry shortly.",
-                type="server_error",
-                code="model_not_ready",
-            )
+        if expert is None or not expert.engine.ready():
+            raise still_loading(f"The model '{model}'")
         return expert
+
+    def names(self) -> list[str]:
+        """The experts served or still loading."""
+        return sorted({*self.experts, *self.configured})
 
     # -- request preparation ------------------------------------------------------------------
     def prepare_chat(self, req: ChatCompletionRequest, route: RouteDecision | None = None) -> Job:

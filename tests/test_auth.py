@@ -54,3 +54,47 @@ def test_requests_need_a_valid_key(keyed_server: LiveServer) -> None:
     assert no_header.status_code == 401 and no_header.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{keyed_server.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{keyed_server.url}/metrics", timeout=10).status_code == 200
+
+
+def test_a_model_still_loading_answers_503_with_retry_after_not_404(model_path: Path) -> None:
+    """While the experts load, a configured model is listed as not ready and a request for it is
+    refused with 503 and Retry-After (a client retries; a 404 would say it does not exist)."""
+    import threading
+
+    release = threading.Event()
+
+    def slow_experts(_: Settings) -> dict[str, Expert]:
+        release.wait(60)
+        torch.manual_seed(0)
+        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
+        engine = EmbeddedEngine(
+            ModelRunner(Transformer(args).eval(), 2, 128), Tokenizer(model_path), EmbeddedConfig(2, 128, 64), "float32"
+        )
+        return {"tiny": Expert("tiny", engine, CostConfig(usd_per_hour=1.0))}
+
+    live = LiveServer(Settings(experts=[ExpertConfig(name="tiny", max_model_len=128)]), expert_factory=slow_experts)
+    live.thread.start()
+    try:
+        for _ in range(100):  # the port answers before the experts are in
+            try:
+                models = httpx.get(f"{live.url}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                threading.Event().wait(0.1)
+        assert [(m["id"], m["turnout"]["ready"]) for m in models.json()["data"]] == [("tiny", False)]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        loading = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=10)
+        assert loading.status_code == 503 and int(loading.headers["retry-after"]) > 0
+        assert loading.json()["error"]["code"] == "model_not_ready"
+        unknown = httpx.post(f"{live.url}/v1/chat/completions", json={**body, "model": "nope"}, timeout=10)
+        assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["message"]
+        release.set()
+        for _ in range(300):
+            if httpx.get(f"{live.url}/ready", timeout=5).status_code == 200:
+                break
+            threading.Event().wait(0.1)
+        assert httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert httpx.get(f"{live.url}/v1/models", timeout=5).json()["data"][0]["turnout"]["ready"] is True
+    finally:
+        release.set()
+        live.stop()
