@@ -12,6 +12,9 @@ class EngineError(Exception):
     """A request could not be served by the engine (the gateway turns this into an HTTP error)."""
 
 
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -37,7 +40,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # a temperature this small is greedy (dividing logits by it would overflow to inf, NaN
+        # probabilities), as vLLM's sampling epsilon makes it
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +33,8 @@ from engine.speculative.speculator import SpeculativeConfig, Speculator
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
+RECOVERY_BACKOFF_S = 1.0  # after a failed step, the first probe waits this long; then twice as long each
+RECOVERY_BACKOFF_MAX_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class EmbeddedEngine:
             details={"max_batch_size": config.max_batch_size, **described.details},
             chat_stop=tokenizer.chat_stop,
         )
-        self.scheduler = Scheduler(config.max_batch_size, self._move_slot, self.pool, self._entries)
+        self.scheduler = self._new_scheduler()
         # tokens a decode pass may write past a sequence's last: its drafts
         self._lookahead = config.speculative.num_draft_tokens if config.speculative else 0
         self.picker = Picker(tokenizer.stop_token_ids)
@@ -134,7 +136,12 @@ class EmbeddedEngine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._ready = False
-        self._failed: str | None = None
+        self._failed: str | None = None  # the last step's error, until a probe request succeeds
+        self._backoff_s = RECOVERY_BACKOFF_S
+        self._probe_at = 0.0  # time.monotonic() of the next probe while failed
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(self.config.max_batch_size, self._move_slot, self.pool, self._entries)
 
     def entries_for(self, length: int) -> int:
         """Cache entries a sequence that can reach ``length`` tokens holds at most."""
@@ -211,13 +218,7 @@ class EmbeddedEngine:
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        seq = Sequence(
-            request=request,
-            sink=lambda out: self._outbox.post(loop, queue, out),
-            generator=make_generator(request.params.seed),
-            detokenizer=IncrementalDetokenizer(self.tokenizer),
-            stop_matcher=StopStringMatcher(request.params.stop),
-        )
+        seq = self._sequence(request, lambda out: self._outbox.post(loop, queue, out))
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
@@ -231,6 +232,15 @@ class EmbeddedEngine:
             if not finished:
                 self.abort(request.request_id)
 
+    def _sequence(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> Sequence:
+        return Sequence(
+            request=request,
+            sink=sink,
+            generator=make_generator(request.params.seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            stop_matcher=StopStringMatcher(request.params.stop),
+        )
+
     def abort(self, request_id: str) -> None:
         with self._wake:
             self._aborts.add(request_id)
@@ -241,23 +251,62 @@ class EmbeddedEngine:
         while self._running:
             with self._wake:
                 while self._running and not (self._inbox or self._aborts or self.scheduler.has_work()):
-                    self._wake.wait()
+                    if self._failed is not None and time.monotonic() >= self._probe_at:
+                        break
+                    self._wake.wait(None if self._failed is None else max(0.0, self._probe_at - time.monotonic()))
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, set()
+            if self._failed is not None:  # recovering: nothing new runs until a probe succeeds
+                self._fail(inbox, self._failed)
+                self._outbox.flush()
+                self._probe()
+                continue
             for seq in inbox:
                 self.scheduler.add(seq)
             self._apply_aborts(aborts)
-            try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception as exc:  # a bug must fail the requests in flight, not the server
-                log.exception("engine step failed")
-                self._fail_all(f"engine error: {exc}")
-            finally:
-                self._outbox.flush()
+            self._guarded_step()
             if not self.scheduler.has_work():
                 for pool in self._pools:  # idle: free pages back to the OS
                     pool.trim()
+
+    def _guarded_step(self) -> bool:
+        """One step; an exception in it fails the requests it held (at once: a client hears within
+        the step) and marks the engine unhealthy until a probe request runs through it again."""
+        try:
+            with torch.inference_mode():
+                self._step()
+            return True
+        except Exception as exc:  # a bug must fail the requests in flight, not the server
+            log.exception("engine step failed")
+            self._failed = f"engine error: {type(exc).__name__}: {exc}"
+            self._probe_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, RECOVERY_BACKOFF_MAX_S)
+            self._fail(self.scheduler.all(), self._failed)
+            self.scheduler = self._new_scheduler()  # its state may be half-updated: start clean
+            for pool in self._pools:
+                pool.release_all()
+            return False
+        finally:
+            self._outbox.flush()
+
+    def _probe(self) -> None:
+        """While failed: at the backoff's end, one short greedy request through the engine; its
+        success makes the engine healthy again (else the next probe waits twice as long). A fault
+        that persists keeps /health at 503, for an orchestrator to restart the process."""
+        if time.monotonic() < self._probe_at:
+            return
+        outputs: list[RequestOutput] = []
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        probe = GenerationRequest("probe", self.tokenizer.encode_prompt("Hello"), params)
+        self.scheduler.add(self._sequence(probe, outputs.append))
+        ok = True
+        while ok and self.scheduler.has_work():
+            ok = self._guarded_step()  # a fault again: failed anew, with a longer backoff
+        if ok and outputs and outputs[-1].finish_reason == "length":
+            log.warning("engine recovered after: %s", self._failed)
+            self._failed, self._backoff_s = None, RECOVERY_BACKOFF_S
+        elif ok:  # no exception, yet no proper finish
+            self._probe_at = time.monotonic() + self._backoff_s
 
     def _apply_aborts(self, aborts: set[str]) -> None:
         for seq in self.scheduler.all():
@@ -265,9 +314,9 @@ class EmbeddedEngine:
                 self.scheduler.remove(seq)
                 seq.finish_reason = "abort"
 
-    def _fail_all(self, message: str) -> None:
-        for seq in self.scheduler.all():
-            self.scheduler.remove(seq)
+    def _fail(self, seqs: list[Sequence], message: str) -> None:
+        for seq in seqs:
+            seq.finish_reason = "error"
             seq.sink(RequestOutput(seq.request_id, "", [], finish_reason="error", stats=seq.stats, error=message))
 
     def _step(self) -> None:

@@ -27,6 +27,7 @@ def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        drop[0] = False  # and the most likely one, whatever rounding says (a top_p of 5e-324)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.config import AUTO, Settings
+from server.admission import AdmissionQueue, QueueBounds
+from server.config import AUTO, ExpertConfig, Settings
 from server.errors import APIError, install_error_handlers, still_loading
 from server.experts import build_experts
 from server.metrics import Metrics
@@ -33,6 +35,7 @@ class AppState:
         self.metrics = Metrics(
             lambda: {n: e.engine.stats() for n, e in self.experts.items()},
             lambda: {n: e.engine.info for n, e in self.experts.items()},
+            lambda: self.serving.queues,
         )
         self.serving = OpenAIServing(self.experts, self.metrics)
         self.load_error: str | None = None
@@ -67,12 +70,25 @@ def _read_keys(path: Path | None) -> frozenset[str]:
     return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
-def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts) -> FastAPI:
+def _bounds(expert: ExpertConfig) -> QueueBounds:
+    return QueueBounds(expert.max_batch_size, expert.max_waiting_requests, expert.max_waiting_tokens)
+
+
+def create_app(
+    settings: Settings,
+    expert_factory: ExpertFactory = build_experts,
+    on_load_error: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The app; experts load in its lifespan. ``on_load_error`` hears a configuration that failed
+    to load (``turnout serve`` exits on it; without it the app stays up, answering 503)."""
     state = AppState()
     state.api_keys = _read_keys(settings.server.api_keys_file)
 
     state.router_expected = settings.router.coe is not None
     state.serving.configured = {e.name: e.max_model_len for e in settings.experts}
+    state.serving.queues = {e.name: AdmissionQueue(e.name, _bounds(e)) for e in settings.experts}
+    default_timeout = settings.server.request_timeout_s
+    state.serving.timeouts = {e.name: e.request_timeout_s or default_timeout for e in settings.experts}
 
     async def load() -> None:
         started: list[Expert] = []
@@ -90,6 +106,8 @@ def create_app(settings: Settings, expert_factory: ExpertFactory = build_experts
             if isinstance(exc, Exception):
                 log.exception("loading experts failed")
                 state.load_error = f"{type(exc).__name__}: {exc}"
+                if on_load_error is not None:
+                    on_load_error(state.load_error)
             for expert in started:  # e.g. a vLLM child started before another expert failed
                 if expert.name not in state.experts:
                     await _stop(expert)
@@ -196,14 +214,35 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         request.state.model, route = body.model, None
         if body.model == AUTO:
             route = await state.route([{"role": m.role, "content": m.text()} for m in body.messages])
-        return await _respond(request, state.serving.prepare_chat(body, route), body.stream, state.serving)
+        job = state.serving.prepare_chat(body, route)
+        state.serving.admit(job, _requested_timeout(request))
+        return await _respond(request, job, body.stream, state.serving)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         request.state.model, route = body.model, None
         if body.model == AUTO:
             route = await state.route([{"role": "user", "content": _routable_prompt(body)}])
-        return await _respond(request, state.serving.prepare_completion(body, route), body.stream, state.serving)
+        job = state.serving.prepare_completion(body, route)
+        state.serving.admit(job, _requested_timeout(request))
+        return await _respond(request, job, body.stream, state.serving)
+
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def _requested_timeout(request: Request) -> float | None:
+    """A client's own deadline in seconds (``X-Request-Timeout``); the server's caps it."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise APIError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw!r}", param=TIMEOUT_HEADER)
+    return seconds
 
 
 def _routable_prompt(body: CompletionRequest) -> str:
@@ -229,13 +268,37 @@ def _auto_card(router: RequestRouter, cards: list[ModelCard]) -> ModelCard:
 async def _respond(request: Request, job: Job, stream: bool, serving: OpenAIServing) -> Any:
     if stream:  # headers go out before the first token, so they name the expert first chosen
         headers = route_headers(job.route, job.expert.name) if job.route is not None else {}
-        return StreamingResponse(
+        return _JobStream(
+            job,
             serving.stream(job),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
-    body = await _unless_disconnected(request, serving.complete(job))
+    try:
+        body = await _unless_disconnected(request, serving.complete(job))
+    finally:
+        _release(job)
     return JSONResponse(body, headers=route_headers(job.route, job.expert.name)) if job.route is not None else body
+
+
+def _release(job: Job) -> None:
+    if job.ticket is not None:
+        job.ticket.release()
+
+
+class _JobStream(StreamingResponse):
+    """A job's event stream that gives back its admission ticket however the response ends: done,
+    failed, or dropped by a client that left before the first byte (the stream never iterated)."""
+
+    def __init__(self, job: Job, content: AsyncIterator[str], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _release(self.job)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -6,6 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -105,24 +109,47 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = load_settings(args.config, overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for expert in settings.experts:  # fetch and convert before binding the port, with progress bars
-        if expert.engine == "embedded":
-            from engine.factory import resolve_model_path
+    _fetch_models(settings)  # before binding the port, with progress bars; a typo fails here
+    server: uvicorn.Server | None = None
 
-            resolve_model_path(expert.model)
+    def load_failed(message: str) -> None:  # a configuration that cannot load: exit, as vLLM does
+        print(f"turnout: loading the experts failed: {message}", file=sys.stderr)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_error=load_failed)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=30,
+        )
+    )
+    server.run()
+    return 1 if app.state.turnout.load_error is not None else 0
+
+
+def _fetch_models(settings: Settings) -> None:
+    """Every embedded expert's models (its own, a draft model, R2R's pair) pulled and converted, and
+    the router's embedder fetched: a misspelt name or a missing file stops `turnout serve` here."""
+    from engine.factory import resolve_model_path
+
+    for expert in settings.experts:
+        if expert.engine != "embedded":
+            continue
+        names = [expert.r2r.small, expert.r2r.large] if expert.r2r else [expert.model]
+        if expert.speculative is not None and expert.speculative.draft != "ngram":
+            names.append(expert.speculative.draft)
+        for name in names:
+            resolve_model_path(name)
+        if expert.r2r is not None and not (expert.r2r.router / "router.json").is_file():
+            raise FileNotFoundError(f"expert {expert.name!r}: no R2R router at {expert.r2r.router} (router.json)")
     if settings.router.coe is not None:
         from router.coe.embedder import fetch
 
         fetch()
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-    )
-    return 0
 
 
 def _pull(args: argparse.Namespace) -> int:

@@ -160,6 +160,11 @@ class ExpertConfig(_Strict):
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_model_len: int = Field(default=4096, ge=16)
     max_prefill_tokens: int = Field(default=1024, ge=16)
+    # admission: sequences that may wait beyond max_batch_size, and the prompt tokens they may hold
+    # while not yet started; past either a request gets 503 + Retry-After before any byte
+    max_waiting_requests: int = Field(default=32, ge=0)
+    max_waiting_tokens: int = Field(default=32768, ge=1)
+    request_timeout_s: float | None = Field(default=None, gt=0)  # null: the server's
     cost: CostConfig = Field(default_factory=lambda: CostConfig(usd_per_hour=0.10))
 
     @model_validator(mode="after")
@@ -218,6 +223,10 @@ class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
     api_keys_file: Path | None = None
+    # a request (queueing included) past this gets 504, or a stream an error event, and its engine
+    # work is aborted; an expert's request_timeout_s overrides it, and a client's X-Request-Timeout
+    # header may shorten (never lengthen) the one in force
+    request_timeout_s: float = Field(default=600.0, gt=0)
 
 
 # `turnout serve` with no config file: the experts the shipped CoE map (assets/coe/map.json) sends

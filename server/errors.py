@@ -53,6 +53,17 @@ def still_loading(what: str) -> APIError:
     )
 
 
+def unavailable(what: str) -> APIError:
+    """An expert whose engine failed and is recovering (or whose upstream is down): 503, retry."""
+    return APIError(
+        503,
+        f"{what} is unavailable: its engine failed and is recovering; retry shortly.",
+        type="server_error",
+        code="model_unavailable",
+        headers={"Retry-After": str(LOADING_RETRY_S)},
+    )
+
+
 def _param(loc: Sequence[Any]) -> str | None:
     """``("body", "messages", 0, "content")`` -> ``"messages[0].content"``."""
     parts = [p for p in loc if p != "body"]

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from engine.base import EngineStats, ModelInfo, RequestStats
+from server.admission import AdmissionQueue
 
 # Millisecond resolution at the low end: a small model answers in milliseconds.
 LATENCY_BUCKETS = (
@@ -101,9 +102,31 @@ class EngineStatsCollector(Collector):
         return [running, waiting, kv, evicted, preempted]
 
 
+class AdmissionCollector(Collector):
+    """Each expert's admission queue at scrape time: sequences admitted, prompt tokens waiting."""
+
+    def __init__(self, queues: Callable[[], dict[str, AdmissionQueue]]) -> None:
+        self._queues = queues
+
+    def collect(self) -> Iterable[Metric]:
+        admitted = GaugeMetricFamily(
+            "turnout:admitted_sequences", "Sequences admitted and not finished (running or waiting)", labels=LABEL
+        )
+        queued = GaugeMetricFamily(
+            "turnout:queued_prompt_tokens", "Prompt tokens of admitted sequences not yet started", labels=LABEL
+        )
+        for name, queue in self._queues().items():
+            admitted.add_metric([name], queue.outstanding)
+            queued.add_metric([name], queue.queued_tokens)
+        return [admitted, queued]
+
+
 class Metrics:
     def __init__(
-        self, engine_stats: Callable[[], dict[str, EngineStats]], engine_infos: Callable[[], dict[str, ModelInfo]]
+        self,
+        engine_stats: Callable[[], dict[str, EngineStats]],
+        engine_infos: Callable[[], dict[str, ModelInfo]],
+        queues: Callable[[], dict[str, AdmissionQueue]] = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -165,6 +188,18 @@ class Metrics:
         self.route_latency = Histogram(
             "turnout:route_latency_seconds", "Time the CoE router takes to decide", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.rejected = Counter(
+            "turnout:requests_rejected_total",
+            "Requests refused with 503 before any byte because the expert's wait queue was full",
+            [*LABEL, "reason"],
+            registry=r,
+        )
+        self.aborted = Counter(
+            "turnout:requests_aborted_total",
+            "Requests whose engine work was stopped: past their deadline, or the client went away",
+            [*LABEL, "reason"],
+            registry=r,
+        )
         self.failovers = Counter(
             "turnout:route_failovers_total",
             "Routed requests moved to the fallback after their expert failed before the first token",
@@ -172,6 +207,7 @@ class Metrics:
             registry=r,
         )
         r.register(EngineStatsCollector(engine_stats, engine_infos))
+        r.register(AdmissionCollector(queues))
 
     def record(self, expert: str, stats: RequestStats, finish_reason: str, cost_usd: float) -> None:
         """One engine request (one choice) finished; prompt tokens count once per request."""

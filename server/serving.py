@@ -11,8 +11,9 @@ from typing import Any
 
 from engine.base import Engine, GenerationRequest, RequestOutput, SamplingParams
 from engine.remote import UpstreamError
+from server.admission import AdmissionQueue, Ticket
 from server.config import CostConfig
-from server.errors import APIError, still_loading
+from server.errors import APIError, still_loading, unavailable
 from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd, r2r_usage
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
@@ -43,6 +44,16 @@ class Job:
     remake: Callable[[Expert], Job] | None = None  # the same request prepared for another expert
     messages: list[dict[str, str]] | None = None  # a text-only (remote) expert's conversation ...
     texts: list[str | None] = field(default_factory=list)  # ... or completion prompts (None: token ids)
+    arrival: float = field(default_factory=time.monotonic)
+    timeout_s: float | None = None  # the deadline in force, from arrival
+    ticket: Ticket | None = None  # its place in the expert's admission queue, once admitted
+
+    @property
+    def deadline(self) -> float | None:
+        """The deadline on the event loop's clock (asyncio.timeout_at), or None."""
+        if self.timeout_s is None:
+            return None
+        return asyncio.get_running_loop().time() + self.arrival + self.timeout_s - time.monotonic()
 
     @property
     def prompt_tokens(self) -> int:
@@ -64,6 +75,8 @@ class OpenAIServing:
         self.experts, self.metrics = experts, metrics
         self.fallback: str | None = None  # the CoE router's fallback expert, for failover
         self.configured: dict[str, int] = {}  # every expert the settings name, loaded or not: its max_model_len
+        self.queues: dict[str, AdmissionQueue] = {}  # each expert's bounded wait queue (none: unbounded)
+        self.timeouts: dict[str, float] = {}  # each expert's request deadline in seconds (none: no deadline)
 
     def expert(self, model: str) -> Expert:
         expert = self.experts.get(model)
@@ -75,8 +88,27 @@ class OpenAIServing:
                 code="model_not_found",
             )
         if expert is None or not expert.engine.ready():
+            if expert is not None and not expert.engine.healthy():
+                raise unavailable(f"The model '{model}'")
             raise still_loading(f"The model '{model}'")
         return expert
+
+    def admit(self, job: Job, requested_timeout_s: float | None = None) -> None:
+        """The job's deadline (the expert's, or the client's if shorter) and its place in the expert's
+        queue: a 503 with Retry-After when the queue is full, before any byte of the response."""
+        limit = self.timeouts.get(job.expert.name)
+        if requested_timeout_s is not None:
+            limit = requested_timeout_s if limit is None else min(limit, requested_timeout_s)
+        job.timeout_s = limit
+        queue = self.queues.get(job.expert.name)
+        if queue is None:
+            return
+        try:
+            job.ticket = queue.admit([len(job.prompts[p]) for p, _ in job.choices])
+        except APIError as err:
+            if err.status == 503:
+                self.metrics.rejected.labels(job.expert.name, err.code or "overloaded").inc()
+            raise
 
     def names(self) -> list[str]:
         """The experts served or still loading."""
@@ -215,7 +247,8 @@ class OpenAIServing:
                 yield state, out
             return
         except APIError as err:
-            target = None if sent or err.status < 500 else self._failover_target(job)
+            final = sent or err.status < 500 or err.status == 504  # a deadline passed is not the expert's fault
+            target = None if final else self._failover_target(job)
             if target is None:
                 raise
             source = job.expert.name
@@ -244,10 +277,12 @@ class OpenAIServing:
             for ids in job.prompts:
                 self.metrics.record_prompt(job.expert.name, len(ids))
         tasks = [asyncio.create_task(self._choice(job, i, queue)) for i in range(len(states))]
+        deadline = job.deadline
         try:
             pending = len(tasks)
             while pending:
-                index, item = await queue.get()
+                async with asyncio.timeout_at(deadline):
+                    index, item = await queue.get()
                 if isinstance(item, UpstreamError):
                     status = item.status if item.status < 500 else 502
                     raise APIError(status, f"upstream error: {item.message}", type=_error_type(status)) from item
@@ -255,9 +290,18 @@ class OpenAIServing:
                     raise APIError(500, f"generation failed: {item}", type="server_error") from item
                 if item.finish_reason == "error":
                     raise APIError(500, item.error or "generation failed", type="server_error")
+                if job.ticket is not None:
+                    job.ticket.start(index)  # its prompt is in: no longer queued
                 self._accumulate(job, states[index], item)
                 pending -= item.finished
                 yield states[index], item
+        except TimeoutError:
+            self.metrics.aborted.labels(job.expert.name, "deadline").inc()
+            message = f"The request did not finish within its deadline of {job.timeout_s:g} s; generation stopped."
+            raise APIError(504, message, type="timeout_error", code="request_timeout") from None
+        except asyncio.CancelledError:  # the client went away (or the server is stopping)
+            self.metrics.aborted.labels(job.expert.name, "disconnect").inc()
+            raise
         finally:
             for task in tasks:
                 task.cancel()

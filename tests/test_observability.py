@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -68,7 +69,10 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(model_path: P
             kv_cache={"policy": "h2o", "budget_tokens": 64},
             speculative={"draft": "ngram", "num_draft_tokens": 4, "max_batch_size": 4},
         ),
-        ExpertConfig(name="smollm2-small", model="smollm2-small", max_model_len=1024, max_batch_size=4),
+        # no waiting room: a fifth sequence is refused (the admission panel)
+        ExpertConfig(
+            name="smollm2-small", model="smollm2-small", max_model_len=1024, max_batch_size=4, max_waiting_requests=0
+        ),
         ExpertConfig(name="r2r", r2r={}, max_model_len=1024, max_batch_size=4),
     ]
     live = LiveServer(Settings(experts=experts, router={"coe": {}}))
@@ -108,6 +112,27 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(model_path: P
         live.stop()
 
 
+def _refused_and_aborted(client: Any) -> None:
+    """A request refused by a full queue (four sequences running, no waiting room) and one past its
+    deadline (aborted)."""
+    from openai import APIStatusError
+
+    hi = [{"role": "user", "content": "Hi!"}]
+    running = client.chat.completions.create(
+        model="smollm2-small", messages=hi, n=4, max_tokens=64, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(running))  # admitted and running
+    with pytest.raises(APIStatusError) as refused:
+        client.chat.completions.create(model="smollm2-small", messages=hi, max_tokens=4)
+    assert refused.value.status_code == 503
+    running.close()
+    with pytest.raises(APIStatusError) as late:
+        client.chat.completions.create(
+            model="smollm2-135m", messages=hi, max_tokens=64, extra_headers={"X-Request-Timeout": "0.001"}
+        )
+    assert late.value.status_code == 504
+
+
 def _burst(url: str) -> int:
     """A bounded burst: auto-routed (plain and streamed), speculative, R2R, and one bad request."""
     from openai import NotFoundError, OpenAI
@@ -124,6 +149,7 @@ def _burst(url: str) -> int:
     reply = client.completions.create(model="smollm2-135m", prompt=counting * 3, max_tokens=24, temperature=0)
     assert reply.usage is not None and reply.usage.model_dump()["spec_accepted_tokens"] > 0
     client.chat.completions.create(model="r2r", messages=[{"role": "user", "content": "Hi!"}], max_tokens=12)
+    _refused_and_aborted(client)
     with pytest.raises(NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     return len(chats) + 3

@@ -108,3 +108,24 @@ def test_the_example_config_is_valid_and_matches_the_defaults() -> None:
     settings = load_settings(example)
     assert settings.experts[0].quant_spec() is None and settings.experts[0].speculative is None
     assert settings.model_dump() == load_settings(None).model_dump()
+
+
+def test_a_vanishing_temperature_samples_greedily_instead_of_dividing_by_it() -> None:
+    """temperature 1e-300 would overflow the logits to inf (NaN probabilities): it is greedy."""
+    from engine.base import SamplingParams
+    from engine.sampler import make_generator, sample_row
+
+    logits = torch.randn(1000)
+    for temperature in (1e-300, 5e-324, 1e-6):
+        params = SamplingParams(max_tokens=1, temperature=temperature)
+        assert params.greedy and sample_row(logits, params, make_generator(0)) == int(logits.argmax())
+    assert not SamplingParams(max_tokens=1, temperature=1e-4).greedy
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token() -> None:
+    from engine.base import SamplingParams
+    from engine.sampler import make_generator, sample_row
+
+    logits = torch.randn(1000)
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=5e-324)
+    assert sample_row(logits, params, make_generator(0)) == int(logits.argmax())

@@ -62,6 +62,22 @@ TIMESERIES: list[tuple[str, str, list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "Admission queue",
+        "short",
+        [
+            ("admitted sequences {{model_name}}", f"turnout:admitted_sequences{SEL}"),
+            ("queued prompt tokens {{model_name}}", f"turnout:queued_prompt_tokens{SEL}"),
+        ],
+    ),
+    (
+        "Refused (queue full) and aborted (deadline, disconnect) / s",
+        "reqps",
+        [
+            ("refused {{model_name}} {{reason}}", rate("turnout:requests_rejected_total", "model_name, reason")),
+            ("aborted {{model_name}} {{reason}}", rate("turnout:requests_aborted_total", "model_name, reason")),
+        ],
+    ),
+    (
         "KV cache use, H2O evictions and preemptions",
         "short",
         [

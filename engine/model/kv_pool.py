@@ -178,6 +178,12 @@ class PagePool:
         self.held[slot] = []
         self.table[slot] = self.scratch
 
+    def release_all(self) -> None:
+        """Every slot's pages back (an engine starting over after a failed step)."""
+        if not self.dedicated:
+            for slot in range(len(self.held)):
+                self.release(slot)
+
     def move(self, src: int, dst: int) -> None:
         """The sequence in ``src`` now sits in ``dst`` (empty): its pages go with it, no data moves."""
         if src == dst:
