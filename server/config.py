@@ -227,6 +227,14 @@ class ServerConfig(_Strict):
     # work is aborted; an expert's request_timeout_s overrides it, and a client's X-Request-Timeout
     # header may shorten (never lengthen) the one in force
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # transport limits (README "Transport limits"): server/limits.py, server/transport.py
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # a larger request body: 413
+    max_headers: int = Field(default=100, ge=32)  # more header fields: 431 (the OpenAI SDK sends 17)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)  # request line + headers; more: 431
+    header_timeout_s: float = Field(default=10.0, gt=0)  # head not complete by then: 408, closed
+    body_timeout_s: float = Field(default=30.0, gt=0)  # the longest wait for more of a body: 408
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)  # an idle kept-alive connection is closed
+    limit_concurrency: int = Field(default=512, ge=1)  # connections (or requests) beyond it: 503
 
 
 # `turnout serve` with no config file: the experts the shipped CoE map (assets/coe/map.json) sends
