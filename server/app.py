@@ -19,6 +19,7 @@ from server.admission import AdmissionQueue, QueueBounds
 from server.config import AUTO, ExpertConfig, Settings
 from server.errors import APIError, install_error_handlers, still_loading
 from server.experts import build_experts
+from server.limits import RequestLimits
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.routing import RequestRouter, RouteDecision, build_router, route_headers
@@ -128,6 +129,7 @@ def create_app(
     app.state.turnout = state
     install_error_handlers(app)
 
+    app.add_middleware(RequestLimits, limits=settings.server)  # inside the counter: its 413/431/408 are counted
     app.add_middleware(_ErrorCounter, state=state)
     _add_routes(app, state)
     return app
