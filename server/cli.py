@@ -86,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.config import load_settings
+    from server.transport import uvicorn_options
 
     overrides = {
         "host": args.host,
@@ -118,15 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_error=load_failed)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.server.host,
-            port=settings.server.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=30,
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings.server), log_level=args.log_level))
     server.run()
     return 1 if app.state.turnout.load_error is not None else 0
 

@@ -22,6 +22,7 @@ from engine import zoo
 from kernels import cpu
 from server.app import create_app
 from server.config import ExpertConfig, Settings
+from server.transport import uvicorn_options
 
 MODEL = "smollm2-135m"
 
@@ -96,7 +97,9 @@ class LiveServer:
     def __init__(self, settings: Settings, **app_kwargs: Any) -> None:
         self.port = _free_port()
         self.app = create_app(settings, **app_kwargs)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        # the uvicorn settings `turnout serve` uses (transport limits included), on loopback
+        options = {**uvicorn_options(settings.server), "host": "127.0.0.1", "port": self.port}
+        config = uvicorn.Config(self.app, **options, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
