@@ -250,7 +250,9 @@ def test_an_engine_fault_fails_its_requests_at_once_and_the_engine_heals(gated: 
     failed = _chat(live)(0)
     elapsed = time.monotonic() - t0
     assert isinstance(failed, openai.InternalServerError) and "injected fault" in failed.message
-    assert elapsed < 1.0  # failed in the step, not by a timeout
+    # failed in the step that raised (milliseconds here), not by the 600 s deadline; the bound is
+    # loose so a loaded machine cannot fail it
+    assert elapsed < 5.0
     health = httpx.get(f"{live.url}/health", timeout=10)
     assert health.status_code == 503 and health.json()["unhealthy_experts"] == ["tiny"]
     meanwhile = _chat(live)(0)
