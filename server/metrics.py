@@ -42,6 +42,7 @@ LATENCY_BUCKETS = (
     80.0,
 )
 LABEL = ["model_name"]
+KEY_LABEL = ["key_name"]  # names from the keys file only (never key text): a bounded set
 
 
 class EngineStatsCollector(Collector):
@@ -121,12 +122,29 @@ class AdmissionCollector(Collector):
         return [admitted, queued]
 
 
+class KeySpendCollector(Collector):
+    """Each API key's spend in its current budget period, read at scrape time (a period that
+    rolls over reads 0 without anyone resetting a gauge)."""
+
+    def __init__(self, spend: Callable[[], dict[str, float]]) -> None:
+        self._spend = spend
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily(
+            "turnout:api_key_spend_usd", "USD an API key spent in its current budget period", labels=KEY_LABEL
+        )
+        for name, usd in self._spend().items():
+            gauge.add_metric([name], usd)
+        yield gauge
+
+
 class Metrics:
     def __init__(
         self,
         engine_stats: Callable[[], dict[str, EngineStats]],
         engine_infos: Callable[[], dict[str, ModelInfo]],
         queues: Callable[[], dict[str, AdmissionQueue]] = dict,
+        key_spend: Callable[[], dict[str, float]] = lambda: {},
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -206,8 +224,19 @@ class Metrics:
             ["from_expert", "to_expert"],
             registry=r,
         )
+        self.key_requests = Counter(
+            "turnout:api_key_requests_total",
+            "/v1 requests by API key name and HTTP status",
+            [*KEY_LABEL, "status"],
+            registry=r,
+        )
+        self.key_tokens = Counter(
+            "turnout:api_key_tokens_total", "Tokens charged to API keys", [*KEY_LABEL, "kind"], registry=r
+        )
+        self.key_cost = Counter("turnout:api_key_cost_usd_total", "USD charged to API keys", KEY_LABEL, registry=r)
         r.register(EngineStatsCollector(engine_stats, engine_infos))
         r.register(AdmissionCollector(queues))
+        r.register(KeySpendCollector(key_spend))
 
     def record(self, expert: str, stats: RequestStats, finish_reason: str, cost_usd: float) -> None:
         """One engine request (one choice) finished; prompt tokens count once per request."""
