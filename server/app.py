@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,6 +18,7 @@ from server.admission import AdmissionQueue, QueueBounds
 from server.config import AUTO, ExpertConfig, Settings
 from server.errors import APIError, install_error_handlers, still_loading
 from server.experts import build_experts
+from server.keys import KeyPolicy, KeyRing
 from server.limits import RequestLimits
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -37,10 +37,11 @@ class AppState:
             lambda: {n: e.engine.stats() for n, e in self.experts.items()},
             lambda: {n: e.engine.info for n, e in self.experts.items()},
             lambda: self.serving.queues,
+            lambda: self.keys.spend_now(),
         )
         self.serving = OpenAIServing(self.experts, self.metrics)
         self.load_error: str | None = None
-        self.api_keys: frozenset[str] = frozenset()
+        self.keys = KeyRing(None)  # create_app reads server.api_keys_file
         self.router: RequestRouter | None = None
         self.router_expected = False
 
@@ -65,12 +66,6 @@ async def _stop(expert: Expert) -> None:
         log.exception("stopping %s failed", expert.name)
 
 
-def _read_keys(path: Path | None) -> frozenset[str]:
-    if path is None:
-        return frozenset()
-    return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
-
-
 def _bounds(expert: ExpertConfig) -> QueueBounds:
     return QueueBounds(expert.max_batch_size, expert.max_waiting_requests, expert.max_waiting_tokens)
 
@@ -83,7 +78,7 @@ def create_app(
     """The app; experts load in its lifespan. ``on_load_error`` hears a configuration that failed
     to load (``turnout serve`` exits on it; without it the app stays up, answering 503)."""
     state = AppState()
-    state.api_keys = _read_keys(settings.server.api_keys_file)
+    state.keys = KeyRing(settings.server.api_keys_file, state.metrics)  # a bad file fails here
 
     state.router_expected = settings.router.coe is not None
     state.serving.configured = {e.name: e.max_model_len for e in settings.experts}
@@ -118,12 +113,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(load())
+        state.keys.attach()  # SIGHUP reloads the keys file
         yield
         loader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loader  # stops what it had started
         for expert in state.experts.values():
             await _stop(expert)
+        state.keys.detach()  # the spend file written
 
     app = FastAPI(title="turnout", lifespan=lifespan)
     app.state.turnout = state
@@ -149,6 +146,9 @@ class _ErrorCounter:
             return
 
         async def counted(message: dict[str, Any]) -> None:
+            # every response to a known key, by its name (set by _authorize) and status
+            if message["type"] == "http.response.start" and (key := scope.get("state", {}).get("key_name")):
+                self.state.metrics.key_requests.labels(key, str(message["status"])).inc()
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 model = scope.get("state", {}).get("model")  # None: the body did not parse
                 if model not in self.state.experts and model != AUTO:  # no label per name a client makes up
@@ -159,16 +159,19 @@ class _ErrorCounter:
         await self.app(scope, receive, counted)
 
 
+def _authorize(request: Request) -> KeyPolicy | None:
+    """The caller's key policy (None: no keys configured); 401 for a missing or unknown key."""
+    state: AppState = request.app.state.turnout
+    policy = state.keys.authorize(request.headers.get("authorization", ""))
+    if policy is not None:
+        request.state.key_name = policy.name  # the per-key request counter's label
+    return policy
+
+
+Caller = Annotated[KeyPolicy | None, Depends(_authorize)]
+
+
 def _add_routes(app: FastAPI, state: AppState) -> None:
-    def authorize(request: Request) -> None:
-        if not state.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or header.removeprefix("Bearer ").strip() not in state.api_keys:
-            raise APIError(401, "Invalid or missing API key", type="authentication_error", code="invalid_api_key")
-
-    auth = [Depends(authorize)]
-
     @app.get("/health")
     async def health() -> JSONResponse:
         # 503 only when this process cannot serve (a load error, an engine of its own that died):
@@ -191,8 +194,8 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=auth)
-    async def models() -> ModelList:
+    @app.get("/v1/models")
+    async def models(policy: Caller) -> ModelList:
         cards = [
             ModelCard(
                 id=n,
@@ -209,25 +212,41 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             cards.append(_auto_card(state.router, cards))
         elif state.router_expected:
             cards.append(ModelCard(id=AUTO, max_model_len=max(lengths.values()), turnout={"ready": False}))
-        return ModelList(data=cards)
+        return ModelList(data=[c for c in cards if policy is None or policy.allows(c.id)])
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request, policy: Caller) -> Any:
         request.state.model, route = body.model, None
+        if policy is not None:
+            policy.check_model(body.model)  # 403 before routing or generating anything
         if body.model == AUTO:
             route = await state.route([{"role": m.role, "content": m.text()} for m in body.messages])
-        job = state.serving.prepare_chat(body, route)
-        state.serving.admit(job, _requested_timeout(request))
+        job = _admitted(state, policy, state.serving.prepare_chat(body, route), request)
         return await _respond(request, job, body.stream, state.serving)
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, policy: Caller) -> Any:
         request.state.model, route = body.model, None
+        if policy is not None:
+            policy.check_model(body.model)
         if body.model == AUTO:
             route = await state.route([{"role": "user", "content": _routable_prompt(body)}])
-        job = state.serving.prepare_completion(body, route)
-        state.serving.admit(job, _requested_timeout(request))
+        job = _admitted(state, policy, state.serving.prepare_completion(body, route), request)
         return await _respond(request, job, body.stream, state.serving)
+
+
+def _admitted(state: AppState, policy: KeyPolicy | None, job: Job, request: Request) -> Job:
+    """The key's limits (429), then the expert's queue (503) and the deadline, checked once the
+    prompt's tokens are known and before any byte is sent; the job gives the key's in-flight slot
+    and its queue place back, charged, when it ends (``job.finish``)."""
+    if policy is not None:
+        job.on_done.append(state.keys.admit(policy, job.prompt_tokens).done)
+    try:
+        state.serving.admit(job, _requested_timeout(request))
+    except APIError:
+        job.finish()  # nothing ran: the key's slot back, nothing charged
+        raise
+    return job
 
 
 TIMEOUT_HEADER = "x-request-timeout"
@@ -279,28 +298,25 @@ async def _respond(request: Request, job: Job, stream: bool, serving: OpenAIServ
     try:
         body = await _unless_disconnected(request, serving.complete(job))
     finally:
-        _release(job)
+        job.finish()  # if complete() never ran (a client gone at once), still once
     return JSONResponse(body, headers=route_headers(job.route, job.expert.name)) if job.route is not None else body
 
 
-def _release(job: Job) -> None:
-    if job.ticket is not None:
-        job.ticket.release()
-
-
 class _JobStream(StreamingResponse):
-    """A job's event stream that gives back its admission ticket however the response ends: done,
-    failed, or dropped by a client that left before the first byte (the stream never iterated)."""
+    """A job's event stream that ends the job however the response ends: the stream's own end,
+    the client gone (the stream is closed, so it reports what it produced), or gone before the
+    first event (the job ends with nothing charged, its key's in-flight slot given back)."""
 
-    def __init__(self, job: Job, content: AsyncIterator[str], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.job = job
+    def __init__(self, job: Job, events: AsyncGenerator[str, None], **kwargs: Any) -> None:
+        super().__init__(events, **kwargs)
+        self.job, self.events = job, events
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            _release(self.job)
+            await self.events.aclose()
+            self.job.finish()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.base import Engine, GenerationRequest, RequestOutput, SamplingParams
+from engine.base import Engine, GenerationRequest, RequestOutput, RequestStats, SamplingParams
 from engine.remote import UpstreamError
 from server.admission import AdmissionQueue, Ticket
 from server.config import CostConfig
@@ -18,6 +19,9 @@ from server.formatting import ChoiceState, build_usage, chat_logprobs, completio
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
 from server.routing import RouteDecision, route_usage
+
+log = logging.getLogger(__name__)
+OnDone = Callable[[int, int, float], None]  # (prompt tokens, completion tokens, cost_usd) of a finished job
 
 
 @dataclass
@@ -44,6 +48,8 @@ class Job:
     remake: Callable[[Expert], Job] | None = None  # the same request prepared for another expert
     messages: list[dict[str, str]] | None = None  # a text-only (remote) expert's conversation ...
     texts: list[str | None] = field(default_factory=list)  # ... or completion prompts (None: token ids)
+    on_done: list[OnDone] = field(default_factory=list)  # called once when the job ends, however it ends
+    done: bool = False
     arrival: float = field(default_factory=time.monotonic)
     timeout_s: float | None = None  # the deadline in force, from arrival
     ticket: Ticket | None = None  # its place in the expert's admission queue, once admitted
@@ -62,6 +68,18 @@ class Job:
     def first_of_prompt(self, choice: int) -> bool:
         """Whether ``choice`` is its prompt's first (which alone counts the prompt's tokens)."""
         return choice % (len(self.choices) // len(self.prompts)) == 0
+
+    def finish(self, prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0) -> None:
+        """The job ended (finished, failed, cut short, or never started: all zero): ``on_done``
+        hears of it once; later calls do nothing."""
+        if self.done:
+            return
+        self.done = True
+        for callback in self.on_done:
+            try:
+                callback(prompt_tokens, completion_tokens, cost_usd)
+            except Exception:
+                log.exception("an on_done callback of %s failed", self.id)
 
     def move_to(self, other: Job) -> None:
         """Serve this request with ``other``'s expert and prompts (a failover keeps id and route)."""
@@ -104,11 +122,12 @@ class OpenAIServing:
         if queue is None:
             return
         try:
-            job.ticket = queue.admit([len(job.prompts[p]) for p, _ in job.choices])
+            ticket = job.ticket = queue.admit([len(job.prompts[p]) for p, _ in job.choices])
         except APIError as err:
             if err.status == 503:
                 self.metrics.rejected.labels(job.expert.name, err.code or "overloaded").inc()
             raise
+        job.on_done.append(lambda *_: ticket.release())
 
     def names(self) -> list[str]:
         """The experts served or still loading."""
@@ -340,8 +359,11 @@ class OpenAIServing:
 
     async def complete(self, job: Job) -> dict[str, Any]:
         states: dict[int, ChoiceState] = {}
-        async for state, _ in self._outputs(job):
-            states[state.index] = state
+        try:
+            async for state, _ in self._outputs(job):
+                states[state.index] = state
+        finally:
+            self._finish(job, states)
         ordered = [states[i] for i in range(len(job.choices))]
         choices = []
         for s in ordered:
@@ -358,8 +380,35 @@ class OpenAIServing:
         kind = "chat.completion" if job.chat else "text_completion"
         return {"id": job.id, "object": kind, "created": job.created, "model": job.model}
 
-    def stream(self, job: Job) -> AsyncIterator[str]:
-        return _Streamer(self, job).events()
+    def stream(self, job: Job) -> AsyncGenerator[str, None]:
+        return self._finishing(job, _Streamer(self, job))
+
+    async def _finishing(self, job: Job, streamer: _Streamer) -> AsyncGenerator[str, None]:
+        try:
+            async for event in streamer.events():
+                yield event
+        finally:  # also when the client went away (the stream is closed at a yield)
+            self._finish(job, streamer.states)
+
+    def _finish(self, job: Job, states: dict[int, ChoiceState]) -> None:
+        """Report what a job used: its prompt tokens and every token generated (a choice cut short
+        counts what it produced), and its cost (a cut-short choice: its per-token prices only, as
+        its share of engine time is not known)."""
+        prompt_tokens = job.prompt_tokens
+        if job.expert.engine.info.text_only:  # the upstream's count, when it gave one
+            counted = [s.stats.prompt_tokens for s in states.values() if s.stats and job.first_of_prompt(s.index)]
+            prompt_tokens = sum(counted) if counted else prompt_tokens
+        completion, usd = 0, 0.0
+        for s in states.values():
+            completion += s.stats.completion_tokens if s.stats else len(s.token_ids)
+            if s.stats is not None:
+                usd += s.cost_usd
+            else:
+                partial = RequestStats(
+                    0.0, len(job.prompts[job.choices[s.index][0]]), completion_tokens=len(s.token_ids)
+                )
+                usd += cost_usd(job.expert.cost, partial, count_prompt=job.first_of_prompt(s.index))
+        job.finish(prompt_tokens, completion, usd)
 
 
 def _pass_through_only(expert: Expert, logprobs: int | None, echo: bool = False) -> None:
@@ -379,6 +428,7 @@ class _Streamer:
 
     def __init__(self, serving: OpenAIServing, job: Job) -> None:
         self.serving, self.job = serving, job
+        self.states: dict[int, ChoiceState] = {}  # what each choice produced so far
         self.object = "chat.completion.chunk" if job.chat else "text_completion"
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -400,7 +450,7 @@ class _Streamer:
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
     async def events(self) -> AsyncIterator[str]:
-        job, states = self.job, {}
+        job, states = self.job, self.states
         for i in range(len(job.choices)):
             echo = job.echo_texts[job.choices[i][0]] if job.echo_texts else ""
             if job.chat or echo:
