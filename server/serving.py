@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -385,8 +386,9 @@ class OpenAIServing:
 
     async def _finishing(self, job: Job, streamer: _Streamer) -> AsyncGenerator[str, None]:
         try:
-            async for event in streamer.events():
-                yield event
+            async with contextlib.aclosing(streamer.events()) as events:
+                async for event in events:
+                    yield event
         finally:  # also when the client went away (the stream is closed at a yield)
             self._finish(job, streamer.states)
 
@@ -449,7 +451,7 @@ class _Streamer:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
-    async def events(self) -> AsyncIterator[str]:
+    async def events(self) -> AsyncGenerator[str, None]:
         job, states = self.job, self.states
         for i in range(len(job.choices)):
             echo = job.echo_texts[job.choices[i][0]] if job.echo_texts else ""
