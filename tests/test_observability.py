@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from server.config import ExpertConfig, Settings
+from server.config import ExpertConfig, ServerConfig, Settings
 from tests.conftest import LiveServer, ServerProcess, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(model_path: P
         ),
         ExpertConfig(name="r2r", r2r={}, max_model_len=1024, max_batch_size=4),
     ]
-    live = LiveServer(Settings(experts=experts, router={"coe": {}}))
+    keys = tmp_path / "keys.yaml"  # the per-key panels read what this key is charged
+    keys.write_text("- {name: dashboard, key: sk-dashboard, budget_usd: 100, budget_period: day}\n")
+    live = LiveServer(Settings(server=ServerConfig(api_keys_file=keys), experts=experts, router={"coe": {}}))
     live.start(timeout=600)
     port = _free_port()
     config = {
@@ -96,7 +98,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(model_path: P
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
         _wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/-/ready").status_code == 200, 60)
-        sent = _burst(live.url)
+        sent = _burst(live.url, "sk-dashboard")
         total = f"sum(turnout:request_success_total) >= {sent}"
         _wait_for(lambda: bool(_query(api, total)), 60)
         time.sleep(3)  # a few more scrapes, so every counter has samples to take a rate over
@@ -133,11 +135,11 @@ def _refused_and_aborted(client: Any) -> None:
     assert late.value.status_code == 504
 
 
-def _burst(url: str) -> int:
+def _burst(url: str, key: str) -> int:
     """A bounded burst: auto-routed (plain and streamed), speculative, R2R, and one bad request."""
     from openai import NotFoundError, OpenAI
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
     chats = ["What is 17 times 3?", "Write a short poem about the sea.", "Summarize: the cat sat on the mat all day."]
     for text in chats:
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": text}], max_tokens=12)

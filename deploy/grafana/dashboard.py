@@ -137,6 +137,22 @@ TIMESERIES: list[tuple[str, str, list[tuple[str, str]]]] = [
             )
         ],
     ),
+    (
+        "Requests / s by API key and status",
+        "reqps",
+        [("{{key_name}} {{status}}", rate("turnout:api_key_requests_total", "key_name, status", ""))],
+    ),
+    (
+        "Tokens / s by API key",
+        "short",
+        [("{{key_name}} {{kind}}", rate("turnout:api_key_tokens_total", "key_name, kind", ""))],
+    ),
+    (
+        "Cost by API key, USD per hour",
+        "currencyUSD",
+        [("{{key_name}}", f"3600 * {rate('turnout:api_key_cost_usd_total', 'key_name', '')}")],
+    ),
+    ("API key spend this budget period", "currencyUSD", [("{{key_name}}", "turnout:api_key_spend_usd")]),
 ]
 
 # instant tables: what each expert runs
