@@ -1,18 +1,23 @@
-"""Per-key policies without a server: parsing and validation, the hashed constant-time lookup,
-sliding windows, calendar periods, the spend file and reloads, on an injected clock."""
+"""Per-key policies without a live server: parsing and validation, the hashed constant-time lookup,
+sliding windows, calendar periods, the spend file and reloads on an injected clock, and a real
+SIGHUP to the app's lifespan on this main thread."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import math
 import os
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from server.app import create_app
+from server.config import ExpertConfig, ServerConfig, Settings
 from server.errors import APIError
 from server.key_limits import SlidingWindow, SpendBook, period_start, spend_path
 from server.keys import KeyPolicy, KeyRing, find, parse_keys
@@ -231,3 +236,27 @@ def test_models_and_unwritable_spend_files(tmp_path: Path, caplog: pytest.LogCap
     book.add("a", "total", 1.0)
     book.add("a", "total", 1.0)
     assert book.get("a", "total") == 2.0 and caplog.text.count("cannot write the spend file") == 1
+
+
+def test_sighup_reloads_the_file(tmp_path: Path) -> None:
+    """The lifespan on the main thread's loop installs the handler; a real SIGHUP reloads."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("- {name: a, key: sk-a}\n")
+    settings = Settings(server=ServerConfig(api_keys_file=keys), experts=[ExpertConfig(name="tiny")])
+    app = create_app(settings, expert_factory=lambda _: {})
+    ring = app.state.turnout.keys
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            assert ring.watching_sighup  # else a SIGHUP would end this process
+            stamp = keys.stat().st_mtime_ns
+            keys.write_text("- {name: b, key: sk-b}\n")
+            os.utime(keys, ns=(stamp, stamp))  # same mtime: only the signal can tell
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(100):
+                if [p.name for p in ring.policies] == ["b"]:
+                    break
+                await asyncio.sleep(0.02)
+        assert [p.name for p in ring.policies] == ["b"] and not ring.watching_sighup
+
+    asyncio.run(run())

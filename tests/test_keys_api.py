@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,10 +25,10 @@ from engine.model.args import ModelArgs
 from engine.model.llama import Transformer
 from engine.runner import ModelRunner
 from engine.tokenizer import Tokenizer
-from server.app import create_app
+from server.app import _JobStream
 from server.config import CostConfig, ExpertConfig, ServerConfig, Settings
 from server.key_limits import spend_path
-from server.serving import Expert
+from server.serving import Expert, Job
 from tests.conftest import LiveServer
 
 HASHED = "sk-hashed-456"
@@ -202,6 +200,47 @@ def test_max_parallel_counts_a_held_open_stream(live: LiveServer) -> None:
         engine.release.set()
 
 
+def test_a_request_whose_client_goes_away_gives_its_slot_back(live: LiveServer) -> None:
+    engine: HeldEngine = live.app.state.turnout.experts["tiny"].engine
+    keys = live.app.state.turnout.keys
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, **NO_EOS}
+    engine.release.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up while it is held
+            httpx.post(
+                f"{live.url}/v1/completions", json=body, headers={"Authorization": "Bearer sk-parallel1"}, timeout=1
+            )
+        assert _settles(lambda: keys.in_flight("parallel1") == 0)
+    finally:
+        engine.release.set()
+
+
+def test_a_stream_that_never_starts_still_ends_its_job() -> None:
+    """The client gone before the first byte: the events never run, the job ends with nothing charged."""
+    ran, reports = [], []
+
+    async def events() -> AsyncIterator[str]:
+        ran.append(True)
+        yield "data: [DONE]\n\n"
+
+    job = Job(True, "chatcmpl-x", "tiny", None, [[1]], [])  # type: ignore[arg-type]
+    job.on_done.append(lambda *usage: reports.append(usage))
+
+    async def gone(_: Any) -> None:
+        raise OSError("client disconnected")
+
+    async def nothing() -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    with pytest.raises(Exception):  # noqa: B017 (Starlette's ClientDisconnect)
+        asyncio.run(_JobStream(job, events())(scope, nothing, gone))
+    assert ran == [] and reports == [(0, 0, 0.0)]
+    job.finish(1, 1, 1.0)
+    assert reports == [(0, 0, 0.0)]  # once
+
+
 def _settles(check: Any, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not check():
@@ -288,27 +327,3 @@ def test_rewriting_the_file_adds_and_removes_keys(model_path: Path, tmp_path: Pa
 def _status(live: LiveServer, key: str) -> int:
     headers = {"Authorization": f"Bearer {key}"}
     return httpx.get(f"{live.url}/v1/models", headers=headers, timeout=10).status_code
-
-
-def test_sighup_reloads_the_file(tmp_path: Path) -> None:
-    """The lifespan on the main thread's loop installs the handler; a real SIGHUP reloads."""
-    keys = tmp_path / "keys.yaml"
-    keys.write_text("- {name: a, key: sk-a}\n")
-    settings = Settings(server=ServerConfig(api_keys_file=keys), experts=[ExpertConfig(name="tiny")])
-    app = create_app(settings, expert_factory=lambda _: {})
-    ring = app.state.turnout.keys
-
-    async def run() -> None:
-        async with app.router.lifespan_context(app):
-            assert ring.watching_sighup  # else a SIGHUP would end this process
-            stamp = keys.stat().st_mtime_ns
-            keys.write_text("- {name: b, key: sk-b}\n")
-            os.utime(keys, ns=(stamp, stamp))  # same mtime: only the signal can tell
-            os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(100):
-                if [p.name for p in ring.policies] == ["b"]:
-                    break
-                await asyncio.sleep(0.02)
-        assert [p.name for p in ring.policies] == ["b"] and not ring.watching_sighup
-
-    asyncio.run(run())
