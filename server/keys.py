@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 RELOAD_CHECK_S = 1.0  # requests look at the keys file's mtime at most this often
+ENTRY_LINE = re.compile(r"^\s*-\s+(\{|[A-Za-z_]+\s*:)", re.MULTILINE)  # "- name: ..." or "- {name: ...}"
 
 
 class KeyEntry(BaseModel):
@@ -124,8 +126,7 @@ def _yaml_entries(text: str, source: str) -> list[dict[str, Any]] | None:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-        if not first.startswith("- "):  # plain keys that YAML happens not to parse
+        if not ENTRY_LINE.search(text):  # plain keys that YAML happens not to parse
             return None
         mark = getattr(exc, "problem_mark", None)  # its message, not its snippet: that may show a key
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -92,6 +92,8 @@ def test_yaml_entries_with_a_key_or_its_digest() -> None:
         ("- name: a\n  key: sk-secret\n  colour: red\n", "colour: Extra inputs are not permitted"),
         ("- name: a\n  key: sk-secret\n- sk-plain\n", "entry 2 is not a mapping"),
         ("- name: a\n  key: [sk-secret\n", "invalid YAML at line"),
+        ("# policies\n\n- name: a\n  key: [sk-secret\n", "invalid YAML at line"),
+        ("- {name: a, key: [sk-secret\n", "invalid YAML at line"),
     ],
 )
 def test_a_bad_entry_names_itself_and_never_the_key(text: str, expected: str) -> None:
