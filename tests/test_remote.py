@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -266,6 +267,55 @@ def test_usage_an_upstream_does_not_report_is_counted_with_the_tokenizer(model_p
         assert cards["counted"]["usage"].startswith("upstream, else counted with")
         assert cards["uncounted"]["usage"] == "upstream"
     finally:
+        live.stop()
+        stub.shutdown()
+        stub.server_close()
+
+
+class _Faulty(_ModelsOnly):
+    """An upstream whose chat endpoint hangs (reads the request, answers nothing until released),
+    answers 500, or resets the connection, by the model asked for."""
+
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body["model"] == "hang":
+            self.release.wait(60)
+        elif body["model"] == "fail":
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "upstream broke"}}')
+        else:  # reset: close the socket with an RST, answering nothing
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+
+def test_an_upstream_that_hangs_answers_504_at_the_deadline_and_one_that_fails_or_resets_502(
+    model_path: Path,
+) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Faulty)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{stub.server_address[1]}/v1"
+    experts = [
+        ExpertConfig(name=name, engine="remote", base_url=base_url, request_timeout_s=1.0, health_check_interval_s=0)
+        for name in ("hang", "fail", "reset")
+    ]
+    live = LiveServer(Settings(experts=experts))
+    live.start()
+    try:
+        t0 = time.monotonic()
+        hung = _post(live.url, "chat/completions", {"model": "hang", "messages": CHAT})
+        waited = time.monotonic() - t0
+        assert hung.status_code == 504 and hung.json()["error"]["code"] == "request_timeout"
+        assert 1.0 <= waited < 30  # the expert's deadline, not the upstream client's 600 s
+        failed = _post(live.url, "chat/completions", {"model": "fail", "messages": CHAT})
+        assert failed.status_code == 502 and "upstream broke" in failed.json()["error"]["message"]
+        reset = _post(live.url, "chat/completions", {"model": "reset", "messages": CHAT})
+        assert reset.status_code == 502 and reset.json()["error"]["type"] == "server_error"
+    finally:
+        _Faulty.release.set()
         live.stop()
         stub.shutdown()
         stub.server_close()
