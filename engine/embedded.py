@@ -167,6 +167,7 @@ class EmbeddedEngine:
         self._ready = True
 
     async def _warm_up(self) -> None:
+        _ = self.tokenizer.max_token_chars  # read once, before a request needs it
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         request = GenerationRequest("warmup", self.tokenizer.encode_prompt("Hello, world"), params)
         async for _ in self.generate(request):
@@ -199,9 +200,10 @@ class EmbeddedEngine:
 
     # -- tokenization -------------------------------------------------------------------------
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode_prompt(self.tokenizer.render_chat(messages))
+        return self.tokenize(self.tokenizer.render_chat(messages))
 
     def tokenize(self, text: str) -> list[int]:
+        self.tokenizer.check_length(text, self.config.max_model_len)  # PromptTooLong
         return self.tokenizer.encode_prompt(text)
 
     def token_text(self, token_id: int) -> str:

@@ -127,10 +127,13 @@ class RemoteEngine:
     # text_only: the upstream tokenizes. With a tokenizer the gateway still counts, so that a prompt
     # longer than max_model_len is refused here with the usual 400, whatever the upstream does
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode_prompt(self.tokenizer.render_chat(messages)) if self.tokenizer else []
+        return self.tokenize(self.tokenizer.render_chat(messages)) if self.tokenizer else []
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode_prompt(text) if self.tokenizer else []
+        if self.tokenizer is None:
+            return []
+        self.tokenizer.check_length(text, self.config.max_model_len)  # PromptTooLong
+        return self.tokenizer.encode_prompt(text)
 
     def token_text(self, token_id: int) -> str:
         return ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,14 @@ def _byte_decoder() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class PromptTooLong(ValueError):
+    """A prompt with more tokens than the model's context holds, found from its length alone."""
+
+    def __init__(self, at_least: int, limit: int) -> None:
+        super().__init__(f"the prompt has at least {at_least} tokens; the context holds {limit}")
+        self.at_least, self.limit = at_least, limit
 
 
 class Tokenizer:
@@ -65,6 +73,20 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token covers: a text longer than ``n`` times this has more than
+        ``n`` tokens, known without tokenizing it."""
+        decode = self._tok.decode
+        return max(len(decode([i], skip_special_tokens=False)) for i in range(self.vocab_size))
+
+    def check_length(self, text: str, max_tokens: int) -> None:
+        """Raise PromptTooLong for a text that must have more than ``max_tokens`` tokens, before
+        tokenizing it (megabytes of text hold the event loop for seconds in the Rust tokenizer,
+        which keeps the GIL)."""
+        if len(text) > max_tokens * self.max_token_chars:
+            raise PromptTooLong(-(-len(text) // self.max_token_chars), max_tokens)
 
     def encode(self, text: str) -> list[int]:
         """The text's tokens alone (no BOS): for training data and pieces of prompts."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.base import Engine, GenerationRequest, RequestOutput, RequestStats, SamplingParams
 from engine.remote import UpstreamError
+from engine.tokenizer import PromptTooLong
 from server.admission import AdmissionQueue, Ticket
 from server.config import CostConfig
 from server.errors import APIError, still_loading, unavailable
@@ -153,6 +154,8 @@ class OpenAIServing:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             ids = expert.engine.tokenize_chat(messages)
+        except PromptTooLong as exc:
+            raise _too_long(exc, expert, "messages") from exc
         except Exception as exc:  # a template may reject a conversation shape
             raise APIError(400, f"messages could not be formatted for this model: {exc}", param="messages") from exc
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -172,13 +175,13 @@ class OpenAIServing:
         if engine.info.text_only:
             _pass_through_only(expert, req.logprobs, req.echo)
             raw = req.prompts()
-            token_prompts = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in raw]
+            token_prompts = [_tokenize(expert, p) if isinstance(p, str) else list(p) for p in raw]
             job = self._job(False, new_id("cmpl"), req, expert, token_prompts, req.max_tokens, None, "prompt")
             job.texts = [p if isinstance(p, str) else None for p in raw]
             return job
         prompts, echo = [], []
         for p in req.prompts():
-            ids = engine.tokenize(p) if isinstance(p, str) else list(p)
+            ids = _tokenize(expert, p) if isinstance(p, str) else list(p)
             if not ids:
                 raise APIError(400, "prompt must contain at least one token", param="prompt")
             if any(not 0 <= t < expert.engine.info.vocab_size for t in ids):
@@ -411,6 +414,21 @@ class OpenAIServing:
                 )
                 usd += cost_usd(job.expert.cost, partial, count_prompt=job.first_of_prompt(s.index))
         job.finish(prompt_tokens, completion, usd)
+
+
+def _tokenize(expert: Expert, prompt: str) -> list[int]:
+    try:
+        return expert.engine.tokenize(prompt)
+    except PromptTooLong as exc:
+        raise _too_long(exc, expert, "prompt") from exc
+
+
+def _too_long(exc: PromptTooLong, expert: Expert, param: str) -> APIError:
+    message = (
+        f"This model's maximum context length is {expert.engine.info.max_model_len} tokens, "
+        f"but the prompt has at least {exc.at_least} tokens."
+    )
+    return APIError(400, message, param=param, code="context_length_exceeded")
 
 
 def _pass_through_only(expert: Expert, logprobs: int | None, echo: bool = False) -> None:

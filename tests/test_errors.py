@@ -67,6 +67,22 @@ def test_prompt_longer_than_context(server) -> None:
     _assert_error(resp, 400, "prompt")
 
 
+def test_a_prompt_of_megabytes_is_refused_from_its_length_without_tokenizing(server) -> None:
+    """3 MB of text must have more tokens than the context (no token covers more than the
+    vocabulary's longest): refused before the tokenizer, which would hold the event loop for
+    seconds."""
+    engine = server.app.state.turnout.experts[MODEL].engine
+    huge = "x" * (3 * 2**20)
+    assert len(huge) > engine.info.max_model_len * engine.tokenizer.max_token_chars
+    for path, body in (
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": huge}]}),
+        ("completions", {"model": MODEL, "prompt": [huge, "hi"]}),
+    ):
+        resp = httpx.post(f"{server.url}/v1/{path}", json=body, timeout=60)
+        err = _assert_error(resp, 400, "messages" if path.startswith("chat") else "prompt")
+        assert err["code"] == "context_length_exceeded" and "at least" in err["message"]
+
+
 @pytest.mark.parametrize(
     "body",
     [
