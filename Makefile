@@ -71,6 +71,7 @@ bench: pull
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/r2r.py
 	$(PY) benchmarks/kv_cache.py
+	$(PY) benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) $(PEER_VENV) $(VLLM_VENV) *.egg-info
