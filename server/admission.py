@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.errors import APIError
+from server.errors import APIError, retry_later
 
 DRAIN_WINDOW_S = 60.0  # finished sequences over this window give the drain rate
 RETRY_AFTER_MAX_S = 60
@@ -107,10 +107,5 @@ class AdmissionQueue:
 
     def _overloaded(self, why: str) -> APIError:
         retry = self.retry_after_s()
-        return APIError(
-            503,
-            f"The model '{self.name}' is overloaded: {why}. Retry after {retry} s.",
-            type="server_overloaded",
-            code="queue_full",
-            headers={"Retry-After": str(retry)},
-        )
+        message = f"The model '{self.name}' is overloaded: {why}. Retry after {retry} s."
+        return retry_later(message, "queue_full", retry, type="server_overloaded")

@@ -41,27 +41,21 @@ class APIError(Exception):
 LOADING_RETRY_S = 5  # Retry-After of a 503 for a model (or the router) still loading
 
 
+def retry_later(message: str, code: str, seconds: int, type: str = "server_error") -> APIError:
+    """A 503 a client should retry after ``seconds`` (the official SDKs honour Retry-After)."""
+    return APIError(503, message, type=type, code=code, headers={"Retry-After": str(seconds)})
+
+
 def still_loading(what: str) -> APIError:
     """A configured model, or the router, that is not loaded yet: 503 with Retry-After (a client
     retries; a 404 would tell it the model does not exist)."""
-    return APIError(
-        503,
-        f"{what} is still loading; retry shortly.",
-        type="server_error",
-        code="model_not_ready",
-        headers={"Retry-After": str(LOADING_RETRY_S)},
-    )
+    return retry_later(f"{what} is still loading; retry shortly.", "model_not_ready", LOADING_RETRY_S)
 
 
 def unavailable(what: str) -> APIError:
-    """An expert whose engine failed and is recovering (or whose upstream is down): 503, retry."""
-    return APIError(
-        503,
-        f"{what} is unavailable: its engine failed and is recovering; retry shortly.",
-        type="server_error",
-        code="model_unavailable",
-        headers={"Retry-After": str(LOADING_RETRY_S)},
-    )
+    """An expert whose engine failed and is recovering: 503, retry."""
+    message = f"{what} is unavailable: its engine failed and is recovering; retry shortly."
+    return retry_later(message, "model_unavailable", LOADING_RETRY_S)
 
 
 def _param(loc: Sequence[Any]) -> str | None:

@@ -27,6 +27,32 @@ from server.transport import uvicorn_options
 MODEL = "smollm2-135m"
 
 
+def tiny_engine(model_path: Path, slots: int = 2, max_len: int = 128) -> Any:
+    """A random-init two-layer Llama with the real tokenizer, in an embedded engine: for tests of
+    what surrounds the engine (keys, limits, admission), where the text does not matter."""
+    from engine.embedded import EmbeddedConfig, EmbeddedEngine
+    from engine.model.args import ModelArgs
+    from engine.model.llama import Transformer
+    from engine.runner import ModelRunner
+    from engine.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
+    runner = ModelRunner(Transformer(args).eval(), slots, max_len)
+    return EmbeddedEngine(runner, Tokenizer(model_path), EmbeddedConfig(slots, max_len, 64), "float32")
+
+
+def tiny_experts(model_path: Path, slots: int = 2, max_len: int = 128) -> Callable[[Settings], dict[str, Any]]:
+    """An expert factory for ``create_app``: one tiny engine named ``tiny`` at $1 an hour."""
+    from server.config import CostConfig
+    from server.serving import Expert
+
+    def experts(_: Settings) -> dict[str, Any]:
+        return {"tiny": Expert("tiny", tiny_engine(model_path, slots, max_len), CostConfig(usd_per_hour=1.0))}
+
+    return experts
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

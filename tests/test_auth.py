@@ -7,16 +7,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
-from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.model.args import ModelArgs
-from engine.model.llama import Transformer
-from engine.runner import ModelRunner
-from engine.tokenizer import Tokenizer
 from server.config import CostConfig, ExpertConfig, ServerConfig, Settings
 from server.serving import Expert
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, tiny_engine, tiny_experts
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +18,7 @@ def keyed_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory):  #
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text("sk-good\n\nsk-other\n")
     settings = Settings(server=ServerConfig(api_keys_file=keys), experts=[ExpertConfig(name="tiny")])
-
-    def tiny_experts(_: Settings) -> dict[str, Expert]:
-        # a random-init model with the real tokenizer: this test is about the gate, not the text
-        torch.manual_seed(0)
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
-        runner = ModelRunner(Transformer(args).eval(), 2, 128)
-        engine = EmbeddedEngine(runner, Tokenizer(model_path), EmbeddedConfig(2, 128, 64), "float32")
-        return {"tiny": Expert("tiny", engine, CostConfig(usd_per_hour=1.0))}
-
-    live = LiveServer(settings, expert_factory=tiny_experts)
+    live = LiveServer(settings, expert_factory=tiny_experts(model_path))  # the gate, not the text
     live.start()
     yield live
     live.stop()
@@ -65,11 +50,7 @@ def test_a_model_still_loading_answers_503_with_retry_after_not_404(model_path: 
 
     def slow_experts(_: Settings) -> dict[str, Expert]:
         release.wait(60)
-        torch.manual_seed(0)
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
-        engine = EmbeddedEngine(
-            ModelRunner(Transformer(args).eval(), 2, 128), Tokenizer(model_path), EmbeddedConfig(2, 128, 64), "float32"
-        )
+        engine = tiny_engine(model_path)
         return {"tiny": Expert("tiny", engine, CostConfig(usd_per_hour=1.0))}
 
     live = LiveServer(Settings(experts=[ExpertConfig(name="tiny", max_model_len=128)]), expert_factory=slow_experts)

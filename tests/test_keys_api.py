@@ -17,19 +17,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
 from engine.base import GenerationRequest, RequestOutput
-from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.model.args import ModelArgs
-from engine.model.llama import Transformer
-from engine.runner import ModelRunner
-from engine.tokenizer import Tokenizer
+from engine.embedded import EmbeddedEngine
 from server.app import _JobStream
 from server.config import CostConfig, ExpertConfig, ServerConfig, Settings
 from server.key_limits import spend_path
 from server.serving import Expert, Job
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, tiny_engine
 
 HASHED = "sk-hashed-456"
 KEYS = f"""
@@ -79,10 +74,7 @@ class HeldEngine:
 
 def tiny_factory(model_path: Path, usd_per_hour: float = 1.0):  # type: ignore[no-untyped-def]
     def experts(_: Settings) -> dict[str, Expert]:
-        torch.manual_seed(0)
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
-        runner = ModelRunner(Transformer(args).eval(), 2, 128)
-        engine = EmbeddedEngine(runner, Tokenizer(model_path), EmbeddedConfig(2, 128, 64), "float32")
+        engine = tiny_engine(model_path)
         return {"tiny": Expert("tiny", HeldEngine(engine), CostConfig(usd_per_hour=usd_per_hour))}  # type: ignore[arg-type]
 
     return experts

@@ -14,33 +14,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
-from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.model.args import ModelArgs
-from engine.model.llama import Transformer
-from engine.runner import ModelRunner
-from engine.tokenizer import Tokenizer
-from server.config import CostConfig, ExpertConfig, ServerConfig, Settings
-from server.serving import Expert
-from tests.conftest import LiveServer
+from server.config import ExpertConfig, ServerConfig, Settings
+from tests.conftest import LiveServer, tiny_experts
 
 LIMITS = ServerConfig(max_body_bytes=64 * 1024, header_timeout_s=1.0, body_timeout_s=1.0)
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True}
 
 
 def tiny_server(model_path: Path, limits: ServerConfig) -> LiveServer:
-    def tiny_experts(_: Settings) -> dict[str, Expert]:
-        # a random-init model with the real tokenizer: these tests are about the transport
-        torch.manual_seed(0)
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
-        engine = EmbeddedEngine(
-            ModelRunner(Transformer(args).eval(), 2, 128), Tokenizer(model_path), EmbeddedConfig(2, 128, 64), "float32"
-        )
-        return {"tiny": Expert("tiny", engine, CostConfig(usd_per_hour=1.0))}
-
     settings = Settings(server=limits, experts=[ExpertConfig(name="tiny", max_model_len=128)])
-    return LiveServer(settings, expert_factory=tiny_experts)
+    return LiveServer(settings, expert_factory=tiny_experts(model_path))  # the transport, not the text
 
 
 @pytest.fixture(scope="module")

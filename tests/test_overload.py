@@ -16,17 +16,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
-from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.model.args import ModelArgs
-from engine.model.llama import Transformer
-from engine.runner import ModelRunner
-from engine.tokenizer import Tokenizer
+from engine.embedded import EmbeddedEngine
 from server.admission import QueueBounds
 from server.config import CostConfig, ExpertConfig, Settings
 from server.serving import Expert
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, tiny_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = [{"role": "user", "content": "Say something."}]
@@ -63,11 +58,7 @@ def gated(model_path: Path) -> Iterator[tuple[LiveServer, Gate]]:
     gates: list[Gate] = []
 
     def tiny(_: Settings) -> dict[str, Expert]:
-        torch.manual_seed(0)  # a random-init model with the real tokenizer: mechanics, not text
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
-        engine = EmbeddedEngine(
-            ModelRunner(Transformer(args).eval(), 1, 256), Tokenizer(model_path), EmbeddedConfig(1, 256, 64), "float32"
-        )
+        engine = tiny_engine(model_path, 1, 256)
         gates.append(Gate(engine))
         return {"tiny": Expert("tiny", engine, CostConfig(usd_per_hour=1.0))}
 

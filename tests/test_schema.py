@@ -9,36 +9,20 @@ from typing import Any
 
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from engine.embedded import EmbeddedConfig, EmbeddedEngine
-from engine.model.args import ModelArgs
-from engine.model.llama import Transformer
-from engine.runner import ModelRunner
-from engine.tokenizer import Tokenizer
-from server.config import CostConfig, ExpertConfig, Settings
-from server.serving import Expert
-from tests.conftest import LiveServer
+from server.config import ExpertConfig, Settings
+from tests.conftest import LiveServer, tiny_experts
 
 
 @pytest.fixture(scope="module")
 def api_server(model_path: Path) -> Iterator[LiveServer]:
     # room for n = 16 (4 running + 64 waiting), so a valid request is never refused as overload
     expert = ExpertConfig(name="tiny", max_batch_size=4, max_model_len=128, max_waiting_requests=64)
-
-    def tiny(_: Settings) -> dict[str, Expert]:
-        torch.manual_seed(0)
-        args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128)
-        engine = EmbeddedEngine(
-            ModelRunner(Transformer(args).eval(), 4, 128), Tokenizer(model_path), EmbeddedConfig(4, 128, 64), "float32"
-        )
-        return {"tiny": Expert("tiny", engine, CostConfig(usd_per_hour=1.0))}
-
-    live = LiveServer(Settings(experts=[expert]), expert_factory=tiny)
+    live = LiveServer(Settings(experts=[expert]), expert_factory=tiny_experts(model_path, slots=4))
     live.start()
     yield live
     live.stop()
