@@ -14,8 +14,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.coe.embedder import MAX_TOKENS, SentenceEmbedder
 from server.admission import AdmissionQueue, QueueBounds
 from server.config import AUTO, ExpertConfig, Settings
+from server.embeddings import EMBEDDING_MODEL, EmbeddingRequest, EmbeddingService
 from server.errors import APIError, install_error_handlers, still_loading
 from server.experts import build_experts
 from server.keys import KeyPolicy, KeyRing
@@ -43,7 +45,9 @@ class AppState:
         self.load_error: str | None = None
         self.keys = KeyRing(None)  # create_app reads server.api_keys_file
         self.router: RequestRouter | None = None
+        self.embeddings: EmbeddingService | None = None  # /v1/embeddings, once its model is loaded
         self.router_expected = False
+        self.embeddings_expected = False
 
     def healthy(self, name: str) -> bool:
         expert = self.experts.get(name)
@@ -66,6 +70,16 @@ async def _stop(expert: Expert) -> None:
         log.exception("stopping %s failed", expert.name)
 
 
+def _embedding_service(settings: Settings, router: RequestRouter | None) -> EmbeddingService | None:
+    """/v1/embeddings: the router's embedder (and its lock) when there is one, else its own."""
+    wanted = settings.server.embeddings
+    if wanted is False or (router is None and not wanted):
+        return None
+    if router is not None:
+        return EmbeddingService(router.router.embedder, router.lock)
+    return EmbeddingService(SentenceEmbedder())
+
+
 def _bounds(expert: ExpertConfig) -> QueueBounds:
     return QueueBounds(expert.max_batch_size, expert.max_waiting_requests, expert.max_waiting_tokens)
 
@@ -81,6 +95,8 @@ def create_app(
     state.keys = KeyRing(settings.server.api_keys_file, state.metrics)  # a bad file fails here
 
     state.router_expected = settings.router.coe is not None
+    wanted = settings.server.embeddings
+    state.embeddings_expected = bool(wanted) or (wanted is None and state.router_expected)
     state.serving.configured = {e.name: e.max_model_len for e in settings.experts}
     state.serving.queues = {e.name: AdmissionQueue(e.name, _bounds(e)) for e in settings.experts}
     default_timeout = settings.server.request_timeout_s
@@ -97,6 +113,7 @@ def create_app(
             router = await asyncio.to_thread(build_router, settings)  # loads and warms the embedder
             if router is not None:
                 state.router, state.serving.fallback = RequestRouter(router), router.config.fallback
+            state.embeddings = await asyncio.to_thread(_embedding_service, settings, state.router)
             log.info("ready: %s%s", ", ".join(experts), f", {AUTO}" if router else "")
         except BaseException as exc:  # a failure, or shutdown while loading
             if isinstance(exc, Exception):
@@ -188,6 +205,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     async def ready() -> JSONResponse:
         ok = bool(state.experts) and all(e.engine.ready() for e in state.experts.values())
         ok = ok and (state.router is not None or not state.router_expected)
+        ok = ok and (state.embeddings is not None or not state.embeddings_expected)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -212,7 +230,24 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             cards.append(_auto_card(state.router, cards))
         elif state.router_expected:
             cards.append(ModelCard(id=AUTO, max_model_len=max(lengths.values()), turnout={"ready": False}))
+        if state.embeddings is not None:
+            cards.append(
+                ModelCard(id=EMBEDDING_MODEL, max_model_len=MAX_TOKENS, turnout={"ready": True, "embedding": True})
+            )
         return ModelList(data=[c for c in cards if policy is None or policy.allows(c.id)])
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request, policy: Caller) -> Any:
+        request.state.model = body.model
+        if policy is not None:
+            policy.check_model(body.model)
+        if state.embeddings is None or body.model != EMBEDDING_MODEL:
+            if body.model == EMBEDDING_MODEL and state.embeddings_expected and state.load_error is None:
+                raise still_loading(f"The model '{EMBEDDING_MODEL}'")
+            served = EMBEDDING_MODEL if state.embeddings_expected else "none"
+            message = f"The embedding model '{body.model}' does not exist. Available: {served}"
+            raise APIError(404, message, param="model", code="model_not_found")
+        return await state.embeddings.create(body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request, policy: Caller) -> Any:

@@ -227,6 +227,9 @@ class ServerConfig(_Strict):
     # work is aborted; an expert's request_timeout_s overrides it, and a client's X-Request-Timeout
     # header may shorten (never lengthen) the one in force
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # POST /v1/embeddings with all-MiniLM-L6-v2 (the CoE router's embedder): null serves it when the
+    # router is configured (one embedder for both); true loads it without a router; false: no route
+    embeddings: bool | None = None
     # transport limits (README "Transport limits"): server/limits.py, server/transport.py
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # a larger request body: 413
     max_headers: int = Field(default=100, ge=32)  # more header fields: 431 (the OpenAI SDK sends 17)

@@ -56,7 +56,7 @@ class RequestRouter:
 
     def __init__(self, router: CoERouter) -> None:
         self.router = router
-        self._lock = threading.Lock()  # the embedding cache is not thread-safe
+        self.lock = threading.Lock()  # the embedding cache is not thread-safe (/v1/embeddings shares it)
 
     @property
     def fallback(self) -> str:
@@ -64,7 +64,7 @@ class RequestRouter:
 
     async def route(self, messages: Sequence[Message], healthy: Callable[[str], bool]) -> RouteDecision:
         def decide() -> RouteDecision:
-            with self._lock:
+            with self.lock:
                 return self.router.route(messages, healthy)
 
         return await asyncio.to_thread(decide)

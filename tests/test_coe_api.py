@@ -16,6 +16,7 @@ from engine.zoo import ASSETS
 from router.coe.data import DATA, load_examples
 from router.coe.router import CoEConfig, CoERouter
 from server.config import CoESettings, ExpertConfig, RouterSettings, Settings
+from server.embeddings import EMBEDDING_MODEL
 from tests.conftest import LiveServer
 
 LARGE, SMALL = "smollm2-135m", "smollm2-small"
@@ -100,7 +101,7 @@ def test_a_named_model_bypasses_the_router(routed: LiveServer) -> None:
 
 def test_models_lists_auto_with_its_map_and_metrics_count_decisions(routed: LiveServer) -> None:
     cards = {c["id"]: c for c in httpx.get(f"{routed.url}/v1/models", timeout=10).json()["data"]}
-    assert set(cards) == {LARGE, SMALL, "auto"}
+    assert set(cards) == {LARGE, SMALL, "auto", EMBEDDING_MODEL}  # the router's embedder: /v1/embeddings
     assert cards["auto"]["turnout"]["categories"] == CATEGORIES and cards["auto"]["turnout"]["fallback"] == LARGE
     labels = f'category="code",expert="{LARGE}",reason="category"'
     before = _metric(routed, "turnout:route_decisions_total", labels)

@@ -12,6 +12,7 @@ import pytest
 from engine.zoo import ASSETS
 from kernels import cpu
 from server.config import Settings
+from server.embeddings import EMBEDDING_MODEL
 from tests.conftest import LiveServer
 
 ZOO = ("smollm2-135m", "gemma3-270m", "smollm2-small", "r2r")
@@ -44,7 +45,8 @@ def zoo_server() -> Iterator[LiveServer]:
 @pytest.mark.slow
 def test_every_zoo_expert_and_auto_are_listed_with_what_they_support(zoo_server: LiveServer) -> None:
     cards = {c["id"]: c for c in httpx.get(f"{zoo_server.url}/v1/models", timeout=10).json()["data"]}
-    assert set(cards) == {*ZOO, "auto"}
+    assert set(cards) == {*ZOO, "auto", EMBEDDING_MODEL}  # the router's embedder serves /v1/embeddings
+    assert cards[EMBEDDING_MODEL]["turnout"]["embedding"] is True
     assert cards["gemma3-270m"]["turnout"]["architecture"] == "gemma3"
     assert cards["smollm2-135m"]["turnout"]["architecture"] == "llama"
     assert cards["r2r"]["turnout"]["r2r"]["small"] == "smollm2-small"
