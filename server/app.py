@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.coe.embedder import MAX_TOKENS, SentenceEmbedder
@@ -23,7 +23,8 @@ from server.experts import build_experts
 from server.keys import KeyPolicy, KeyRing
 from server.limits import RequestLimits
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.openapi import GENERATING, TEXT, TRANSPORT, errors, install_openapi, probe, streaming
+from server.protocol import ChatCompletionRequest, CompletionRequest, Health, ModelCard, ModelList, Ready
 from server.routing import RequestRouter, RouteDecision, build_router, route_headers
 from server.serving import Expert, Job, OpenAIServing
 
@@ -142,6 +143,7 @@ def create_app(
     app = FastAPI(title="turnout", lifespan=lifespan)
     app.state.turnout = state
     install_error_handlers(app)
+    install_openapi(app)
 
     app.add_middleware(RequestLimits, limits=settings.server)  # inside the counter: its 413/431/408 are counted
     app.add_middleware(_ErrorCounter, state=state)
@@ -189,7 +191,7 @@ Caller = Annotated[KeyPolicy | None, Depends(_authorize)]
 
 
 def _add_routes(app: FastAPI, state: AppState) -> None:
-    @app.get("/health")
+    @app.get("/health", responses=probe(Health, "This process cannot serve (restart it)"), response_model=Health)
     async def health() -> JSONResponse:
         # 503 only when this process cannot serve (a load error, an engine of its own that died):
         # liveness probes restart on it. A remote expert's upstream being down is another
@@ -201,18 +203,18 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         body = {"status": status, "error": state.load_error, "unhealthy_experts": sick}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/ready")
+    @app.get("/ready", responses=probe(Ready, "Still loading or unhealthy"), response_model=Ready)
     async def ready() -> JSONResponse:
         ok = bool(state.experts) and all(e.engine.ready() for e in state.experts.values())
         ok = ok and (state.router is not None or not state.router_expected)
         ok = ok and (state.embeddings is not None or not state.embeddings_expected)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=TEXT, response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors(401, 431))
     async def models(policy: Caller) -> ModelList:
         cards = [
             ModelCard(
@@ -236,7 +238,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             )
         return ModelList(data=[c for c in cards if policy is None or policy.allows(c.id)])
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=errors(400, 401, 403, 404, *TRANSPORT, 500, 503))
     async def embeddings(body: EmbeddingRequest, request: Request, policy: Caller) -> Any:
         request.state.model = body.model
         if policy is not None:
@@ -249,7 +251,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             raise APIError(404, message, param="model", code="model_not_found")
         return await state.embeddings.create(body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**streaming(), **errors(*GENERATING)})
     async def chat(body: ChatCompletionRequest, request: Request, policy: Caller) -> Any:
         request.state.model, route = body.model, None
         if policy is not None:
@@ -259,7 +261,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         job = _admitted(state, policy, state.serving.prepare_chat(body, route), request)
         return await _respond(request, job, body.stream, state.serving)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**streaming(), **errors(*GENERATING)})
     async def completions(body: CompletionRequest, request: Request, policy: Caller) -> Any:
         request.state.model, route = body.model, None
         if policy is not None:

@@ -152,6 +152,16 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class Health(BaseModel):
+    status: Literal["ok", "degraded", "unhealthy"]
+    error: str | None = None
+    unhealthy_experts: list[str] = Field(default_factory=list)
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
