@@ -27,6 +27,11 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     r2r_threshold: float | None = None  # an R2R expert's router threshold for this request
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits first
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's, over prompt and generated tokens; 1 = off
+    min_p: float = 0.0  # drop tokens below min_p times the top token's probability; 0 = off
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +42,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be non-negative")
+        if self.repetition_penalty <= 0 or not 0 <= self.min_p <= 1:
+            raise ValueError("repetition_penalty must be positive and min_p in [0, 1]")
 
     @property
     def greedy(self) -> bool:

@@ -45,8 +45,11 @@ class Picker:
         p = s.request.params
         return p.ignore_eos or s.num_generated + i < p.min_tokens
 
-    def mask_rows(self, s: Sequence, rows: torch.Tensor) -> None:
-        """No stop token in row i (``s``'s i-th next token) where it may not stop."""
+    def mask_rows(self, s: Sequence, rows: torch.Tensor, drafts: list[int] | None = None) -> None:
+        """Row i is ``s``'s next token after ``drafts[:i]``: its bias and penalties (in place), and
+        no stop token where it may not stop."""
+        if s.adjuster is not None:
+            s.adjuster.apply(rows[: len(drafts or ()) + 1], s.token_ids, drafts or ())
         for i in range(rows.shape[0]):
             if self.stop_masked(s, i):
                 rows[i, self._stop_ids] = float("-inf")
@@ -54,15 +57,28 @@ class Picker:
     def pick(
         self, seqs: list[Sequence], logits: torch.Tensor, argmax: list[int] | None = None
     ) -> tuple[list[int], torch.Tensor]:
-        """One token per row of ``logits [B, V]`` (masked in place); ``argmax``: each row's argmax
-        where the model computed it. Returns the tokens and the masked logits."""
+        """One token per row of ``logits [B, V]`` (adjusted and masked in place); ``argmax``: each
+        row's argmax where the model computed it. Returns the tokens and the adjusted logits."""
+        stale = self.adjust(seqs, logits)  # rows whose best token a bias or penalty may have moved
         masked = [row for row, s in enumerate(seqs) if self.stop_masked(s, 0)]
         if masked and len(self._stop_ids):  # one indexing op for the batch, not one per row
             logits[torch.tensor(masked)[:, None], self._stop_ids] = float("-inf")
             if argmax is not None:  # a masked row whose best was a stop token takes its next best
-                rows, stops = set(masked), self.stop_token_ids
-                argmax = [int(logits[r].argmax()) if r in rows and b in stops else b for r, b in enumerate(argmax)]
+                stale |= {r for r in masked if argmax[r] in self.stop_token_ids}
+        if argmax is not None and stale:
+            argmax = [int(logits[r].argmax()) if r in stale else b for r, b in enumerate(argmax)]
         return sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs], argmax), logits
+
+    @staticmethod
+    def adjust(seqs: list[Sequence], logits: torch.Tensor) -> set[int]:
+        """The logit bias and penalties of the rows whose requests have them (engine.logits), in
+        place; returns those rows. The others pay nothing."""
+        rows = set()
+        for r, s in enumerate(seqs):
+            if s.adjuster is not None:
+                s.adjuster.apply(logits[r : r + 1], s.token_ids)
+                rows.add(r)
+        return rows
 
     @staticmethod
     def logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[list[TokenLogprob | None]]:
@@ -142,7 +158,7 @@ class SpeculativeDecoder:
         logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
         kept, logprobs = [], []
         for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
-            self.picker.mask_rows(s, row_logits)
+            self.picker.mask_rows(s, row_logits, d)
             emitted = speculator.judge(state, d, row_logits, s.request.params, s.generator, q, len(s.token_ids))
             if d:
                 s.stats.speculation.record(len(d), len(emitted) - 1)

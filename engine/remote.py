@@ -25,7 +25,15 @@ from typing import Any
 
 import httpx
 
-from engine.base import EngineError, EngineStats, GenerationRequest, ModelInfo, RequestOutput, RequestStats
+from engine.base import (
+    EngineError,
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    RequestOutput,
+    RequestStats,
+    SamplingParams,
+)
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -167,6 +175,7 @@ class RemoteEngine:
             "stream_options": {"include_usage": True},
         }
         body.update({k: v for k, v in (("seed", p.seed), ("stop", list(p.stop) or None)) if v is not None})
+        body.update(_adjustments(p))
         # a client that set no limit gets the rest of the context (max_model_len less the prompt, as
         # far as the gateway counted it): then the upstream's own default, which its count decides
         if p.max_tokens < self.config.max_model_len - len(request.prompt_ids):
@@ -226,6 +235,18 @@ class RemoteEngine:
             return
         stats.prompt_tokens = len(request.prompt_ids)  # counted with the tokenizer (tokenize_chat/tokenize)
         stats.completion_tokens = len(self.tokenizer.encode(completion))
+
+
+def _adjustments(p: SamplingParams) -> dict[str, Any]:
+    """The logit bias, penalties and min_p a request set, as OpenAI (and vLLM) name them: passed
+    through for the upstream to apply (its vocabulary's token ids, unchecked here)."""
+    out: dict[str, Any] = {}
+    if p.logit_bias:
+        out["logit_bias"] = {str(t): int(v) if v == int(v) else v for t, v in p.logit_bias}
+    fields = [("presence_penalty", p.presence_penalty, 0.0), ("frequency_penalty", p.frequency_penalty, 0.0)]
+    fields += [("repetition_penalty", p.repetition_penalty, 1.0), ("min_p", p.min_p, 0.0)]
+    out.update({name: value for name, value, off in fields if value != off})
+    return out
 
 
 def _error_message(raw: bytes) -> str:

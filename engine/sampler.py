@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from engine.base import SamplingParams, TokenLogprob
+from engine.logits import apply_min_p
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -18,8 +19,8 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on one row of float32 logits ``[V]``."""
-    logits = logits / params.temperature
+    """Temperature, then min-p, top-k and top-p (nucleus) on one row of float32 logits ``[V]``."""
+    logits = apply_min_p(logits / params.temperature, params.min_p)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

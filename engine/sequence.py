@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.base import GenerationRequest, RequestOutput, RequestStats, TokenLogprob
+from engine.logits import LogitAdjuster
 from engine.speculative.speculator import SpeculationState
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
@@ -28,9 +29,11 @@ class Sequence:
     speculation: SpeculationState | None = None  # the drafter's state, when the engine speculates
     large_seen: int = 0  # R2R: tokens already in the large model's cache
     stats: RequestStats = field(init=False)
+    adjuster: LogitAdjuster | None = field(init=False)  # its logit bias and penalties, if it has any
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_ids)
+        self.adjuster = LogitAdjuster.build(self.request.params, len(self.request.prompt_ids))
         self.stats = RequestStats(self.request.arrival_time, len(self.request.prompt_ids))
 
     @property
