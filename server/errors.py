@@ -77,12 +77,14 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"Malformed JSON body: {first.get('msg')}", code="invalid_json")
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return APIError(400, "Request body is required and must be a JSON object", code="invalid_json")
-    param = _param(first.get("loc", ()))
+    ctx = first.get("ctx")  # a refused field (server.fields) names itself
+    ctx = ctx if isinstance(ctx, dict) else {}
+    param = ctx.get("param") or _param(first.get("loc", ()))
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     message = f"{param}: {msg}" if param else msg
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return APIError(400, message, param=param, code="invalid_value")
+    return APIError(400, message, param=param, code=ctx.get("code", "invalid_value"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

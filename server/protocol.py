@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.fields import check_logit_bias, refuse_unsupported
+
 MAX_N = 16
 MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
@@ -18,7 +20,7 @@ def new_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI servers do
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, known ones refused (server.fields)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -33,6 +35,9 @@ class _Request(BaseModel):
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id -> -100..100, added to its logit
+    repetition_penalty: float | None = Field(default=None, gt=0)  # extension (vLLM); 1 = off
+    min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM); 0 = off
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
     min_tokens: int = Field(default=0, ge=0)  # extension
     r2r_threshold: float | None = Field(default=None, ge=0, le=1)  # extension: an r2r expert's router threshold
@@ -47,11 +52,14 @@ class _Request(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        return check_logit_bias(v)
+
     @model_validator(mode="after")
     def _unsupported(self) -> _Request:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server; omit it or send 0")
+        refuse_unsupported(self.model_extra or {})
         return self
 
 

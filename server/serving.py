@@ -204,7 +204,7 @@ class OpenAIServing:
         prompt_param: str,
     ) -> Job:
         ctx = expert.engine.info.max_model_len
-        choices = []
+        choices, bias = [], _logit_bias(req, expert)
         for pi, ids in enumerate(prompts):
             if len(ids) >= ctx:
                 raise APIError(
@@ -222,12 +222,14 @@ class OpenAIServing:
                     code="context_length_exceeded",
                 )
             for i in range(req.n):
-                choices.append((pi, self._params(req, limit or ctx - len(ids), logprobs, i)))
+                choices.append((pi, self._params(req, limit or ctx - len(ids), logprobs, i, bias)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Job(chat, rid, req.model, expert, prompts, choices, include_usage)
 
     @staticmethod
-    def _params(req: _Request, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def _params(
+        req: _Request, max_tokens: int, logprobs: int | None, choice: int, bias: tuple[tuple[int, float], ...] = ()
+    ) -> SamplingParams:
         seed = None if req.seed is None else (req.seed + choice) % 2**63
         return SamplingParams(
             max_tokens=max_tokens,
@@ -240,6 +242,11 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             r2r_threshold=req.r2r_threshold,
+            logit_bias=bias,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            min_p=req.min_p or 0.0,
         )
 
     # -- running ------------------------------------------------------------------------------
@@ -429,6 +436,19 @@ def _too_long(exc: PromptTooLong, expert: Expert, param: str) -> APIError:
         f"but the prompt has at least {exc.at_least} tokens."
     )
     return APIError(400, message, param=param, code="context_length_exceeded")
+
+
+def _logit_bias(req: _Request, expert: Expert) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as (token id, bias) pairs, its ids checked against the expert's vocabulary
+    (a remote expert's upstream checks its own: ``vocab_size`` 0)."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        bias[int(key)] = bias.get(int(key), 0.0) + value
+    vocab = expert.engine.info.vocab_size
+    if vocab and (outside := [t for t in bias if t >= vocab]):
+        message = f"logit_bias: token id {outside[0]} is outside the vocabulary of '{expert.name}' ({vocab} tokens)"
+        raise APIError(400, message, param="logit_bias", code="invalid_value")
+    return tuple(sorted(bias.items()))
 
 
 def _pass_through_only(expert: Expert, logprobs: int | None, echo: bool = False) -> None:
