@@ -52,11 +52,16 @@ def refuse_unsupported(extra: dict[str, Any]) -> None:
     """A 400 (via the validation error's ``param``) for the first refused field that asks for something."""
     for name, (harmless, hint) in REFUSED.items():
         if name in extra and not harmless(extra[name]):
-            raise PydanticCustomError(
-                "unsupported_field",
-                "not supported by this server ({hint}); omit it",
-                {"param": name, "hint": hint, "code": "unsupported_parameter"},
-            )
+            raise unsupported(name, hint)
+
+
+def unsupported(name: str, hint: str) -> PydanticCustomError:
+    """The validation error of a field this server refuses: a 400 whose ``param`` is ``name``."""
+    return PydanticCustomError(
+        "unsupported_field",
+        "not supported by this server ({hint}); omit it",
+        {"param": name, "hint": hint, "code": "unsupported_parameter"},
+    )
 
 
 def check_logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.fields import check_logit_bias, refuse_unsupported
+from server.fields import check_logit_bias, refuse_unsupported, unsupported
 
 MAX_N = 16
 MAX_STOP = 16
@@ -114,9 +114,9 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _checks(self) -> CompletionRequest:
         if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+            raise unsupported("suffix", "no insertion")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported by this server")
+            raise unsupported("best_of", "only best_of equal to n")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
         return self

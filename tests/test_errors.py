@@ -46,7 +46,8 @@ def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -
         ({"model": MODEL, "messages": "hello"}, 400, "messages"),
         ({"model": 42, "messages": OK_MESSAGES}, 400, "model"),
         ({"model": MODEL, "messages": OK_MESSAGES, "seed": "x"}, 400, "seed"),
-        ({"model": MODEL, "messages": OK_MESSAGES, "frequency_penalty": 0.5}, 400, None),
+        ({"model": MODEL, "messages": OK_MESSAGES, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+        ({"model": MODEL, "messages": OK_MESSAGES, "functions": [{"name": "f"}]}, 400, "functions"),
     ],
 )
 def test_bad_chat_requests(server, body: dict, status: int, param: str | None) -> None:
