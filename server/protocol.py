@@ -36,7 +36,8 @@ class _Request(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id -> -100..100, added to its logit
-    repetition_penalty: float | None = Field(default=None, gt=0)  # extension (vLLM); 1 = off
+    # extension (vLLM); 1 = off. Bounded: dividing logits by 5e-324 overflowed them to NaN
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=100)
     min_p: float | None = Field(default=None, ge=0, le=1)  # extension (vLLM); 0 = off
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
     min_tokens: int = Field(default=0, ge=0)  # extension

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from server.config import CoESettings, ExpertConfig, RouterSettings, Settings
+from server.embeddings import EMBEDDING_MODEL
 from tests.conftest import MODEL, LiveServer, ServerProcess, streamed_text
 
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -132,7 +133,7 @@ def test_an_unreachable_remote_fails_over_then_is_routed_around(gateway: LiveSer
 def test_models_show_a_remote_expert_for_what_it_is(gateway: LiveServer) -> None:
     cards = {c["id"]: c for c in httpx.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]}
     assert cards["upstream"]["turnout"]["engine"] == "remote" and cards["upstream"]["turnout"]["remote_model"] == MODEL
-    assert {"upstream", "dead", "auto"} == set(cards)
+    assert {"upstream", "dead", "auto", EMBEDDING_MODEL} == set(cards)  # the router's embedder too
 
 
 class _ModelsOnly(BaseHTTPRequestHandler):
