@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from engine.grammar import GrammarSpec
 
 
 class EngineError(Exception):
@@ -27,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     r2r_threshold: float | None = None  # an R2R expert's router threshold for this request
+    grammar: GrammarSpec | None = None  # what the output must match (structured output, tool calls)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,6 +40,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be non-negative")
+        if self.grammar is not None and (self.ignore_eos or self.min_tokens):
+            raise ValueError("a grammar decides where the output ends: no ignore_eos or min_tokens with it")
 
     @property
     def greedy(self) -> bool:
@@ -51,8 +56,10 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    messages: list[dict[str, str]] | None = None  # for a text-only engine: the conversation ...
+    messages: list[dict[str, Any]] | None = None  # for a text-only engine: the conversation ...
     prompt_text: str | None = None  # ... or the completion prompt
+    # for a text-only engine: request fields it passes on unchanged (response_format, tools, ...)
+    passthrough: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stats: RequestStats | None = None  # set on the final output
     error: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # a text-only engine: the upstream's tool-call deltas
 
     @property
     def finished(self) -> bool:
@@ -246,7 +254,15 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def tokenize_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The conversation as the model's chat template writes it (``tools``: the functions the
+        model may call, rendered by the template or, where it has no place for them, into the
+        system prompt), tokenized."""
+        ...
+
+    def check_grammar(self, grammar: GrammarSpec) -> None:
+        """Raise GrammarError for a grammar this engine cannot enforce (compiled and cached here)."""
+        ...
 
     def tokenize(self, text: str) -> list[int]: ...
 

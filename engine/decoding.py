@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from engine.base import TokenLogprob
+from engine.grammar import GrammarMasker
 from engine.r2r import R2RDecoder
 from engine.runner import ModelRunner
 from engine.sampler import sample, token_logprobs
@@ -38,6 +39,7 @@ class Picker:
     def __init__(self, stop_token_ids: set[int] | frozenset[int]) -> None:
         self.stop_token_ids = stop_token_ids
         self._stop_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.long)
+        self.grammar = GrammarMasker()
 
     @staticmethod
     def stop_masked(s: Sequence, i: int) -> bool:
@@ -62,6 +64,8 @@ class Picker:
             if argmax is not None:  # a masked row whose best was a stop token takes its next best
                 rows, stops = set(masked), self.stop_token_ids
                 argmax = [int(logits[r].argmax()) if r in rows and b in stops else b for r, b in enumerate(argmax)]
+        if (constrained := self.grammar.mask([s.grammar for s in seqs], logits)) and argmax is not None:
+            argmax = [int(logits[r].argmax()) if r in constrained else b for r, b in enumerate(argmax)]
         return sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs], argmax), logits
 
     @staticmethod
@@ -141,11 +145,12 @@ class SpeculativeDecoder:
         rows = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafts)]
         logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
         kept, logprobs = [], []
-        for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
+        for s, state, proposed, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
             self.picker.mask_rows(s, row_logits)
+            d = proposed if s.grammar is None else self.picker.grammar.mask_drafts(s.grammar, proposed, row_logits)
             emitted = speculator.judge(state, d, row_logits, s.request.params, s.generator, q, len(s.token_ids))
-            if d:
-                s.stats.speculation.record(len(d), len(emitted) - 1)
+            if proposed:
+                s.stats.speculation.record(len(proposed), len(emitted) - 1)
             kept.append(emitted)
             wanted = [s.request.params.logprobs]
             logprobs.append([token_logprobs(row_logits[i : i + 1], [t], wanted)[0] for i, t in enumerate(emitted)])
