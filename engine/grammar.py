@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CACHE_SIZE = 64  # compiled grammars kept per engine (a few MB each at most for a 49k vocabulary)
-MAX_WHITESPACE = 16  # between JSON tokens: room for indentation, none for a model stuck on newlines
+MAX_WHITESPACE = 1  # between JSON tokens: a space or a newline; a weak model stuck on whitespace moves on
 GrammarKind = Literal["json_object", "json_schema", "structural_tag"]
 
 

@@ -3,10 +3,11 @@
 The tool list goes into the system prompt as JSON (one ``{"type": "function", "function": ...}``
 per line, inside ``<tools></tools>``) with the instruction to answer a call as
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the markup Hermes- and Qwen-style
-models are trained on (several calls follow one another). An assistant turn that called tools is written the same way, and a tool's
-result comes back as a user turn, ``<tool_response>...</tool_response>`` (a template that only
-knows user and assistant still takes it). A template that does render tools (it mentions
-``tools``) gets them and the messages as they are instead.
+models are trained on (several calls follow one another). An assistant turn that called tools is
+written the same way, and a tool's result comes back as a user turn,
+``<tool_response>...</tool_response>`` (a template that only knows user and assistant still
+takes it). A template that does render tools (it mentions ``tools``) gets them and the messages
+as they are instead.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 
@@ -57,7 +57,19 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+def _tool_choice(value: Any) -> Any:
+    """One message for a bad tool_choice, naming the field (not one per member of the union)."""
+    if value in ("none", "auto", "required") or value is None:
+        return value
+    try:
+        return NamedToolChoice.model_validate(value)
+    except ValidationError:
+        raise ValueError(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+        ) from None
+
+
+ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice, BeforeValidator(_tool_choice)]
 
 
 class FunctionCall(BaseModel):

@@ -69,7 +69,7 @@ class ToolCallStream:
         self.functions = functions
         self.calls: list[dict[str, Any]] = []
         self._buffer = ""
-        self._space = ""  # whitespace held until text follows it (none between calls goes out)
+        self._space = ""  # trailing whitespace, held until text follows it
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         self._buffer += text
@@ -106,15 +106,21 @@ class ToolCallStream:
         index = len(self.calls)
         self.calls.append(call)
         function = call["function"]
-        head = {"index": index, "id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": ""}}
+        head = {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": function["name"], "arguments": ""},
+        }
         return content, [head, {"index": index, "function": {"arguments": function["arguments"]}}]
 
     def _text(self, content: str) -> str:
-        if not content.strip():
-            self._space += content
-            return ""
-        content, self._space = self._space + content, ""
-        return content
+        """Text to send now: trailing whitespace waits for what follows it (none goes out between
+        or after calls), so what is sent does not depend on how the output was split."""
+        content = self._space + content
+        body = content.rstrip()
+        self._space = content[len(body) :]
+        return body
 
 
 def conversation(messages: list[Any]) -> list[dict[str, Any]]:
