@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.base import Engine, GenerationRequest, RequestOutput, RequestStats, SamplingParams
-from engine.grammar import GrammarError
 from engine.remote import UpstreamError
 from engine.tokenizer import PromptTooLong
 from server.admission import AdmissionQueue, Ticket
@@ -22,8 +21,8 @@ from server.formatting import ChoiceState, build_usage, chat_logprobs, completio
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
 from server.routing import RouteDecision, route_usage
-from server.structured import Structured, plan
-from server.tools import ToolCallStream, chat_message, conversation, merge_deltas
+from server.structured import Structured, constrain, plan
+from server.tools import StreamedCalls, chat_message, conversation, merge_deltas
 
 log = logging.getLogger(__name__)
 OnDone = Callable[[int, int, float], None]  # (prompt tokens, completion tokens, cost_usd) of a finished job
@@ -172,7 +171,7 @@ class OpenAIServing:
         job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
         if extra := expert.engine.info.chat_stop:
             job.choices = [(p, replace(params, stop=(*params.stop, *extra))) for p, params in job.choices]
-        _constrain(job, structured)
+        job.structured, job.choices = structured, constrain(structured, expert.engine, job.choices)
         return job
 
     def _completion_job(self, req: CompletionRequest, expert: Expert) -> Job:
@@ -423,19 +422,6 @@ class OpenAIServing:
         job.finish(prompt_tokens, completion, usd)
 
 
-def _constrain(job: Job, structured: Structured) -> None:
-    """Every choice of an embedded expert's job under the request's grammar (a 400 naming the
-    field for one the engine cannot enforce)."""
-    job.structured = structured
-    if structured.grammar is None:
-        return
-    try:
-        job.expert.engine.check_grammar(structured.grammar)
-    except GrammarError as exc:
-        raise APIError(400, f"{structured.param}: {exc}", param=structured.param) from exc
-    job.choices = [(p, replace(params, grammar=structured.grammar)) for p, params in job.choices]
-
-
 def _tokenize(expert: Expert, prompt: str) -> list[int]:
     try:
         return expert.engine.tokenize(prompt)
@@ -470,8 +456,7 @@ class _Streamer:
         self.serving, self.job = serving, job
         self.states: dict[int, ChoiceState] = {}  # what each choice produced so far
         self.object = "chat.completion.chunk" if job.chat else "text_completion"
-        functions = job.structured.functions if job.chat else ()
-        self.calls = {i: ToolCallStream(functions) for i in range(len(job.choices))} if functions else {}
+        self.calls = StreamedCalls(job.structured.functions if job.chat else ())
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         job = self.job  # its model changes if a routed request fails over
@@ -505,13 +490,14 @@ class _Streamer:
                 states[state.index] = state
                 lp = self.serving._logprobs(job, state, out.logprobs or [], offsets[state.index])
                 offsets[state.index] += len(out.text)
-                text, calls = self._tool_calls(state.index, out)
+                text, calls = self.calls.split(state.index, out.text, out.tool_calls, out.finished)
                 if text or lp:
                     yield self._chunk([self._choice(state.index, text, lp, None)])
                 for call in calls:  # one delta a chunk, as OpenAI sends them
                     yield self._chunk([self._choice(state.index, None, None, None, calls=[call])])
                 if out.finished:
-                    yield self._chunk([self._choice(state.index, None, None, self._finish_reason(state))])
+                    finish = self.calls.finish_reason(state.index, state.finish_reason, bool(state.tool_calls))
+                    yield self._chunk([self._choice(state.index, None, None, finish)])
         except APIError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
@@ -520,19 +506,3 @@ class _Streamer:
             ordered = [states[i] for i in range(len(job.choices))]
             yield self._chunk([], usage=self.serving._usage(job, ordered))
         yield "data: [DONE]\n\n"
-
-    def _tool_calls(self, index: int, out: RequestOutput) -> tuple[str, list[dict[str, Any]]]:
-        """A delta's text to send and its tool-call deltas (relayed, or read from the text)."""
-        stream = self.calls.get(index)
-        if out.tool_calls or stream is None:
-            return out.text, out.tool_calls or []
-        text, calls = stream.feed(out.text)
-        if out.finished:
-            rest, more = stream.finish()
-            text, calls = text + rest, calls + more
-        return text, calls
-
-    def _finish_reason(self, state: ChoiceState) -> str | None:
-        stream = self.calls.get(state.index)
-        called = (stream is not None and stream.calls) or state.tool_calls
-        return "tool_calls" if called and state.finish_reason == "stop" else state.finish_reason

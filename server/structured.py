@@ -14,10 +14,11 @@ JSON or calls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.grammar import MAX_WHITESPACE, GrammarSpec
+from engine.base import Engine, SamplingParams
+from engine.grammar import MAX_WHITESPACE, GrammarError, GrammarSpec
 from engine.json_schema import unsupported_keyword
 from engine.tool_prompt import TOOL_CALL_BEGIN, TOOL_CALL_END
 from server.errors import APIError
@@ -62,6 +63,20 @@ def plan(req: ChatCompletionRequest) -> Structured:
     out.prompt_tools = [t.model_dump(exclude_none=True) for t in tools]
     out.functions = tuple(t.function.name for t in tools)
     return out
+
+
+def constrain(
+    structured: Structured, engine: Engine, choices: list[tuple[int, SamplingParams]]
+) -> list[tuple[int, SamplingParams]]:
+    """An embedded expert's choices under the request's grammar, compiled (and cached) by its
+    engine: a 400 naming the field for a grammar the engine cannot enforce."""
+    if structured.grammar is None:
+        return choices
+    try:
+        engine.check_grammar(structured.grammar)
+    except GrammarError as exc:
+        raise APIError(400, f"{structured.param}: {exc}", param=structured.param) from exc
+    return [(p, replace(params, grammar=structured.grammar)) for p, params in choices]
 
 
 def _offered(req: ChatCompletionRequest) -> list[Tool]:

@@ -123,6 +123,33 @@ class ToolCallStream:
         return body
 
 
+class StreamedCalls:
+    """A streamed response's calls, choice by choice: read from the text where tools were offered,
+    relayed where an upstream sent them."""
+
+    def __init__(self, functions: tuple[str, ...]) -> None:
+        self.functions = functions
+        self.streams: dict[int, ToolCallStream] = {}
+
+    def split(
+        self, index: int, text: str, relayed: list[dict[str, Any]] | None, finished: bool
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """A delta's text to send and its tool-call deltas."""
+        if relayed or not self.functions:
+            return text, relayed or []
+        stream = self.streams.setdefault(index, ToolCallStream(self.functions))
+        text, calls = stream.feed(text)
+        if finished:
+            rest, more = stream.finish()
+            text, calls = text + rest, calls + more
+        return text, calls
+
+    def finish_reason(self, index: int, finish: str | None, relayed: bool) -> str | None:
+        stream = self.streams.get(index)
+        called = relayed or (stream is not None and bool(stream.calls))
+        return "tool_calls" if called and finish == "stop" else finish
+
+
 def conversation(messages: list[Any]) -> list[dict[str, Any]]:
     """Request messages (protocol ChatMessage) as the dicts a chat template or an upstream reads:
     role and text, and a turn's tool calls, the call a tool turn answers, a name."""

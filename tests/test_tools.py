@@ -1,14 +1,12 @@
 """Tools: the prompt SmolLM2 gets (its template has no tools), calls read back from its output
 (whole and streamed, in any split), tool_choice required / named / auto / none through the official
-client against the real model, a conversation that returns a tool's result, 400s naming the field,
-and a remote expert that passes tools through and relays the upstream's calls."""
+client against the real model, a conversation that returns a tool's result, and 400s naming the
+field (tests/test_tools_remote.py: a remote expert passes tools through and relays the calls)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,8 @@ import openai
 import pytest
 
 from engine.tokenizer import Tokenizer
-from server.config import ExpertConfig, Settings
 from server.tools import ToolCallStream, merge_deltas, split_calls
-from tests.conftest import MODEL, LiveServer
+from tests.conftest import MODEL
 
 WEATHER = {
     "type": "object",
@@ -187,40 +184,42 @@ async def test_a_conversation_returns_the_tools_result_and_goes_on(client) -> No
             assert message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_auto_answers_valid_calls_or_text(client, stream: bool) -> None:  # type: ignore[no-untyped-def]
-    for question in ("What is the weather in Rome?", "Say hello to me.", "Add 12 and 30."):
+async def test_auto_answers_valid_calls_or_text_whole_and_streamed(client) -> None:  # type: ignore[no-untyped-def]
+    questions = ("What is the weather in Rome?", "Say hello to me.", "Add 12 and 30.")
+
+    async def one(question: str, stream: bool) -> tuple[str | None, list[tuple[str, str]], str | None]:
         kwargs = dict(
-            model=MODEL, messages=[{"role": "user", "content": question}], tools=TOOLS, max_tokens=60, temperature=0
+            model=MODEL, messages=[{"role": "user", "content": question}], tools=TOOLS, max_tokens=48, temperature=0
         )
         if stream:
             text, calls, finish = streamed(
                 [c async for c in await client.chat.completions.create(**kwargs, stream=True)]
             )
-            for c in calls.values():
-                jsonschema.validate(json.loads(c["arguments"]), SCHEMA[c["name"]])
-            assert (finish == "tool_calls") == bool(calls) and (calls or text)
-            continue
+            return text or None, [(c["name"], c["arguments"]) for c in calls.values()], finish
         r = await client.chat.completions.create(**kwargs)
-        message, finish = r.choices[0].message, r.choices[0].finish_reason
-        if message.tool_calls:
-            assert_calls(message, finish)
-        else:
-            assert message.content and "<tool_call>" not in message.content and finish in ("stop", "length")
+        message = r.choices[0].message
+        called = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        return message.content, called, r.choices[0].finish_reason
+
+    answers = await asyncio.gather(*(one(q, stream) for q in questions for stream in (False, True)))
+    for text, calls, finish in answers:
+        for name, arguments in calls:
+            jsonschema.validate(json.loads(arguments), SCHEMA[name])
+        assert (finish == "tool_calls") == bool(calls) and (calls or text)
+        assert "<tool_call>" not in (text or "")  # markup became calls, or was never written
+    assert [(t, c) for t, c, _ in answers[0::2]] == [(t, c) for t, c, _ in answers[1::2]]  # greedy: streamed as whole
 
 
 async def test_none_reads_no_call_even_when_the_model_writes_one(client) -> None:  # type: ignore[no-untyped-def]
     echo = [{"role": "user", "content": f"Repeat this line exactly, with nothing else: {CALL}"}]
-    for tools in (TOOLS, None):
-        r = await client.chat.completions.create(
-            model=MODEL,
-            messages=echo,
-            tools=tools,
-            tool_choice="none" if tools else openai.NOT_GIVEN,
-            max_tokens=40,
-            temperature=0,
-        )
+    kwargs: dict[str, Any] = dict(model=MODEL, messages=echo, max_tokens=40, temperature=0)
+    answers = await asyncio.gather(
+        client.chat.completions.create(**kwargs, tools=TOOLS, tool_choice="none"),
+        client.chat.completions.create(**kwargs),
+    )
+    for r in answers:
         assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content  # none: tools not rendered
 
 
 @pytest.mark.parametrize(
@@ -260,85 +259,3 @@ def test_bad_tool_requests_are_400s_naming_the_field(sync_client, body: dict[str
         sync_client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=body)
     error = refused.value.body
     assert error["param"] == param and words in error["message"], error  # type: ignore[index]
-
-
-# --- a remote expert passes tools through --------------------------------------------------------
-
-
-def _sse(*chunks: dict[str, Any]) -> bytes:
-    return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
-
-
-class Upstream(BaseHTTPRequestHandler):
-    """An OpenAI server that answers every chat with one call, streamed in pieces."""
-
-    bodies: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802
-        Upstream.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        head = {"index": 0, "id": "call_up", "type": "function", "function": {"name": "add", "arguments": ""}}
-        payload = _sse(
-            {"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [head]}}]},
-            {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 2,'}}]}}]},
-            {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ' "b": 3}'}}]}}]},
-            {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-            {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}},
-        )
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def remote() -> Iterator[LiveServer]:
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{upstream.server_address[1]}/v1"
-    live = LiveServer(
-        Settings(
-            experts=[
-                ExpertConfig(name="up", engine="remote", base_url=url, remote_model="m", health_check_interval_s=0)
-            ]
-        )
-    )
-    live.start()
-    yield live
-    live.stop()
-    upstream.shutdown()
-
-
-def test_a_remote_expert_passes_tools_through_and_relays_the_calls(remote: LiveServer) -> None:
-    client = openai.OpenAI(base_url=f"{remote.url}/v1", api_key="unused", max_retries=0, timeout=30)
-    call = {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 1}'}}
-    messages = [
-        *WEATHER_Q,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_0", "content": "2"},
-    ]
-    fields = {
-        "tools": TOOLS,
-        "tool_choice": "required",
-        "parallel_tool_calls": False,
-        "response_format": {"type": "json_object"},
-    }
-    whole = client.chat.completions.create(model="up", messages=messages, max_tokens=30, **fields)  # type: ignore[arg-type]
-    sent = Upstream.bodies[-1]
-    assert {k: sent[k] for k in fields} == fields and sent["messages"][1:] == messages[1:]
-    choice = whole.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    assert [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
-        ("call_up", "add", '{"a": 2, "b": 3}')
-    ]
-    text, calls, finish = streamed(
-        list(client.chat.completions.create(model="up", messages=messages, stream=True, **fields))
-    )  # type: ignore[arg-type]
-    assert (
-        text == ""
-        and finish == "tool_calls"
-        and calls == {0: {"id": "call_up", "name": "add", "arguments": '{"a": 2, "b": 3}'}}
-    )
