@@ -64,8 +64,8 @@ class Picker:
             if argmax is not None:  # a masked row whose best was a stop token takes its next best
                 rows, stops = set(masked), self.stop_token_ids
                 argmax = [int(logits[r].argmax()) if r in rows and b in stops else b for r, b in enumerate(argmax)]
-        if (constrained := self.grammar.mask([s.grammar for s in seqs], logits)) and argmax is not None:
-            argmax = [int(logits[r].argmax()) if r in constrained else b for r, b in enumerate(argmax)]
+        exact = [not s.request.params.greedy or s.request.params.logprobs is not None for s in seqs]
+        argmax = self.grammar.mask([s.grammar for s in seqs], logits, argmax, exact)
         return sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs], argmax), logits
 
     @staticmethod

@@ -158,16 +158,29 @@ class GrammarMasker:
             self._bitmask = torch.full((max(rows, 16), words), -1, dtype=torch.int32)
         return self._bitmask[:rows]
 
-    def mask(self, states: list[GrammarState | None], logits: Tensor) -> list[int]:
-        """Each constrained row of ``logits [B, V]`` (in place) limited to its grammar's next tokens;
-        returns the rows masked."""
+    def mask(
+        self, states: list[GrammarState | None], logits: Tensor, argmax: list[int] | None, exact: list[bool]
+    ) -> list[int] | None:
+        """Each constrained row of ``logits [B, V]`` limited to its grammar's next tokens (in place),
+        unconstrained rows untouched. ``argmax``: each row's best, where the model computed it;
+        returned with the constrained rows' best allowed token. A greedy row whose best token the
+        grammar allows needs nothing more: only rows whose best is forbidden, and the ``exact``
+        ones (sampled, or asking for logprobs: their whole distribution counts), are masked, which
+        is the costly part (a pass over the vocabulary)."""
         rows = [i for i, g in enumerate(states) if g is not None]
-        if rows:
-            bitmask = self._buffer(logits.shape[0], logits.shape[-1])
-            for i in rows:
-                states[i].matcher.fill_next_token_bitmask(bitmask, i)  # type: ignore[union-attr]
-            _apply(logits, bitmask, rows)
-        return rows
+        if not rows:
+            return argmax
+        bitmask = self._buffer(logits.shape[0], logits.shape[-1])
+        for i in rows:
+            states[i].matcher.fill_next_token_bitmask(bitmask, i)  # type: ignore[union-attr]
+        best = logits.argmax(-1).tolist() if argmax is None else list(argmax)
+        bits = bitmask.numpy()
+        masked = [i for i in rows if exact[i] or not (int(bits[i, best[i] >> 5]) >> (best[i] & 31)) & 1]
+        if masked:
+            _apply(logits, bitmask, masked)
+            for i, token in zip(masked, logits[masked].argmax(-1).tolist()):
+                best[i] = token
+        return best
 
     def mask_drafts(self, state: GrammarState, drafts: list[int], logits: Tensor) -> list[int]:
         """A verification row's ``logits [W, V]`` (the positions after the last token and after each

@@ -98,11 +98,24 @@ def test_the_mask_limits_constrained_rows_and_leaves_the_others(compiler: Gramma
     state = compiler.state(GrammarSpec.json_schema({"enum": ["yes", "no"]}))
     logits = torch.randn(3, VOCAB)
     free = logits[1].clone()
-    rows = GrammarMasker().mask([state, None, state], logits)
-    assert rows == [0, 2] and torch.equal(logits[1], free)
+    argmax = GrammarMasker().mask([state, None, state], logits, [0, 7, 0], [True, False, True])
+    assert argmax is not None and argmax[1] == 7 and torch.equal(logits[1], free)
     allowed = _allowed(logits[0])
+    assert argmax[0] == int(logits[0].argmax()) and argmax[0] in allowed
     assert allowed == _allowed(logits[2]) and tok.encode('"')[0] in allowed and len(allowed) < 100
     assert all(tok.token_text(t).startswith('"') for t in allowed)
+
+
+def test_a_greedy_row_whose_best_token_the_grammar_allows_is_left_as_it_is(compiler: GrammarCompiler) -> None:
+    quote = compiler.tokenizer.encode('"')[0]
+    state = compiler.state(GrammarSpec.json_schema({"enum": ["yes", "no"]}))
+    logits = torch.randn(2, VOCAB)
+    logits[0, quote] = logits[1, 5] = 100.0  # row 0's best is allowed; row 1's ("&") is not
+    kept = logits[0].clone()
+    argmax = GrammarMasker().mask([state, state], logits, None, [False, False])
+    assert argmax is not None and argmax[0] == quote and torch.equal(logits[0], kept)  # no pass over row 0
+    assert argmax[1] != 5 and torch.isinf(logits[1]).sum() > VOCAB - 100  # row 1 masked, its best re-taken
+    assert compiler.tokenizer.token_text(argmax[1]).startswith('"')
 
 
 def test_draft_verification_cuts_at_the_first_forbidden_draft_and_rolls_back(compiler: GrammarCompiler) -> None:
