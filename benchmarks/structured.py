@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows = asyncio.run(measure(args))
-    title = (
-        f"{args.model} {args.quantization}, {args.prompts} chat prompts answering JSON, <= {args.tokens} tokens"
-    )
+    title = f"{args.model} {args.quantization}, {args.prompts} chat prompts answering JSON, <= {args.tokens} tokens"
     print(title)
     print(table(rows))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
