@@ -154,7 +154,7 @@ class OpenAIServing:
         return job
 
     def _chat_job(self, req: ChatCompletionRequest, expert: Expert) -> Job:
-        structured, messages = plan(req), conversation(req.messages)
+        structured, messages = plan(req, not expert.engine.info.text_only), conversation(req.messages)
         try:
             ids = expert.engine.tokenize_chat(messages, structured.prompt_tools)
         except PromptTooLong as exc:

@@ -38,13 +38,17 @@ class Structured:
     passthrough: dict[str, Any] = field(default_factory=dict)  # for a remote expert
 
 
-def plan(req: ChatCompletionRequest) -> Structured:
-    """What ``req``'s response_format and tools take; a 400 naming the field for what cannot be served."""
+def plan(req: ChatCompletionRequest, enforced: bool = True) -> Structured:
+    """What ``req``'s response_format and tools take; a 400 naming the field for what cannot be
+    served. ``enforced`` False: a remote expert's upstream enforces them (passed through as sent)."""
     out = Structured(passthrough=req.model_dump(include=PASSED_THROUGH, exclude_unset=True, by_alias=True))
+    tools = _offered(req, enforced)
+    if not enforced:  # the prompt's tools only count its tokens here
+        out.prompt_tools = [t.model_dump(exclude_none=True) for t in tools] or None
+        return out
     schema = _schema(req.response_format)
     if schema is not None and (problem := unsupported_keyword(schema)) is not None:
         raise APIError(400, f"response_format: {problem}", param="response_format")
-    tools = _offered(req)
     if (req.ignore_eos or req.min_tokens) and (schema is not None or tools):
         param = "ignore_eos" if req.ignore_eos else "min_tokens"
         raise APIError(400, f"{param} cannot be combined with response_format or tools", param=param)
@@ -79,8 +83,9 @@ def constrain(
     return [(p, replace(params, grammar=structured.grammar)) for p, params in choices]
 
 
-def _offered(req: ChatCompletionRequest) -> list[Tool]:
-    """The tools the model may call under ``tool_choice`` (checked), or none."""
+def _offered(req: ChatCompletionRequest, enforced: bool) -> list[Tool]:
+    """The tools the model may call under ``tool_choice`` (checked; their parameters too where the
+    grammar enforces them), or none."""
     tools, choice = req.tools or [], req.tool_choice
     if not tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
         raise APIError(400, "tool_choice needs tools to choose from", param="tool_choice")
@@ -88,7 +93,7 @@ def _offered(req: ChatCompletionRequest) -> list[Tool]:
         return []
     if len({t.function.name for t in tools}) < len(tools):
         raise APIError(400, "tools: function names must be unique", param="tools")
-    for i, tool in enumerate(tools):
+    for i, tool in enumerate(tools if enforced else []):
         if (problem := unsupported_keyword(tool.function.parameters)) is not None:
             raise APIError(400, f"tools[{i}].function.parameters: {problem}", param=f"tools[{i}].function.parameters")
     if isinstance(choice, NamedToolChoice):

@@ -72,12 +72,9 @@ def test_a_remote_expert_passes_tools_through_and_relays_the_calls(remote: LiveS
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_0", "content": "2"},
     ]
-    fields = {
-        "tools": TOOLS,
-        "tool_choice": "required",
-        "parallel_tool_calls": False,
-        "response_format": {"type": "json_object"},
-    }
+    # a schema this gateway's own grammar would refuse (uniqueItems): the upstream's to judge
+    unique = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}}
+    fields = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False, "response_format": unique}
     whole = client.chat.completions.create(model="up", messages=messages, max_tokens=30, **fields)  # type: ignore[arg-type]
     sent = Upstream.bodies[-1]
     assert {k: sent[k] for k in fields} == fields and sent["messages"][1:] == messages[1:]
