@@ -191,10 +191,11 @@ def speculating(model_path: Path) -> Iterator[LiveServer]:
     live.stop()
 
 
+@pytest.mark.slow
 def test_speculation_keeps_the_constrained_greedy_output(sync_client, speculating: LiveServer) -> None:  # type: ignore[no-untyped-def]
     spec = openai.OpenAI(base_url=f"{speculating.url}/v1", api_key="unused", max_retries=0, timeout=120)
     drafted = 0
-    for name, prompt, schema in (SCHEMAS[0], SCHEMAS[4], SCHEMAS[16]):
+    for name, prompt, schema in (SCHEMAS[4], SCHEMAS[16]):  # nested objects; $defs and an array
         # the schema in the prompt: its keys are what the n-gram drafter proposes
         messages = ask(f"{prompt} The schema: {json.dumps(schema)}")
         kwargs: dict[str, Any] = dict(
@@ -237,6 +238,7 @@ async def _texts(engine: EmbeddedEngine, prompt: list[int], params: list[Samplin
         await engine.stop()
 
 
+@pytest.mark.slow
 async def test_r2r_tokens_of_both_models_keep_to_the_grammar(random_router: Path) -> None:
     name, prompt, schema = SCHEMAS[6]  # book: strings, a bounded integer, an array of enums
     grammar = GrammarSpec.json_schema(schema)
