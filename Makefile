@@ -65,6 +65,7 @@ bench: pull
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality.py --model tiny-scratch
 	$(PY) benchmarks/speculative.py
+	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/routing.py
 	$(PY) benchmarks/routing_quality.py --fresh --write-map
 	$(PY) benchmarks/footprint.py

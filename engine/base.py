@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from engine.grammar import GrammarSpec
 
 
 class EngineError(Exception):
@@ -32,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's, over prompt and generated tokens; 1 = off
     min_p: float = 0.0  # drop tokens below min_p times the top token's probability; 0 = off
+    grammar: GrammarSpec | None = None  # what the output must match (structured output, tool calls)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -44,6 +47,8 @@ class SamplingParams:
             raise ValueError("top_k must be non-negative")
         if self.repetition_penalty <= 0 or not 0 <= self.min_p <= 1:
             raise ValueError("repetition_penalty must be positive and min_p in [0, 1]")
+        if self.grammar is not None and (self.ignore_eos or self.min_tokens):
+            raise ValueError("a grammar decides where the output ends: no ignore_eos or min_tokens with it")
 
     @property
     def greedy(self) -> bool:
@@ -58,8 +63,10 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    messages: list[dict[str, str]] | None = None  # for a text-only engine: the conversation ...
+    messages: list[dict[str, Any]] | None = None  # for a text-only engine: the conversation ...
     prompt_text: str | None = None  # ... or the completion prompt
+    # for a text-only engine: request fields it passes on unchanged (response_format, tools, ...)
+    passthrough: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stats: RequestStats | None = None  # set on the final output
     error: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # a text-only engine: the upstream's tool-call deltas
 
     @property
     def finished(self) -> bool:
@@ -253,7 +261,15 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def tokenize_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The conversation as the model's chat template writes it (``tools``: the functions the
+        model may call, rendered by the template or, where it has no place for them, into the
+        system prompt), tokenized."""
+        ...
+
+    def check_grammar(self, grammar: GrammarSpec) -> None:
+        """Raise GrammarError for a grammar this engine cannot enforce (compiled and cached here)."""
+        ...
 
     def tokenize(self, text: str) -> list[int]: ...
 

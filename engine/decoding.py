@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from engine.base import TokenLogprob
+from engine.grammar import GrammarMasker
 from engine.r2r import R2RDecoder
 from engine.runner import ModelRunner
 from engine.sampler import sample, token_logprobs
@@ -38,6 +39,7 @@ class Picker:
     def __init__(self, stop_token_ids: set[int] | frozenset[int]) -> None:
         self.stop_token_ids = stop_token_ids
         self._stop_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.long)
+        self.grammar = GrammarMasker()
 
     @staticmethod
     def stop_masked(s: Sequence, i: int) -> bool:
@@ -67,6 +69,8 @@ class Picker:
                 stale |= {r for r in masked if argmax[r] in self.stop_token_ids}
         if argmax is not None and stale:
             argmax = [int(logits[r].argmax()) if r in stale else b for r, b in enumerate(argmax)]
+        exact = [not s.request.params.greedy or s.request.params.logprobs is not None for s in seqs]
+        argmax = self.grammar.mask([s.grammar for s in seqs], logits, argmax, exact)
         return sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs], argmax), logits
 
     @staticmethod
@@ -157,11 +161,12 @@ class SpeculativeDecoder:
         rows = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafts)]
         logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
         kept, logprobs = [], []
-        for s, state, d, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
-            self.picker.mask_rows(s, row_logits, d)
+        for s, state, proposed, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
+            self.picker.mask_rows(s, row_logits, proposed)
+            d = proposed if s.grammar is None else self.picker.grammar.mask_drafts(s.grammar, proposed, row_logits)
             emitted = speculator.judge(state, d, row_logits, s.request.params, s.generator, q, len(s.token_ids))
-            if d:
-                s.stats.speculation.record(len(d), len(emitted) - 1)
+            if proposed:
+                s.stats.speculation.record(len(proposed), len(emitted) - 1)
             kept.append(emitted)
             wanted = [s.request.params.logprobs]
             logprobs.append([token_logprobs(row_logits[i : i + 1], [t], wanted)[0] for i, t in enumerate(emitted)])

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from engine.base import (
     SamplingParams,
 )
 from engine.decoding import Decoder, Picker, PlainDecoder, RoutedDecoder, SpeculativeDecoder, StepResult
+from engine.grammar import GrammarCompiler, GrammarSpec
 from engine.model.h2o_cache import KVPolicy
 from engine.model.kv_pool import PagePool
 from engine.r2r import R2RDecoder
@@ -122,6 +124,7 @@ class EmbeddedEngine:
         self.scheduler = self._new_scheduler()
         # tokens a decode pass may write past a sequence's last: its drafts
         self._lookahead = config.speculative.num_draft_tokens if config.speculative else 0
+        self.grammars = GrammarCompiler(tokenizer, args.vocab_size)
         self.picker = Picker(tokenizer.stop_token_ids)
         self.decoder: Decoder = PlainDecoder(runner, self.picker)
         if config.speculative is not None:
@@ -199,8 +202,11 @@ class EmbeddedEngine:
         return EngineStats(scheduler.num_running, waiting, usage, num_preemptions=scheduler.preemptions)
 
     # -- tokenization -------------------------------------------------------------------------
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenize(self.tokenizer.render_chat(messages))
+    def tokenize_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.tokenize(self.tokenizer.render_chat(messages, tools=tools))
+
+    def check_grammar(self, grammar: GrammarSpec) -> None:
+        self.grammars.compile(grammar)  # GrammarError; cached for the request's sequences
 
     def tokenize(self, text: str) -> list[int]:
         self.tokenizer.check_length(text, self.config.max_model_len)  # PromptTooLong
@@ -235,12 +241,14 @@ class EmbeddedEngine:
                 self.abort(request.request_id)
 
     def _sequence(self, request: GenerationRequest, sink: Callable[[RequestOutput], None]) -> Sequence:
+        grammar = request.params.grammar
         return Sequence(
             request=request,
             sink=sink,
             generator=make_generator(request.params.seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer),
             stop_matcher=StopStringMatcher(request.params.stop),
+            grammar=None if grammar is None else self.grammars.state(grammar),
         )
 
     def abort(self, request_id: str) -> None:

@@ -34,6 +34,7 @@ from engine.base import (
     RequestStats,
     SamplingParams,
 )
+from engine.grammar import GrammarSpec
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,11 @@ class RemoteEngine:
 
     # text_only: the upstream tokenizes. With a tokenizer the gateway still counts, so that a prompt
     # longer than max_model_len is refused here with the usual 400, whatever the upstream does
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenize(self.tokenizer.render_chat(messages)) if self.tokenizer else []
+    def tokenize_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.tokenize(self.tokenizer.render_chat(messages, tools=tools)) if self.tokenizer else []
+
+    def check_grammar(self, grammar: GrammarSpec) -> None:
+        """The upstream enforces response_format and tools itself (they are passed through)."""
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -181,7 +185,7 @@ class RemoteEngine:
         if p.max_tokens < self.config.max_model_len - len(request.prompt_ids):
             body["max_tokens"] = p.max_tokens
         if request.messages is not None:
-            return "/chat/completions", {**body, "messages": request.messages}
+            return "/chat/completions", {**body, **request.passthrough, "messages": request.messages}
         prompt = request.prompt_text if request.prompt_text is not None else request.prompt_ids
         return "/completions", {**body, "prompt": prompt}
 
@@ -203,15 +207,16 @@ class RemoteEngine:
                 stats.completion_tokens = int(usage.get("completion_tokens", 0))
                 reported = True
             for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                delta = choice.get("delta") or {}
+                text, calls = delta.get("content") or choice.get("text") or "", delta.get("tool_calls") or None
                 finish = choice.get("finish_reason") or finish
-                if text:
+                if text or calls:
                     now = time.monotonic()
                     stats.first_token_time = stats.first_token_time or now
                     stats.last_token_time = now
                     stats.token_times.append(now)
                     pieces.append(text)
-                    yield RequestOutput(request_id, text, [])
+                    yield RequestOutput(request_id, text, [], tool_calls=calls)
         if finish is None and not done:
             # llama.cpp's server answers 200 and then an empty stream when it rejects a request
             raise UpstreamError(502, "the upstream ended its stream without finishing the request")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.base import GenerationRequest, RequestOutput, RequestStats, TokenLogprob
+from engine.grammar import GrammarState
 from engine.logits import LogitAdjuster
 from engine.speculative.speculator import SpeculationState
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -28,6 +32,7 @@ class Sequence:
     finish_reason: str | None = None
     speculation: SpeculationState | None = None  # the drafter's state, when the engine speculates
     large_seen: int = 0  # R2R: tokens already in the large model's cache
+    grammar: GrammarState | None = None  # structured output: where the sequence is in its grammar
     stats: RequestStats = field(init=False)
     adjuster: LogitAdjuster | None = field(init=False)  # its logit bias and penalties, if it has any
 
@@ -73,6 +78,10 @@ class Sequence:
         self.stats.first_token_time = self.stats.first_token_time or now
         self.stats.last_token_time = now
         params = self.request.params
+        if self.grammar is not None and not self.grammar.accept(token_id):  # every pick is masked: a bug
+            log.error("%s: token %d is outside the request's grammar", self.request_id, token_id)
+            self.finish_reason = "error"
+            return
         if is_stop_token and not params.ignore_eos and self.num_generated > params.min_tokens:
             self.finish_reason = "stop"
             return

@@ -10,6 +10,8 @@ from typing import Any
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.tool_prompt import plain_conversation, renders_tools
+
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "<eos>", "</s>")
 
 
@@ -68,6 +70,11 @@ class Tokenizer:
         return frozenset(ids)
 
     @property
+    def backend(self) -> HFTokenizer:
+        """The ``tokenizers`` tokenizer (xgrammar reads its vocabulary and decoder)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size())
 
@@ -107,19 +114,28 @@ class Tokenizer:
         """Stop strings chat replies need: a plain transcript's next speaker line; none with a template."""
         return () if self.chat_template else TRANSCRIPT_STOPS
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat template writes it.
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The conversation as the model's chat template writes it; ``tools`` and tool turns as the
+        template writes them, or, where it has no place for them, as ``engine.tool_prompt`` does.
 
         A model without a chat template (a base model such as Gemma 3 270M) gets a plain-text
         transcript instead: one ``Role: content`` line per message (``System``, ``User``,
         ``Assistant``), then ``Assistant:`` to prompt the reply, e.g. ``"User: Hi\nAssistant:"``.
         A base model merely continues such text; it was never trained on this format.
         """
+        if not renders_tools(self.chat_template):
+            messages, tools = plain_conversation(messages, tools), None
         if not self.chat_template:
             return plain_transcript(messages, add_generation_prompt)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(self.chat_template).render(
             messages=messages,
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
@@ -142,7 +158,7 @@ class Tokenizer:
 TRANSCRIPT_STOPS = ("\nUser:", "\nSystem:")
 
 
-def plain_transcript(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def plain_transcript(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     """``"System: ...\nUser: ...\nAssistant: ...\n"`` plus a closing ``"Assistant:"`` to answer."""
     lines = [f"{m.get('role', 'user').capitalize()}: {m.get('content', '')}" for m in messages]
     if add_generation_prompt:

@@ -33,11 +33,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.base import EngineError, EngineStats, GenerationRequest, ModelInfo, RequestOutput
+from engine.grammar import GrammarSpec
 from engine.remote import RemoteConfig, RemoteEngine, UpstreamError
 from engine.tokenizer import Tokenizer
 
@@ -292,8 +294,11 @@ class VLLMEngine:
             return self._queue
         return self.remote.stats() if self.remote is not None else EngineStats(0, 0, 0.0)
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.remote.tokenize_chat(messages) if self.remote is not None else []
+    def tokenize_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.remote.tokenize_chat(messages, tools) if self.remote is not None else []
+
+    def check_grammar(self, grammar: GrammarSpec) -> None:
+        """vLLM enforces response_format and tools itself (they are passed through)."""
 
     def tokenize(self, text: str) -> list[int]:
         return self.remote.tokenize(text) if self.remote is not None else []

@@ -31,6 +31,7 @@ class ChoiceState:
     finish_reason: str | None = None
     stats: RequestStats | None = None
     cost_usd: float = 0.0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # an upstream's, merged from its deltas
 
 
 def build_usage(

@@ -21,6 +21,8 @@ from server.formatting import ChoiceState, build_usage, chat_logprobs, completio
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
 from server.routing import RouteDecision, route_usage
+from server.structured import Structured, constrain, plan
+from server.tools import StreamedCalls, chat_message, conversation, merge_deltas
 
 log = logging.getLogger(__name__)
 OnDone = Callable[[int, int, float], None]  # (prompt tokens, completion tokens, cost_usd) of a finished job
@@ -48,13 +50,14 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     route: RouteDecision | None = None  # set when the CoE router chose the expert
     remake: Callable[[Expert], Job] | None = None  # the same request prepared for another expert
-    messages: list[dict[str, str]] | None = None  # a text-only (remote) expert's conversation ...
+    messages: list[dict[str, Any]] | None = None  # a text-only (remote) expert's conversation ...
     texts: list[str | None] = field(default_factory=list)  # ... or completion prompts (None: token ids)
     on_done: list[OnDone] = field(default_factory=list)  # called once when the job ends, however it ends
     done: bool = False
     arrival: float = field(default_factory=time.monotonic)
     timeout_s: float | None = None  # the deadline in force, from arrival
     ticket: Ticket | None = None  # its place in the expert's admission queue, once admitted
+    structured: Structured = field(default_factory=Structured)  # response_format and tools
 
     @property
     def deadline(self) -> float | None:
@@ -87,7 +90,7 @@ class Job:
         """Serve this request with ``other``'s expert and prompts (a failover keeps id and route)."""
         self.expert, self.prompts, self.choices = other.expert, other.prompts, other.choices
         self.echo_texts, self.model = other.echo_texts, other.expert.name
-        self.messages, self.texts = other.messages, other.texts
+        self.messages, self.texts, self.structured = other.messages, other.texts, other.structured
 
 
 class OpenAIServing:
@@ -151,9 +154,9 @@ class OpenAIServing:
         return job
 
     def _chat_job(self, req: ChatCompletionRequest, expert: Expert) -> Job:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        structured, messages = plan(req, not expert.engine.info.text_only), conversation(req.messages)
         try:
-            ids = expert.engine.tokenize_chat(messages)
+            ids = expert.engine.tokenize_chat(messages, structured.prompt_tools)
         except PromptTooLong as exc:
             raise _too_long(exc, expert, "messages") from exc
         except Exception as exc:  # a template may reject a conversation shape
@@ -163,11 +166,12 @@ class OpenAIServing:
             _pass_through_only(expert, top)
             # ids: empty unless the remote expert has a tokenizer (then the context length is checked)
             job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, None, "messages")
-            job.messages = messages
+            job.messages, job.structured = messages, structured
             return job
         job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
         if extra := expert.engine.info.chat_stop:
             job.choices = [(p, replace(params, stop=(*params.stop, *extra))) for p, params in job.choices]
+        job.structured, job.choices = structured, constrain(structured, expert.engine, job.choices)
         return job
 
     def _completion_job(self, req: CompletionRequest, expert: Expert) -> Job:
@@ -253,9 +257,8 @@ class OpenAIServing:
     async def _choice(self, job: Job, index: int, queue: asyncio.Queue[tuple[int, Any]]) -> None:
         prompt_index, params = job.choices[index]
         text = job.texts[prompt_index] if job.texts else None
-        request = GenerationRequest(
-            f"{job.id}-{index}", job.prompts[prompt_index], params, messages=job.messages, prompt_text=text
-        )
+        request = GenerationRequest(f"{job.id}-{index}", job.prompts[prompt_index], params, messages=job.messages)
+        request.prompt_text, request.passthrough = text, job.structured.passthrough
         last: RequestOutput | None = None
         try:
             async for out in job.expert.engine.generate(request):
@@ -341,6 +344,7 @@ class OpenAIServing:
         state.text += out.text
         state.token_ids += out.token_ids
         state.logprobs += out.logprobs or []
+        merge_deltas(state.tool_calls, out.tool_calls or [])
         if out.finished and out.stats is not None:
             state.finish_reason, state.stats = out.finish_reason, out.stats
             first_of_prompt = job.first_of_prompt(state.index)
@@ -380,10 +384,12 @@ class OpenAIServing:
         for s in ordered:
             echo = job.echo_texts[job.choices[s.index][0]] if job.echo_texts else ""
             lp = self._logprobs(job, s, s.logprobs, len(echo))
-            body: dict[str, Any] = (
-                {"message": {"role": "assistant", "content": s.text}} if job.chat else {"text": echo + s.text}
-            )
-            choices.append({"index": s.index, **body, "logprobs": lp, "finish_reason": s.finish_reason})
+            body: dict[str, Any] = {"text": echo + s.text}
+            finish = s.finish_reason
+            if job.chat:
+                message, finish = chat_message(s.text, job.structured.functions, s.tool_calls, finish)
+                body = {"message": message}
+            choices.append({"index": s.index, **body, "logprobs": lp, "finish_reason": finish})
         return {**self._head(job), "choices": choices, "usage": self._usage(job, ordered)}
 
     @staticmethod
@@ -470,6 +476,7 @@ class _Streamer:
         self.serving, self.job = serving, job
         self.states: dict[int, ChoiceState] = {}  # what each choice produced so far
         self.object = "chat.completion.chunk" if job.chat else "text_completion"
+        self.calls = StreamedCalls(job.structured.functions if job.chat else ())
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         job = self.job  # its model changes if a routed request fails over
@@ -480,12 +487,14 @@ class _Streamer:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def _choice(
-        self, index: int, text: str | None, logprobs: Any, finish: str | None, role: bool = False
+        self, index: int, text: str | None, logprobs: Any, finish: str | None, role: bool = False, calls: Any = None
     ) -> dict[str, Any]:
         if self.job.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
@@ -501,10 +510,14 @@ class _Streamer:
                 states[state.index] = state
                 lp = self.serving._logprobs(job, state, out.logprobs or [], offsets[state.index])
                 offsets[state.index] += len(out.text)
-                if out.text or lp:
-                    yield self._chunk([self._choice(state.index, out.text, lp, None)])
+                text, calls = self.calls.split(state.index, out.text, out.tool_calls, out.finished)
+                if text or lp:
+                    yield self._chunk([self._choice(state.index, text, lp, None)])
+                for call in calls:  # one delta a chunk, as OpenAI sends them
+                    yield self._chunk([self._choice(state.index, None, None, None, calls=[call])])
                 if out.finished:
-                    yield self._chunk([self._choice(state.index, None, None, state.finish_reason)])
+                    finish = self.calls.finish_reason(state.index, state.finish_reason, bool(state.tool_calls))
+                    yield self._chunk([self._choice(state.index, None, None, finish)])
         except APIError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
