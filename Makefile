@@ -56,8 +56,8 @@ test-vllm: pull $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 # guidellm, unchanged, against `turnout serve` (started here on a free port, default configuration;
-# LOADTEST_ARGS="--url http://127.0.0.1:8000" loads a running `make serve` instead): a sweep of
-# synthetic chats, 256 prompt and 128 output tokens, 30 s a rate; report in benchmarks/results/.
+# LOADTEST_ARGS="--url http://127.0.0.1:8000" loads a running `make serve` instead): synthetic
+# chats, 256 prompt and 128 output tokens, at 1, 4 and 16 streams; report in benchmarks/results/.
 # guidellm needs torch, so the CPU torch goes in first; it has its own venv (its pins are its own).
 LOADTEST_VENV ?= .venv-loadtest
 LOADTEST_ARGS ?=

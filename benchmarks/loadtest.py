@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/loadtest.py --guidellm .venv-loadtest/bin/guidellm
         [--url http://127.0.0.1:8000] [--model auto] [--prompt-tokens 256] [--output-tokens 128]
-        [--sweep-size 5] [--seconds 30] [--max-concurrency 16] [--serve-args "--quantization int4"]
+        [--streams 1,4,16] [--requests-per-stream 2] [--serve-args "--quantization int4"] [--server-threads N]
 
 Starts `turnout serve` on a free loopback port (or uses the server at ``--url``, e.g. `make serve`),
-waits for /ready, and runs guidellm's sweep on synthetic chat requests: synchronous, throughput
-(``--max-concurrency`` streams), then constant rates between the two, ``--seconds`` each. guidellm
+waits for /ready, and runs guidellm on synthetic chat requests at a few concurrency levels (1, 4
+and 16 streams: closed loop, so a level always finishes, however slow the machine; a sweep's rates
+are derived from its first levels, and on a busy 2-core machine they came out degenerate). guidellm
 counts tokens with SmolLM2's own tokenizer from the model cache (no model hub). Its report goes to
 benchmarks/results/loadtest.json; a summary (one row per rate: requests/s, TTFT, ITL, output
 tokens/s, errors) to loadtest-summary.json and stdout. Exits 1 if any request errored.
@@ -50,15 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="auto", help="the model id requested (default: auto, `make serve`'s router)")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--output-tokens", type=int, default=128)
-    p.add_argument("--sweep-size", type=int, default=5, help="rates in the sweep, synchronous and throughput included")
-    p.add_argument("--seconds", type=float, default=30, help="length of each rate's run")
     p.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=16,
-        help="streams in flight at most (default 16: max_batch_size; more only queue, and past the 32 waiting "
-        "turnout answers 503 queue_full, which guidellm counts as errors)",
+        "--streams",
+        default="1,4,16",
+        help="concurrent streams, one level each (default 1,4,16; 16 is max_batch_size: past it requests only "
+        "queue, and past the 32 waiting turnout answers 503 queue_full, which guidellm counts as errors)",
     )
+    p.add_argument("--requests-per-stream", type=int, default=2, help="each level ends after this many per stream")
+    p.add_argument("--seconds", type=float, default=300, help="each level's time limit (a slow machine's guard)")
     p.add_argument("--out", type=Path, default=RESULTS / "loadtest.json", help="guidellm's JSON report")
     return p.parse_args(argv)
 
@@ -72,7 +72,11 @@ def tokenizer_dir() -> Path:
 
 
 def guidellm_command(args: argparse.Namespace, url: str) -> list[str]:
-    """guidellm's own options, each a `kind=...,key=value` list."""
+    """guidellm's own options, each a `kind=...` object (key=value pairs, or JSON for lists). Each
+    concurrency level runs until ``--requests-per-stream`` x streams requests have finished (at least
+    4), then cancels the ones in flight (guidellm's `min_requests`: no tail at lower concurrency)."""
+    streams = [int(n) for n in args.streams.split(",")]
+    counts = [max(4, args.requests_per_stream * n) for n in streams]
     return [
         args.guidellm,
         "run",
@@ -83,7 +87,9 @@ def guidellm_command(args: argparse.Namespace, url: str) -> list[str]:
         "--data",
         f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},output_tokens={args.output_tokens}",
         "--profile",
-        f"kind=sweep,sweep_size={args.sweep_size},max_concurrency={args.max_concurrency}",
+        json.dumps({"kind": "concurrent", "streams": streams}),
+        "--constraint",
+        json.dumps({"kind": "min_requests", "count": counts}),
         "--constraint",
         f"kind=max_duration,seconds={args.seconds:g}",
         "--output",
@@ -126,9 +132,8 @@ def summarize(report: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "strategy": strategy["type_"],
-                # constant: requests/s; throughput: streams in flight (synchronous: none)
-                "rate": strategy.get("rate")
-                or (strategy["max_concurrency"] if strategy["type_"] == "throughput" else None),
+                # concurrent: streams; constant: requests/s; throughput: streams at most; synchronous: none
+                "rate": strategy.get("streams") or strategy.get("rate") or strategy.get("max_concurrency"),
                 "requests": {k: totals[k] for k in ("successful", "incomplete", "errored")},
                 "requests_per_s": _stat(metrics["requests_per_second"], "mean"),
                 "ttft_ms": {q: _stat(metrics["time_to_first_token_ms"], q) for q in ("median", "p99")},
@@ -167,12 +172,14 @@ def main() -> None:
         sys.exit(f"no guidellm at {args.guidellm}: `make loadtest` builds .venv-loadtest")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the tokenizer is a local directory
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     with target(args) as url:
         command = guidellm_command(args, url)
         print("$", shlex.join(command), flush=True)
         subprocess.run(command, check=True, env=env)
     rows = summarize(json.loads(args.out.read_text()))
     summary = {"command": shlex.join(command), "served_by": args.url or "this script", "machine": machine_info()}
+    summary["load_average_before_after"] = [load_before, os.getloadavg()]  # 1, 5 and 15 minutes
     summary["serve_args"], summary["server_threads"], summary["rates"] = args.serve_args, args.server_threads, rows
     args.out.with_name(f"{args.out.stem}-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(markdown(rows))
