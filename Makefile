@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install serve test test-peer test-vllm lint bench pull clean
+.PHONY: install serve test test-peer test-vllm lint bench loadtest pull clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,22 @@ $(VLLM_VENV)/.installed: pyproject.toml
 test-vllm: pull $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
+# guidellm, unchanged, against `turnout serve` (started here on a free port, default configuration;
+# LOADTEST_ARGS="--url http://127.0.0.1:8000" loads a running `make serve` instead): synthetic
+# chats, 256 prompt and 128 output tokens, at 1, 4 and 16 streams; report in benchmarks/results/.
+# guidellm needs torch, so the CPU torch goes in first; it has its own venv (its pins are its own).
+LOADTEST_VENV ?= .venv-loadtest
+LOADTEST_ARGS ?=
+$(LOADTEST_VENV)/.installed:
+	$(PYTHON) -m venv $(LOADTEST_VENV)
+	$(LOADTEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOADTEST_VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(LOADTEST_VENV)/bin/pip install --quiet "guidellm==0.8.*"
+	touch $@
+
+loadtest: pull $(LOADTEST_VENV)/.installed
+	$(PY) benchmarks/loadtest.py --guidellm $(LOADTEST_VENV)/bin/guidellm $(LOADTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server router engine kernels tests benchmarks deploy
 	$(VENV)/bin/mypy server router engine kernels
@@ -75,4 +91,4 @@ bench: pull
 	$(PY) benchmarks/load.py
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) $(VLLM_VENV) *.egg-info
+	rm -rf $(VENV) $(PEER_VENV) $(VLLM_VENV) $(LOADTEST_VENV) *.egg-info
