@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.coe.embedder import MAX_TOKENS, SentenceEmbedder
 from server.admission import AdmissionQueue, QueueBounds
+from server.cards import model_cards
 from server.config import AUTO, ExpertConfig, Settings
 from server.embeddings import EMBEDDING_MODEL, EmbeddingRequest, EmbeddingService
 from server.errors import APIError, install_error_handlers, still_loading
@@ -25,6 +26,7 @@ from server.limits import RequestLimits
 from server.metrics import Metrics
 from server.openapi import GENERATING, TEXT, TRANSPORT, errors, install_openapi, probe, streaming
 from server.protocol import ChatCompletionRequest, CompletionRequest, Health, ModelCard, ModelList, Ready
+from server.request_id import RequestIdMiddleware
 from server.routing import RequestRouter, RouteDecision, build_router, route_headers
 from server.serving import Expert, Job, OpenAIServing
 
@@ -98,6 +100,7 @@ def create_app(
     state.router_expected = settings.router.coe is not None
     wanted = settings.server.embeddings
     state.embeddings_expected = bool(wanted) or (wanted is None and state.router_expected)
+    state.serving.router_name = AUTO if state.router_expected else None
     state.serving.configured = {e.name: e.max_model_len for e in settings.experts}
     state.serving.queues = {e.name: AdmissionQueue(e.name, _bounds(e)) for e in settings.experts}
     default_timeout = settings.server.request_timeout_s
@@ -147,6 +150,7 @@ def create_app(
 
     app.add_middleware(RequestLimits, limits=settings.server)  # inside the counter: its 413/431/408 are counted
     app.add_middleware(_ErrorCounter, state=state)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response the app sends has its id
     _add_routes(app, state)
     return app
 
@@ -216,27 +220,14 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/v1/models", responses=errors(401, 431))
     async def models(policy: Caller) -> ModelList:
-        cards = [
-            ModelCard(
-                id=n,
-                max_model_len=e.engine.info.max_model_len,
-                turnout={"ready": e.engine.ready(), **e.engine.info.card()},
-            )
-            for n, e in state.experts.items()
-        ]
-        # configured but still loading: listed, not ready (a request for one gets 503 + Retry-After)
-        lengths = state.serving.configured
-        loading = sorted(set(lengths) - set(state.experts))
-        cards += [ModelCard(id=n, max_model_len=lengths[n], turnout={"ready": False}) for n in loading]
-        if state.router is not None:
-            cards.append(_auto_card(state.router, cards))
-        elif state.router_expected:
-            cards.append(ModelCard(id=AUTO, max_model_len=max(lengths.values()), turnout={"ready": False}))
-        if state.embeddings is not None:
-            cards.append(
-                ModelCard(id=EMBEDDING_MODEL, max_model_len=MAX_TOKENS, turnout={"ready": True, "embedding": True})
-            )
-        return ModelList(data=[c for c in cards if policy is None or policy.allows(c.id)])
+        return ModelList(data=[c for c in _cards(state) if policy is None or policy.allows(c.id)])
+
+    @app.get("/v1/models/{model_id:path}", responses=errors(401, 404, 431))
+    async def model(model_id: str, policy: Caller) -> ModelCard:
+        for card in _cards(state):
+            if card.id == model_id and (policy is None or policy.allows(card.id)):
+                return card
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
     @app.post("/v1/embeddings", responses=errors(400, 401, 403, 404, *TRANSPORT, 500, 503))
     async def embeddings(body: EmbeddingRequest, request: Request, policy: Caller) -> Any:
@@ -311,16 +302,13 @@ def _routable_prompt(body: CompletionRequest) -> str:
     return "\n\n".join(str(p) for p in prompts)
 
 
-def _auto_card(router: RequestRouter, cards: list[ModelCard]) -> ModelCard:
-    config = router.router.config
-    routing = {
-        "router": "coe",
-        "categories": dict(config.categories),
-        "fallback": config.fallback,
-        "min_confidence": config.min_confidence,
-        "min_margin": config.min_margin,
-    }
-    return ModelCard(id=AUTO, max_model_len=min(c.max_model_len for c in cards), turnout=routing)
+def _cards(state: AppState) -> list[ModelCard]:
+    serving = state.serving
+    cards = model_cards(state.experts, serving.configured, state.router, state.router_expected)
+    if state.embeddings is not None:
+        card = {"ready": True, "embedding": True}
+        cards.append(ModelCard(id=EMBEDDING_MODEL, max_model_len=MAX_TOKENS, turnout=card))
+    return cards
 
 
 async def _respond(request: Request, job: Job, stream: bool, serving: OpenAIServing) -> Any:

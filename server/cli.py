@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.config import load_settings
+    from server.request_id import configure_logging, uvicorn_log_config
     from server.transport import uvicorn_options
 
     overrides = {
@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
         "kv_page_size": args.kv_page_size,
     }
     settings = load_settings(args.config, overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)  # each line names its request's x-request-id
     _fetch_models(settings)  # before binding the port, with progress bars; a typo fails here
     server: uvicorn.Server | None = None
 
@@ -119,7 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_error=load_failed)
-    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings.server), log_level=args.log_level))
+    options = {**uvicorn_options(settings.server), "log_config": uvicorn_log_config(), "log_level": args.log_level}
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run()
     return 1 if app.state.turnout.load_error is not None else 0
 

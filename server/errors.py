@@ -102,6 +102,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # runs outside the request-id middleware (Starlette's outermost): the id is on the scope
+        rid = request.scope.get("state", {}).get("request_id")
+        log.exception("unhandled error in request %s", rid)
+        headers = {"x-request-id": rid} if rid else None
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error", headers=headers).response()

@@ -48,11 +48,13 @@ def build_usage(
             "spec_accepted_tokens": accepted,
             "spec_acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
         }
+    usd = sum(c.cost_usd for c in choices)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
         total_tokens=prompt_tokens + completion,
-        cost_usd=sum(c.cost_usd for c in choices),
+        cost_usd=usd,
+        cost=usd,
         activated_params_per_token=activated_params,
         queue_ms=round(min((s.queue_s for s in stats), default=0.0) * 1e3, 3),
         ttft_ms=round(min((s.ttft_s for s in stats), default=0.0) * 1e3, 3),

@@ -67,6 +67,7 @@ class _Request(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # extension (vLLM): every chunk carries the usage so far
 
 
 class TextPart(BaseModel):
@@ -149,6 +150,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     cost_usd: float
+    cost: float  # the same number, where LiteLLM and OpenRouter clients read it
     activated_params_per_token: int
     queue_ms: float
     ttft_ms: float

@@ -46,6 +46,7 @@ class Job:
     prompts: list[list[int]]
     choices: list[tuple[int, SamplingParams]]  # (prompt index, params), position = choice index
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage so far on every chunk
     echo_texts: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     route: RouteDecision | None = None  # set when the CoE router chose the expert
@@ -100,6 +101,7 @@ class OpenAIServing:
         self.configured: dict[str, int] = {}  # every expert the settings name, loaded or not: its max_model_len
         self.queues: dict[str, AdmissionQueue] = {}  # each expert's bounded wait queue (none: unbounded)
         self.timeouts: dict[str, float] = {}  # each expert's request deadline in seconds (none: no deadline)
+        self.router_name: str | None = None  # the CoE router's model name (auto), when one is configured
 
     def expert(self, model: str) -> Expert:
         expert = self.experts.get(model)
@@ -135,8 +137,8 @@ class OpenAIServing:
         job.on_done.append(lambda *_: ticket.release())
 
     def names(self) -> list[str]:
-        """The experts served or still loading."""
-        return sorted({*self.experts, *self.configured})
+        """The models served or still loading: every expert, and the router's name."""
+        return sorted({*self.experts, *self.configured, *([self.router_name] if self.router_name else [])})
 
     # -- request preparation ------------------------------------------------------------------
     def prepare_chat(self, req: ChatCompletionRequest, route: RouteDecision | None = None) -> Job:
@@ -227,8 +229,10 @@ class OpenAIServing:
                 )
             for i in range(req.n):
                 choices.append((pi, self._params(req, limit or ctx - len(ids), logprobs, i, bias)))
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Job(chat, rid, req.model, expert, prompts, choices, include_usage)
+        options = req.stream_options
+        job = Job(chat, rid, req.model, expert, prompts, choices, bool(options and options.include_usage))
+        job.continuous_usage = bool(options and options.continuous_usage_stats)
+        return job
 
     @staticmethod
     def _params(
@@ -475,6 +479,7 @@ class _Streamer:
     def __init__(self, serving: OpenAIServing, job: Job) -> None:
         self.serving, self.job = serving, job
         self.states: dict[int, ChoiceState] = {}  # what each choice produced so far
+        self.received = [0] * len(job.choices)  # each choice's tokens so far (a remote one's: its deltas)
         self.object = "chat.completion.chunk" if job.chat else "text_completion"
         self.calls = StreamedCalls(job.structured.functions if job.chat else ())
 
@@ -482,7 +487,9 @@ class _Streamer:
         job = self.job  # its model changes if a routed request fails over
         head = {"id": job.id, "object": self.object, "created": job.created, "model": job.model}
         body = {**head, "choices": choices, **extra}
-        if self.job.include_usage and "usage" not in body:
+        if self.job.continuous_usage and "usage" not in body:
+            body["usage"] = self._usage_so_far()
+        elif self.job.include_usage and "usage" not in body:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -498,6 +505,15 @@ class _Streamer:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
+    def _usage_so_far(self) -> dict[str, int]:
+        job = self.job
+        prompt = job.prompt_tokens
+        if job.expert.engine.info.text_only:  # the upstream's count, once it gave one
+            counted = [s.stats.prompt_tokens for s in self.states.values() if s.stats and job.first_of_prompt(s.index)]
+            prompt = sum(counted) if counted else prompt
+        completion = sum(s.stats.completion_tokens if s.stats else self.received[i] for i, s in self.states.items())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
     async def events(self) -> AsyncGenerator[str, None]:
         job, states = self.job, self.states
         for i in range(len(job.choices)):
@@ -508,6 +524,7 @@ class _Streamer:
         try:
             async for state, out in self.serving._outputs(job):
                 states[state.index] = state
+                self.received[state.index] += len(out.token_ids) or bool(out.text)
                 lp = self.serving._logprobs(job, state, out.logprobs or [], offsets[state.index])
                 offsets[state.index] += len(out.text)
                 text, calls = self.calls.split(state.index, out.text, out.tool_calls, out.finished)
