@@ -1,17 +1,19 @@
 """Client libraries other than the official SDK against a live turnout: LiteLLM (its `openai/` provider
-pointed at turnout) and LangChain's ChatOpenAI, whole and streamed. LiteLLM bills from a provider's
-`usage.cost`, which turnout sends beside its own `usage.cost_usd`: the two must be the same figure."""
+pointed at turnout) and LangChain's ChatOpenAI, whole and streamed, with structured output and tool
+calls. LiteLLM bills from a provider's `usage.cost`, which turnout sends beside its own
+`usage.cost_usd`: the two must be the same figure."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel, Field
 
 from tests.conftest import MODEL, LiveServer
 
@@ -20,6 +22,7 @@ from tests.conftest import MODEL, LiveServer
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm  # noqa: E402
+from langchain_core.messages import HumanMessage, ToolMessage  # noqa: E402
 from langchain_openai import ChatOpenAI  # noqa: E402
 
 # pydantic warns, once per TypedDict, that LiteLLM's ReadOnly items are not protected
@@ -63,8 +66,8 @@ def quiet_litellm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(litellm, "suppress_debug_info", True)  # its "Provider List" banner on stdout
 
 
-def litellm_chat(server: LiveServer, recording: Recording | None = None, **kwargs: Any) -> Any:
-    """`litellm.completion` with turnout as the OpenAI-compatible upstream: greedy, 8 tokens, no
+def litellm_chat(server: LiveServer, recording: Recording | None = None, max_tokens: int = 8, **kwargs: Any) -> Any:
+    """`litellm.completion` with turnout as the OpenAI-compatible upstream: greedy, ``max_tokens``, no
     retries; through ``recording`` when given (LiteLLM's `client`: an OpenAI client on its transport)."""
     if recording is not None:
         http_client = httpx.Client(transport=recording)
@@ -74,7 +77,7 @@ def litellm_chat(server: LiveServer, recording: Recording | None = None, **kwarg
         api_base=f"{server.url}/v1",
         api_key="x",
         messages=QUESTION,
-        max_tokens=8,
+        max_tokens=max_tokens,
         temperature=0,
         num_retries=0,
         **kwargs,
@@ -139,3 +142,77 @@ def test_langchain_chat_openai_invoke_and_stream(server: LiveServer) -> None:
     streamed_usage = next(c.usage_metadata for c in reversed(chunks) if c.usage_metadata)
     assert streamed_usage["output_tokens"] == usage["output_tokens"]
     assert streamed_usage["input_tokens"] == usage["input_tokens"]
+
+
+class City(BaseModel):
+    """A city and the country it is in."""
+
+    name: str = Field(description="the city's name")
+    country: str = Field(description="the country it is in")
+    population_millions: float = Field(ge=0, le=100)
+
+
+def get_weather(city: str, unit: Literal["celsius", "fahrenheit"]) -> str:
+    """The current weather in a city."""
+    return f"18 degrees {unit} in {city}"
+
+
+def langchain_chat(server: LiveServer, max_tokens: int = 80) -> ChatOpenAI:
+    return ChatOpenAI(
+        base_url=f"{server.url}/v1", api_key="x", model=MODEL, max_tokens=max_tokens, temperature=0, max_retries=0
+    )
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(server: LiveServer, method: str) -> None:
+    structured = langchain_chat(server).with_structured_output(City, method=method)
+    city = structured.invoke("Name a large city in Japan.")
+    assert isinstance(city, City)  # parsed by LangChain from JSON (or a tool call) that fits the schema
+    assert city.name and city.country
+
+
+def test_langchain_bind_tools(server: LiveServer) -> None:
+    # a named tool choice is grammar-constrained: the call is valid whatever the model would say
+    chat = langchain_chat(server).bind_tools([get_weather], tool_choice="get_weather")
+    message = chat.invoke("What is the weather like in Paris, in celsius?")
+    assert len(message.tool_calls) >= 1
+    call = message.tool_calls[0]
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
+    assert call["args"]["unit"] in ("celsius", "fahrenheit") and call["id"]
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    # the result goes back as a tool message and the conversation continues in plain text
+    history = [HumanMessage("What is the weather like in Paris, in celsius?"), message]
+    history.append(ToolMessage(get_weather(**call["args"]), tool_call_id=call["id"]))
+    reply = langchain_chat(server, 40).bind_tools([get_weather], tool_choice="none").invoke(history)
+    assert isinstance(reply.content, str) and reply.content and not reply.tool_calls
+
+
+def test_langchain_bind_tools_streamed(server: LiveServer) -> None:
+    chat = langchain_chat(server).bind_tools([get_weather], tool_choice="required")
+    chunks = list(chat.stream("What is the weather like in Rome?"))
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    assert merged.tool_calls and merged.tool_calls[0]["name"] == "get_weather"
+    assert set(merged.tool_calls[0]["args"]) == {"city", "unit"}
+
+
+def test_litellm_tool_call(server: LiveServer) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    response = litellm_chat(server, tools=[tool], tool_choice="required", max_tokens=60)
+    message = response.choices[0].message
+    assert response.choices[0].finish_reason == "tool_calls"
+    assert message.tool_calls[0].function.name == "get_weather"
+    assert set(json.loads(message.tool_calls[0].function.arguments)) == {"city"}
