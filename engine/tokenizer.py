@@ -7,6 +7,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -132,14 +133,20 @@ class Tokenizer:
             messages, tools = plain_conversation(messages, tools), None
         if not self.chat_template:
             return plain_transcript(messages, add_generation_prompt)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(
+        return self._compiled_template.render(
             messages=messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
+
+    @cached_property
+    def _compiled_template(self) -> Template:
+        """The chat template, compiled once (a Jinja compile costs milliseconds; rendering, microseconds)."""
+        assert self.chat_template is not None
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (byte-level BPE pieces mapped back to bytes)."""

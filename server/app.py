@@ -19,7 +19,8 @@ from server.admission import AdmissionQueue, QueueBounds
 from server.cards import model_cards
 from server.config import AUTO, ExpertConfig, Settings
 from server.embeddings import EMBEDDING_MODEL, EmbeddingRequest, EmbeddingService
-from server.errors import APIError, install_error_handlers, still_loading
+from server.error_handlers import install_error_handlers
+from server.errors import APIError, still_loading
 from server.experts import build_experts
 from server.keys import KeyPolicy, KeyRing
 from server.limits import RequestLimits

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from server.config import ServerConfig
+from server.error_handlers import error_response
 from server.errors import APIError
 
 Message = MutableMapping[str, Any]
@@ -45,7 +46,7 @@ class RequestLimits:
             self._check_head(scope)
             body = await self._read_body(scope, receive)
         except APIError as error:
-            await error.response()(scope, receive, send)
+            await error_response(error)(scope, receive, send)
             return
         if body is not None:  # None: the client went away before its body was complete
             await self.app(scope, _replay(body, receive), send)
