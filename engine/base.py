@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -57,16 +57,45 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation, for an engine whose server applies the chat template (a remote one).
+    ``token_ids``: the gateway's own tokens for it, where it has the tokenizer (else empty)."""
+
+    messages: list[dict[str, Any]]
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """A completion prompt as text, for an engine whose server tokenizes it; ``token_ids`` as above."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+# what an engine is asked to continue: token ids (an embedded engine's, or a client's), a
+# conversation or a text (Engine.chat_prompt / text_prompt make the kind the engine takes)
+Prompt = list[int] | ChatPrompt | TextPrompt
+
+
+def prompt_ids(prompt: Prompt) -> list[int]:
+    """The prompt's tokens as the gateway counts them (empty: not counted here)."""
+    return prompt if isinstance(prompt, list) else prompt.token_ids
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
-    prompt_ids: list[int]
+    prompt: Prompt
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    messages: list[dict[str, Any]] | None = None  # for a text-only engine: the conversation ...
-    prompt_text: str | None = None  # ... or the completion prompt
     # for a text-only engine: request fields it passes on unchanged (response_format, tools, ...)
     passthrough: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return prompt_ids(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -163,7 +192,7 @@ class RequestOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    stats: RequestStats | None = None  # set on the final output
+    stats: RequestStats | None = None  # set on the final output, with the prompt's tokens as the engine counted them
     error: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # a text-only engine: the upstream's tool-call deltas
 
@@ -221,8 +250,8 @@ class ModelInfo:
     # stop strings every chat request gets (a base model answering a plain transcript would
     # otherwise go on to write the user's next line)
     chat_stop: tuple[str, ...] = ()
-    # the engine takes text (GenerationRequest.messages / prompt_text) and counts tokens itself:
-    # a remote OpenAI-compatible server
+    # the engine takes text (ChatPrompt / TextPrompt) and its server counts the tokens: a remote
+    # OpenAI-compatible server, which enforces grammars itself and has no token logprobs here
     text_only: bool = False
 
     def card(self) -> dict[str, object]:
@@ -273,6 +302,15 @@ class Engine(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        """The conversation as this engine takes it: its tokens (``tokenize_chat``), or the
+        messages themselves for an engine whose server applies the template."""
+        ...
+
+    def text_prompt(self, text: str) -> Prompt:
+        """A completion prompt as this engine takes it: its tokens, or the text itself."""
+        ...
+
     def token_text(self, token_id: int) -> str: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]: ...

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from engine.base import (
     GenerationRequest,
     KVPoolInfo,
     ModelInfo,
+    Prompt,
     R2RInfo,
     RequestOutput,
     SamplingParams,
@@ -212,11 +213,17 @@ class EmbeddedEngine:
         self.tokenizer.check_length(text, self.config.max_model_len)  # PromptTooLong
         return self.tokenizer.encode_prompt(text)
 
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        return self.tokenize_chat(messages, tools)
+
+    def text_prompt(self, text: str) -> Prompt:
+        return self.tokenize(text)
+
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
 
     # -- requests -----------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         length = len(request.prompt_ids) + request.params.max_tokens
         if length > self.config.max_model_len:
             raise ValueError("prompt plus max_tokens exceeds max_model_len")

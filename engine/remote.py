@@ -19,20 +19,23 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from engine.base import (
+    ChatPrompt,
     EngineError,
     EngineStats,
     GenerationRequest,
     ModelInfo,
+    Prompt,
     RequestOutput,
     RequestStats,
     SamplingParams,
+    TextPrompt,
 )
 from engine.grammar import GrammarSpec
 from engine.tokenizer import Tokenizer
@@ -147,10 +150,16 @@ class RemoteEngine:
         self.tokenizer.check_length(text, self.config.max_model_len)  # PromptTooLong
         return self.tokenizer.encode_prompt(text)
 
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        return ChatPrompt(messages, self.tokenize_chat(messages, tools))
+
+    def text_prompt(self, text: str) -> Prompt:
+        return TextPrompt(text, self.tokenize(text))
+
     def token_text(self, token_id: int) -> str:
         return ""
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         assert self._client is not None, "start() must run before generate()"
         path, body = self._body(request)
         stats = RequestStats(arrival_time=request.arrival_time, prompt_tokens=0)
@@ -184,10 +193,10 @@ class RemoteEngine:
         # far as the gateway counted it): then the upstream's own default, which its count decides
         if p.max_tokens < self.config.max_model_len - len(request.prompt_ids):
             body["max_tokens"] = p.max_tokens
-        if request.messages is not None:
-            return "/chat/completions", {**body, **request.passthrough, "messages": request.messages}
-        prompt = request.prompt_text if request.prompt_text is not None else request.prompt_ids
-        return "/completions", {**body, "prompt": prompt}
+        prompt = request.prompt
+        if isinstance(prompt, ChatPrompt):
+            return "/chat/completions", {**body, **request.passthrough, "messages": prompt.messages}
+        return "/completions", {**body, "prompt": prompt.text if isinstance(prompt, TextPrompt) else prompt}
 
     async def _deltas(
         self, request: GenerationRequest, response: httpx.Response, stats: RequestStats

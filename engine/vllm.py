@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,16 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.base import EngineError, EngineStats, GenerationRequest, ModelInfo, RequestOutput
+from engine.base import (
+    ChatPrompt,
+    EngineError,
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    Prompt,
+    RequestOutput,
+    TextPrompt,
+)
 from engine.grammar import GrammarSpec
 from engine.remote import RemoteConfig, RemoteEngine, UpstreamError
 from engine.tokenizer import Tokenizer
@@ -303,10 +312,16 @@ class VLLMEngine:
     def tokenize(self, text: str) -> list[int]:
         return self.remote.tokenize(text) if self.remote is not None else []
 
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        return self.remote.chat_prompt(messages, tools) if self.remote is not None else ChatPrompt(messages)
+
+    def text_prompt(self, text: str) -> Prompt:
+        return self.remote.text_prompt(text) if self.remote is not None else TextPrompt(text)
+
     def token_text(self, token_id: int) -> str:
         return ""
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         if self.remote is None:
             raise UpstreamError(503, "vLLM is not serving yet")
         if self._exited is not None:

@@ -269,7 +269,7 @@ def _admitted(state: AppState, policy: KeyPolicy | None, job: Job, request: Requ
     prompt's tokens are known and before any byte is sent; the job gives the key's in-flight slot
     and its queue place back, charged, when it ends (``job.finish``)."""
     if policy is not None:
-        job.on_done.append(state.keys.admit(policy, job.prompt_tokens).done)
+        job.on_done.append(state.keys.admit(policy, job.prompt_tokens()).done)
     try:
         state.serving.admit(job, _requested_timeout(request))
     except APIError:

@@ -7,11 +7,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.base import Engine, GenerationRequest, RequestOutput, RequestStats, SamplingParams
+from engine.base import Engine, GenerationRequest, Prompt, RequestOutput, RequestStats, SamplingParams, prompt_ids
 from engine.remote import UpstreamError
 from engine.tokenizer import PromptTooLong
 from server.admission import AdmissionQueue, Ticket
@@ -43,7 +43,7 @@ class Job:
     id: str
     model: str
     expert: Expert
-    prompts: list[list[int]]
+    prompts: list[Prompt]  # as the expert's engine takes them (token ids, or a remote's text)
     choices: list[tuple[int, SamplingParams]]  # (prompt index, params), position = choice index
     include_usage: bool = False
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage so far on every chunk
@@ -51,8 +51,6 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     route: RouteDecision | None = None  # set when the CoE router chose the expert
     remake: Callable[[Expert], Job] | None = None  # the same request prepared for another expert
-    messages: list[dict[str, Any]] | None = None  # a text-only (remote) expert's conversation ...
-    texts: list[str | None] = field(default_factory=list)  # ... or completion prompts (None: token ids)
     on_done: list[OnDone] = field(default_factory=list)  # called once when the job ends, however it ends
     done: bool = False
     arrival: float = field(default_factory=time.monotonic)
@@ -67,9 +65,18 @@ class Job:
             return None
         return asyncio.get_running_loop().time() + self.arrival + self.timeout_s - time.monotonic()
 
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
+    def prompt_len(self, prompt: int) -> int:
+        """Prompt ``prompt``'s tokens as the gateway counted them (0 for a remote expert's text
+        without a tokenizer here)."""
+        return len(prompt_ids(self.prompts[prompt]))
+
+    def prompt_tokens(self, states: Iterable[ChoiceState] = ()) -> int:
+        """The prompts' tokens: as the engine reported them for each prompt whose first choice
+        finished among ``states``, else as the gateway counted them."""
+        counted = {
+            self.choices[s.index][0]: s.stats.prompt_tokens for s in states if s.stats and self.first_of_prompt(s.index)
+        }
+        return sum(counted.get(i, self.prompt_len(i)) for i in range(len(self.prompts)))
 
     def first_of_prompt(self, choice: int) -> bool:
         """Whether ``choice`` is its prompt's first (which alone counts the prompt's tokens)."""
@@ -90,8 +97,7 @@ class Job:
     def move_to(self, other: Job) -> None:
         """Serve this request with ``other``'s expert and prompts (a failover keeps id and route)."""
         self.expert, self.prompts, self.choices = other.expert, other.prompts, other.choices
-        self.echo_texts, self.model = other.echo_texts, other.expert.name
-        self.messages, self.texts, self.structured = other.messages, other.texts, other.structured
+        self.echo_texts, self.model, self.structured = other.echo_texts, other.expert.name, other.structured
 
 
 class OpenAIServing:
@@ -129,7 +135,7 @@ class OpenAIServing:
         if queue is None:
             return
         try:
-            ticket = job.ticket = queue.admit([len(job.prompts[p]) for p, _ in job.choices])
+            ticket = job.ticket = queue.admit([job.prompt_len(p) for p, _ in job.choices])
         except APIError as err:
             if err.status == 503:
                 self.metrics.rejected.labels(job.expert.name, err.code or "overloaded").inc()
@@ -156,45 +162,38 @@ class OpenAIServing:
         return job
 
     def _chat_job(self, req: ChatCompletionRequest, expert: Expert) -> Job:
-        structured, messages = plan(req, not expert.engine.info.text_only), conversation(req.messages)
+        local = _local_only(expert, logprobs=req.logprobs)
+        structured, messages = plan(req, local), conversation(req.messages)
         try:
-            ids = expert.engine.tokenize_chat(messages, structured.prompt_tools)
+            prompt = expert.engine.chat_prompt(messages, structured.prompt_tools)
         except PromptTooLong as exc:
             raise _too_long(exc, expert, "messages") from exc
         except Exception as exc:  # a template may reject a conversation shape
             raise APIError(400, f"messages could not be formatted for this model: {exc}", param="messages") from exc
         top = (req.top_logprobs or 0) if req.logprobs else None
-        if expert.engine.info.text_only:
-            _pass_through_only(expert, top)
-            # ids: empty unless the remote expert has a tokenizer (then the context length is checked)
-            job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, None, "messages")
-            job.messages, job.structured = messages, structured
-            return job
-        job = self._job(True, new_id("chatcmpl"), req, expert, [ids], req.token_limit, top, "messages")
+        job = self._job(True, new_id("chatcmpl"), req, expert, [prompt], req.token_limit, top, "messages")
         if extra := expert.engine.info.chat_stop:
             job.choices = [(p, replace(params, stop=(*params.stop, *extra))) for p, params in job.choices]
-        job.structured, job.choices = structured, constrain(structured, expert.engine, job.choices)
+        job.structured = structured
+        if local:  # a remote expert's upstream enforces the grammar (passed through)
+            job.choices = constrain(structured, expert.engine, job.choices)
         return job
 
     def _completion_job(self, req: CompletionRequest, expert: Expert) -> Job:
-        engine = expert.engine
-        if engine.info.text_only:
-            _pass_through_only(expert, req.logprobs, req.echo)
-            raw = req.prompts()
-            token_prompts = [_tokenize(expert, p) if isinstance(p, str) else list(p) for p in raw]
-            job = self._job(False, new_id("cmpl"), req, expert, token_prompts, req.max_tokens, None, "prompt")
-            job.texts = [p if isinstance(p, str) else None for p in raw]
-            return job
-        prompts, echo = [], []
+        engine, local = expert.engine, _local_only(expert, logprobs=req.logprobs is not None, echo=req.echo)
+        prompts: list[Prompt] = []
+        echo = []
         for p in req.prompts():
-            ids = _tokenize(expert, p) if isinstance(p, str) else list(p)
-            if not ids:
+            prompt = _text_prompt(expert, p) if isinstance(p, str) else list(p)
+            ids = prompt_ids(prompt)
+            if local and not ids:
                 raise APIError(400, "prompt must contain at least one token", param="prompt")
-            if any(not 0 <= t < expert.engine.info.vocab_size for t in ids):
+            if local and any(not 0 <= t < engine.info.vocab_size for t in ids):
                 raise APIError(400, "prompt contains token ids outside the vocabulary", param="prompt")
-            prompts.append(ids)
+            prompts.append(prompt)
             echo.append((p if isinstance(p, str) else "".join(engine.token_text(t) for t in ids)) if req.echo else "")
-        job = self._job(False, new_id("cmpl"), req, expert, prompts, req.max_tokens, req.logprobs, "prompt")
+        logprobs = req.logprobs if local else None
+        job = self._job(False, new_id("cmpl"), req, expert, prompts, req.max_tokens, logprobs, "prompt")
         job.echo_texts = echo
         return job
 
@@ -204,14 +203,15 @@ class OpenAIServing:
         rid: str,
         req: _Request,
         expert: Expert,
-        prompts: list[list[int]],
+        prompts: list[Prompt],
         limit: int | None,
         logprobs: int | None,
         prompt_param: str,
     ) -> Job:
         ctx = expert.engine.info.max_model_len
         choices, bias = [], _logit_bias(req, expert)
-        for pi, ids in enumerate(prompts):
+        for pi, prompt in enumerate(prompts):
+            ids = prompt_ids(prompt)  # empty: a remote expert's text, not counted here
             if len(ids) >= ctx:
                 raise APIError(
                     400,
@@ -258,21 +258,11 @@ class OpenAIServing:
         )
 
     # -- running ------------------------------------------------------------------------------
-    async def _choice(self, job: Job, index: int, queue: asyncio.Queue[tuple[int, Any]]) -> None:
+    def _request(self, job: Job, index: int) -> GenerationRequest:
         prompt_index, params = job.choices[index]
-        text = job.texts[prompt_index] if job.texts else None
-        request = GenerationRequest(f"{job.id}-{index}", job.prompts[prompt_index], params, messages=job.messages)
-        request.prompt_text, request.passthrough = text, job.structured.passthrough
-        last: RequestOutput | None = None
-        try:
-            async for out in job.expert.engine.generate(request):
-                last = out
-                await queue.put((index, out))
-        except Exception as exc:
-            await queue.put((index, exc))
-        finally:
-            if last is None or not last.finished:
-                self.metrics.success.labels(job.expert.name, "abort").inc()
+        request = GenerationRequest(f"{job.id}-{index}", job.prompts[prompt_index], params)
+        request.passthrough = job.structured.passthrough
+        return request
 
     async def _outputs(self, job: Job) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
         """All choices' outputs as they come; a routed request whose expert fails before its first
@@ -307,31 +297,29 @@ class OpenAIServing:
         return target
 
     async def _run(self, job: Job) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
-        """All choices' outputs as they come, each paired with its choice's accumulated state."""
+        """All choices' outputs as they come, each paired with its choice's accumulated state.
+
+        Each choice's engine stream is awaited directly (one ``anext`` in flight per unfinished
+        choice): the engine's own queue per request is the only one between it and the client.
+        Leaving early (deadline, error, a client gone) cancels the awaits, which aborts the
+        engine's work for every unfinished choice."""
         states = [ChoiceState(i) for i in range(len(job.choices))]
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        if not job.expert.engine.info.text_only:  # else counted when the upstream's usage comes
-            for ids in job.prompts:
-                self.metrics.record_prompt(job.expert.name, len(ids))
-        tasks = [asyncio.create_task(self._choice(job, i, queue)) for i in range(len(states))]
+        streams = [job.expert.engine.generate(self._request(job, i)) for i in range(len(states))]
+        waiting = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
         deadline = job.deadline
         try:
-            pending = len(tasks)
-            while pending:
+            while waiting:
                 async with asyncio.timeout_at(deadline):
-                    index, item = await queue.get()
-                if isinstance(item, UpstreamError):
-                    status = item.status if item.status < 500 else 502
-                    raise APIError(status, f"upstream error: {item.message}", type=_error_type(status)) from item
-                if isinstance(item, Exception):
-                    raise APIError(500, f"generation failed: {item}", type="server_error") from item
-                if item.finish_reason == "error":
-                    raise APIError(500, item.error or "generation failed", type="server_error")
-                if job.ticket is not None:
-                    job.ticket.start(index)  # its prompt is in: no longer queued
-                self._accumulate(job, states[index], item)
-                pending -= item.finished
-                yield states[index], item
+                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for future in sorted(done, key=waiting.__getitem__):  # choice order within a wake-up
+                    index = waiting.pop(future)
+                    item = _output(future)
+                    if not item.finished:
+                        waiting[asyncio.ensure_future(anext(streams[index]))] = index
+                    if job.ticket is not None:
+                        job.ticket.start(index)  # its prompt is in: no longer queued
+                    self._accumulate(job, states[index], item)
+                    yield states[index], item
         except TimeoutError:
             self.metrics.aborted.labels(job.expert.name, "deadline").inc()
             message = f"The request did not finish within its deadline of {job.timeout_s:g} s; generation stopped."
@@ -340,9 +328,13 @@ class OpenAIServing:
             self.metrics.aborted.labels(job.expert.name, "disconnect").inc()
             raise
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for future in waiting:
+                future.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            for state, stream in zip(states, streams):
+                await stream.aclose()  # an engine stream not run to its end aborts its request
+                if state.finish_reason is None:
+                    self.metrics.success.labels(job.expert.name, "abort").inc()
 
     def _accumulate(self, job: Job, state: ChoiceState, out: RequestOutput) -> None:
         state.text += out.text
@@ -353,17 +345,12 @@ class OpenAIServing:
             state.finish_reason, state.stats = out.finish_reason, out.stats
             first_of_prompt = job.first_of_prompt(state.index)
             state.cost_usd = cost_usd(job.expert.cost, out.stats, count_prompt=first_of_prompt)
-            if job.expert.engine.info.text_only and first_of_prompt:  # the upstream counted them
-                self.metrics.record_prompt(job.expert.name, out.stats.prompt_tokens)
             self.metrics.record(job.expert.name, out.stats, out.finish_reason or "stop", state.cost_usd)
 
     def _usage(self, job: Job, states: list[ChoiceState]) -> dict[str, Any]:
         info = job.expert.engine.info
         speculative = info.draft is not None
-        prompt_tokens = job.prompt_tokens
-        if info.text_only:  # the upstream's count, once per prompt
-            prompt_tokens = sum(s.stats.prompt_tokens for s in states if s.stats and job.first_of_prompt(s.index))
-        usage = build_usage(states, prompt_tokens, info.activated_params_per_token, speculative)
+        usage = build_usage(states, job.prompt_tokens(states), info.activated_params_per_token, speculative)
         if info.r2r is not None:
             usage.r2r, usage.activated_params_per_token = r2r_usage(states, info.r2r)
         if job.route is not None:
@@ -416,26 +403,22 @@ class OpenAIServing:
         """Report what a job used: its prompt tokens and every token generated (a choice cut short
         counts what it produced), and its cost (a cut-short choice: its per-token prices only, as
         its share of engine time is not known)."""
-        prompt_tokens = job.prompt_tokens
-        if job.expert.engine.info.text_only:  # the upstream's count, when it gave one
-            counted = [s.stats.prompt_tokens for s in states.values() if s.stats and job.first_of_prompt(s.index)]
-            prompt_tokens = sum(counted) if counted else prompt_tokens
+        prompt_tokens = job.prompt_tokens(states.values())
+        self.metrics.record_prompt(job.expert.name, prompt_tokens)
         completion, usd = 0, 0.0
         for s in states.values():
             completion += s.stats.completion_tokens if s.stats else len(s.token_ids)
             if s.stats is not None:
                 usd += s.cost_usd
             else:
-                partial = RequestStats(
-                    0.0, len(job.prompts[job.choices[s.index][0]]), completion_tokens=len(s.token_ids)
-                )
+                partial = RequestStats(0.0, job.prompt_len(job.choices[s.index][0]), completion_tokens=len(s.token_ids))
                 usd += cost_usd(job.expert.cost, partial, count_prompt=job.first_of_prompt(s.index))
         job.finish(prompt_tokens, completion, usd)
 
 
-def _tokenize(expert: Expert, prompt: str) -> list[int]:
+def _text_prompt(expert: Expert, prompt: str) -> Prompt:
     try:
-        return expert.engine.tokenize(prompt)
+        return expert.engine.text_prompt(prompt)
     except PromptTooLong as exc:
         raise _too_long(exc, expert, "prompt") from exc
 
@@ -461,12 +444,34 @@ def _logit_bias(req: _Request, expert: Expert) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(bias.items()))
 
 
-def _pass_through_only(expert: Expert, logprobs: int | None, echo: bool = False) -> None:
-    """A remote expert relays text: what needs this gateway's own tokens is refused up front."""
-    for field_name, asked in (("logprobs", logprobs is not None), ("echo", echo)):
+def _local_only(expert: Expert, logprobs: bool, echo: bool = False) -> bool:
+    """Whether the expert's engine runs here (it has the tokens: logprobs, echo, grammars). A
+    remote expert relays text: what needs this gateway's own tokens is refused up front."""
+    if not expert.engine.info.text_only:
+        return True
+    for field_name, asked in (("logprobs", logprobs), ("echo", echo)):
         if asked:
             message = f"'{expert.name}' is served by a remote engine: {field_name} is not passed through"
             raise APIError(400, message, param=field_name)
+    return False
+
+
+def _output(future: asyncio.Future[RequestOutput]) -> RequestOutput:
+    """An engine stream's next output, its failures as the API's errors."""
+    try:
+        item = future.result()
+    except StopAsyncIteration:
+        raise APIError(500, "generation ended without finishing", type="server_error") from None
+    except UpstreamError as exc:
+        status = exc.status if exc.status < 500 else 502
+        raise APIError(status, f"upstream error: {exc.message}", type=_error_type(status)) from exc
+    except APIError:
+        raise
+    except Exception as exc:
+        raise APIError(500, f"generation failed: {exc}", type="server_error") from exc
+    if item.finish_reason == "error":
+        raise APIError(500, item.error or "generation failed", type="server_error")
+    return item
 
 
 def _error_type(status: int) -> str:
@@ -506,11 +511,7 @@ class _Streamer:
         return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
     def _usage_so_far(self) -> dict[str, int]:
-        job = self.job
-        prompt = job.prompt_tokens
-        if job.expert.engine.info.text_only:  # the upstream's count, once it gave one
-            counted = [s.stats.prompt_tokens for s in self.states.values() if s.stats and job.first_of_prompt(s.index)]
-            prompt = sum(counted) if counted else prompt
+        prompt = self.job.prompt_tokens(self.states.values())
         completion = sum(s.stats.completion_tokens if s.stats else self.received[i] for i, s in self.states.items())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

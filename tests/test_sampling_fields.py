@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.base import GenerationRequest, SamplingParams
+from engine.base import GenerationRequest, SamplingParams, TextPrompt
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.factory import build_embedded, build_r2r
 from engine.logits import LogitAdjuster, apply_min_p, penalize
@@ -165,11 +165,11 @@ def test_remote_experts_pass_the_fields_to_the_upstream() -> None:
     params = SamplingParams(
         max_tokens=4, logit_bias=((7, -100.0), (9, 2.5)), presence_penalty=0.5, repetition_penalty=1.2, min_p=0.1
     )
-    _, body = engine._body(GenerationRequest("r", [], params, prompt_text="hi"))
+    _, body = engine._body(GenerationRequest("r", TextPrompt("hi"), params))
     assert body["logit_bias"] == {"7": -100, "9": 2.5}
     assert (body["presence_penalty"], body["repetition_penalty"], body["min_p"]) == (0.5, 1.2, 0.1)
     assert "frequency_penalty" not in body  # unset fields are the upstream's defaults
-    _, plain = engine._body(GenerationRequest("r", [], SamplingParams(max_tokens=4), prompt_text="hi"))
+    _, plain = engine._body(GenerationRequest("r", TextPrompt("hi"), SamplingParams(max_tokens=4)))
     assert not {"logit_bias", "presence_penalty", "repetition_penalty", "min_p"} & set(plain)
 
 
