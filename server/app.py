@@ -26,7 +26,18 @@ from server.keys import KeyPolicy, KeyRing
 from server.limits import RequestLimits
 from server.metrics import Metrics
 from server.openapi import GENERATING, TEXT, TRANSPORT, errors, install_openapi, probe, streaming
-from server.protocol import ChatCompletionRequest, CompletionRequest, Health, ModelCard, ModelList, Ready
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChunk,
+    CompletionRequest,
+    Health,
+    ModelCard,
+    ModelList,
+    Ready,
+)
 from server.request_id import RequestIdMiddleware
 from server.routing import RequestRouter, RouteDecision, build_router, route_headers
 from server.serving import Expert, Job, OpenAIServing
@@ -243,7 +254,9 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             raise APIError(404, message, param="model", code="model_not_found")
         return await state.embeddings.create(body)
 
-    @app.post("/v1/chat/completions", responses={**streaming(), **errors(*GENERATING)})
+    @app.post(
+        "/v1/chat/completions", responses={**streaming(ChatCompletion, ChatCompletionChunk), **errors(*GENERATING)}
+    )
     async def chat(body: ChatCompletionRequest, request: Request, policy: Caller) -> Any:
         request.state.model, route = body.model, None
         if policy is not None:
@@ -253,7 +266,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         job = _admitted(state, policy, state.serving.prepare_chat(body, route), request)
         return await _respond(request, job, body.stream, state.serving)
 
-    @app.post("/v1/completions", responses={**streaming(), **errors(*GENERATING)})
+    @app.post("/v1/completions", responses={**streaming(Completion, CompletionChunk), **errors(*GENERATING)})
     async def completions(body: CompletionRequest, request: Request, policy: Caller) -> Any:
         request.state.model, route = body.model, None
         if policy is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.base import R2RInfo, RequestStats, TokenLogprob
 from server.config import CostConfig
-from server.protocol import Usage
+from server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprobEntry, TopLogprob, Usage
 
 
 def cost_usd(cost: CostConfig, stats: RequestStats, count_prompt: bool) -> float:
@@ -75,24 +75,27 @@ def r2r_usage(choices: list[ChoiceState], r2r: R2RInfo) -> tuple[dict[str, Any],
     return body, round(r2r.small_params + fraction * r2r.large_params)
 
 
-def chat_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+def chat_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str]) -> ChatLogprobs:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    content = [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in items]
-    return {"content": content, "refusal": None}
+    content = [
+        TokenLogprobEntry(**entry(lp.token_id, lp.logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top])
+        for lp in items
+    ]
+    return ChatLogprobs(content=content)
 
 
-def completion_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str], offset: int) -> dict[str, Any]:
+def completion_logprobs(items: list[TokenLogprob], token_text: Callable[[int], str], offset: int) -> CompletionLogprobs:
     tokens, offsets = [], []
     for lp in items:
         offsets.append(offset)
         tokens.append(token_text(lp.token_id))
         offset += len(tokens[-1])
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in items],
-        "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in items],
-        "text_offset": offsets,
-    }
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[lp.logprob for lp in items],
+        top_logprobs=[{token_text(t): v for t, v in lp.top} for lp in items],
+        text_offset=offsets,
+    )

@@ -7,6 +7,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from server.protocol import ErrorResponse
 
@@ -34,20 +36,32 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": WHY[code]} for code in codes}
 
 
-def streaming() -> dict[int | str, dict[str, Any]]:
-    """A 200 that is a JSON object, or server-sent events when ``stream`` is true."""
+def streaming(body: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    """A 200 that is ``body`` as JSON, or server-sent events when ``stream`` is true: each event's
+    data one ``chunk`` as JSON (or an error body), then ``[DONE]``."""
     event = {
         "type": "object",
-        "properties": {"data": {"type": "string"}},
+        "properties": {
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"},
+            }
+        },
         "required": ["data"],
-    }  # data: a JSON chunk or [DONE]
-    content = {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": event}}
-    return {200: {"description": "The response, or its events when stream is true", "content": content}}
+        "description": f"data: a {chunk.__name__} (or an error body), then [DONE]",
+    }
+    CHUNKS.append(chunk)
+    content = {"text/event-stream": {"schema": event}}
+    return {200: {"model": body, "description": "The response, or its events when stream is true", "content": content}}
 
 
 def probe(model: type, unready: str) -> dict[int | str, dict[str, Any]]:
     """/health and /ready: the same body with 200 or 503."""
     return {200: {"model": model, "description": "OK"}, 503: {"model": model, "description": unready}}
+
+
+CHUNKS: list[type[BaseModel]] = []  # stream events' models, added to the schema's components
 
 
 TEXT: dict[int | str, dict[str, Any]] = {
@@ -67,6 +81,10 @@ def install_openapi(app: FastAPI) -> None:
             components = spec.get("components", {}).get("schemas", {})
             components.pop("HTTPValidationError", None)
             components.pop("ValidationError", None)
+            models = [(m, "serialization") for m in CHUNKS]
+            _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
+            for name, definition in defs.get("$defs", {}).items():
+                components.setdefault(name, definition)
             app.openapi_schema = spec
         return app.openapi_schema
 

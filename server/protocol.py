@@ -6,7 +6,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from server.fields import check_logit_bias, refuse_unsupported, unsupported
 from server.protocol_tools import ResponseFormat, Tool, ToolCall, ToolChoice
@@ -145,7 +153,20 @@ class CompletionRequest(_Request):
         return list(p)  # type: ignore[arg-type]
 
 
-class Usage(BaseModel):
+# -- responses ------------------------------------------------------------------------------
+
+
+class _Sparse(BaseModel):
+    """Written without its None fields: optional parts of a response are absent, not null."""
+
+    @model_serializer(mode="wrap")
+    def _sparse(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]  # unannotated: the model's schema stands
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class Usage(_Sparse):
+    """A response's usage; the OpenAI counts, then turnout's extension (absent parts omitted)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -164,6 +185,135 @@ class Usage(BaseModel):
     r2r: dict[str, Any] | None = None
     # `model: auto`: the CoE router's decision (category, expert, confidence, margin, reason, latency_ms)
     route: dict[str, Any] | None = None
+
+
+class UsageSoFar(BaseModel):
+    """``stream_options.continuous_usage_stats``: the counts so far, on every chunk."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None
+    refusal: list[TokenLogprobEntry] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _sparse(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]  # unannotated: the model's schema stands
+        out: dict[str, Any] = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)  # content stays, null or not, as OpenAI sends it
+        return out
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None  # stop, length or tool_calls (an upstream's own, relayed)
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None  # stop or length (an upstream's own, relayed)
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class FunctionCallDelta(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Sparse):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+class ChatDelta(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None  # stop, length or tool_calls (an upstream's own, relayed)
+
+
+class _Chunk(BaseModel):
+    """An event of a stream. ``usage`` is absent unless asked for: null on every chunk but the
+    last with ``include_usage``, the counts so far with ``continuous_usage_stats``."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Any]
+    usage: Usage | UsageSoFar | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_if_asked(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]  # unannotated: the model's schema stands
+        out: dict[str, Any] = handler(self)
+        if "usage" not in self.model_fields_set:
+            out.pop("usage", None)
+        return out
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class ErrorDetail(BaseModel):

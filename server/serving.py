@@ -19,7 +19,24 @@ from server.config import CostConfig
 from server.errors import APIError, still_loading, unavailable
 from server.formatting import ChoiceState, build_usage, chat_logprobs, completion_logprobs, cost_usd, r2r_usage
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, _Request, new_id
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    ToolCallDelta,
+    Usage,
+    UsageSoFar,
+    _Request,
+    new_id,
+)
 from server.routing import RouteDecision, route_usage
 from server.structured import Structured, constrain, plan
 from server.tools import StreamedCalls, chat_message, conversation, merge_deltas
@@ -347,7 +364,7 @@ class OpenAIServing:
             state.cost_usd = cost_usd(job.expert.cost, out.stats, count_prompt=first_of_prompt)
             self.metrics.record(job.expert.name, out.stats, out.finish_reason or "stop", state.cost_usd)
 
-    def _usage(self, job: Job, states: list[ChoiceState]) -> dict[str, Any]:
+    def _usage(self, job: Job, states: list[ChoiceState]) -> Usage:
         info = job.expert.engine.info
         speculative = info.draft is not None
         usage = build_usage(states, job.prompt_tokens(states), info.activated_params_per_token, speculative)
@@ -355,9 +372,10 @@ class OpenAIServing:
             usage.r2r, usage.activated_params_per_token = r2r_usage(states, info.r2r)
         if job.route is not None:
             usage.route = route_usage(job.route, job.expert.name)
-        return usage.model_dump(exclude_none=True)
+        return usage
 
-    def _logprobs(self, job: Job, state: ChoiceState, items: list[Any], offset: int) -> dict[str, Any] | None:
+    def _logprobs(self, job: Job, state: ChoiceState, items: list[Any], offset: int) -> Any:
+        """A chat job's ChatLogprobs or a completion job's CompletionLogprobs; None without logprobs."""
         if job.choices[state.index][1].logprobs is None:
             return None
         text = job.expert.engine.token_text
@@ -371,22 +389,26 @@ class OpenAIServing:
         finally:
             self._finish(job, states)
         ordered = [states[i] for i in range(len(job.choices))]
-        choices = []
+        usage = self._usage(job, ordered)
+        if not job.chat:
+            choices = []
+            for s in ordered:
+                echo = job.echo_texts[job.choices[s.index][0]] if job.echo_texts else ""
+                lp = self._logprobs(job, s, s.logprobs, len(echo))
+                choices.append(
+                    CompletionChoice(index=s.index, text=echo + s.text, logprobs=lp, finish_reason=s.finish_reason)
+                )
+            return Completion(
+                id=job.id, created=job.created, model=job.model, choices=choices, usage=usage
+            ).model_dump()
+        chat = []
         for s in ordered:
-            echo = job.echo_texts[job.choices[s.index][0]] if job.echo_texts else ""
-            lp = self._logprobs(job, s, s.logprobs, len(echo))
-            body: dict[str, Any] = {"text": echo + s.text}
-            finish = s.finish_reason
-            if job.chat:
-                message, finish = chat_message(s.text, job.structured.functions, s.tool_calls, finish)
-                body = {"message": message}
-            choices.append({"index": s.index, **body, "logprobs": lp, "finish_reason": finish})
-        return {**self._head(job), "choices": choices, "usage": self._usage(job, ordered)}
-
-    @staticmethod
-    def _head(job: Job) -> dict[str, Any]:
-        kind = "chat.completion" if job.chat else "text_completion"
-        return {"id": job.id, "object": kind, "created": job.created, "model": job.model}
+            message, finish = chat_message(s.text, job.structured.functions, s.tool_calls, s.finish_reason)
+            lp = self._logprobs(job, s, s.logprobs, 0)
+            chat.append(
+                ChatChoice(index=s.index, message=AssistantMessage(**message), logprobs=lp, finish_reason=finish)
+            )
+        return ChatCompletion(id=job.id, created=job.created, model=job.model, choices=chat, usage=usage).model_dump()
 
     def stream(self, job: Job) -> AsyncGenerator[str, None]:
         return self._finishing(job, _Streamer(self, job))
@@ -488,32 +510,40 @@ class _Streamer:
         self.object = "chat.completion.chunk" if job.chat else "text_completion"
         self.calls = StreamedCalls(job.structured.functions if job.chat else ())
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+    def _chunk(self, choices: list[Any], usage: Usage | None = None) -> str:
         job = self.job  # its model changes if a routed request fails over
-        head = {"id": job.id, "object": self.object, "created": job.created, "model": job.model}
-        body = {**head, "choices": choices, **extra}
-        if self.job.continuous_usage and "usage" not in body:
-            body["usage"] = self._usage_so_far()
-        elif self.job.include_usage and "usage" not in body:
-            body["usage"] = None
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        chunk = ChatCompletionChunk if job.chat else CompletionChunk
+        body = chunk(id=job.id, created=job.created, model=job.model, choices=choices)
+        if usage is not None:
+            body.usage = usage
+        elif job.continuous_usage:
+            body.usage = self._usage_so_far()
+        elif job.include_usage:
+            body.usage = None  # present, null: the usage comes in the last chunk
+        return f"data: {body.model_dump_json()}\n\n"
 
     def _choice(
-        self, index: int, text: str | None, logprobs: Any, finish: str | None, role: bool = False, calls: Any = None
-    ) -> dict[str, Any]:
+        self,
+        index: int,
+        text: str | None,
+        logprobs: Any,
+        finish: str | None,
+        role: bool = False,
+        calls: list[dict[str, Any]] | None = None,
+    ) -> ChatChunkChoice | CompletionChoice:
         if self.job.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            delta = ChatDelta(role="assistant", content="") if role else ChatDelta()
             if text:
-                delta["content"] = text
+                delta.content = text
             if calls:
-                delta["tool_calls"] = calls
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+                delta.tool_calls = [ToolCallDelta.model_validate(c) for c in calls]
+            return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        return CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)
 
-    def _usage_so_far(self) -> dict[str, int]:
+    def _usage_so_far(self) -> UsageSoFar:
         prompt = self.job.prompt_tokens(self.states.values())
         completion = sum(s.stats.completion_tokens if s.stats else self.received[i] for i, s in self.states.items())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return UsageSoFar(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def events(self) -> AsyncGenerator[str, None]:
         job, states = self.job, self.states
