@@ -23,6 +23,17 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_draft_head(args: argparse.Namespace) -> int:
+    from engine import zoo
+    from engine.speculative.head_train import HeadTrainConfig, train_draft_head
+
+    cfg = HeadTrainConfig(k_vocab=args.k_vocab, steps=args.steps, minutes=args.minutes, seed=args.seed)
+    work = zoo.cache_root() / "draft-head" / f"{args.model}-{args.quantization}-seed{cfg.seed}"
+    out = args.out or zoo.ASSETS / "draft-heads" / f"{args.model}.pt"
+    print(f"wrote {train_draft_head(args.model, args.quantization, work, out, cfg)} (work files in {work})")
+    return 0
+
+
 def _train_coe(args: argparse.Namespace) -> int:
     from engine.zoo import ASSETS
     from router.coe.classifier import TrainConfig
@@ -211,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(func=_distill)
+
+    head = sub.add_parser("train-draft-head", help="train the EAGLE-style draft head for a model (resumable)")
+    head.add_argument("--model", default="smollm2-135m-instruct")
+    head.add_argument("--quantization", default="int4", choices=["none", "int4", "nf4"], help="the target as served")
+    head.add_argument("--out", type=Path, default=None, help="default: assets/draft-heads/<model>.pt")
+    head.add_argument("--k-vocab", type=int, default=8192, help="tokens the head drafts (the most frequent)")
+    head.add_argument("--steps", type=int, default=600)
+    head.add_argument("--minutes", type=float, default=90.0, help="stop after this much training time")
+    head.add_argument("--seed", type=int, default=0)
+    head.set_defaults(func=_train_draft_head)
 
     coe = sub.add_parser("train-coe", help="train the CoE router's classifier head (and propose its expert map)")
     coe.add_argument("--data", type=Path, default=None, help="labelled prompts (default: the project's set)")

@@ -345,13 +345,14 @@ class OpenAIServing:
             self.metrics.aborted.labels(job.expert.name, "disconnect").inc()
             raise
         finally:
+            for state in states:
+                if state.finish_reason is None:
+                    self.metrics.success.labels(job.expert.name, "abort").inc()
             for future in waiting:
                 future.cancel()
             await asyncio.gather(*waiting, return_exceptions=True)
-            for state, stream in zip(states, streams):
+            for stream in streams:
                 await stream.aclose()  # an engine stream not run to its end aborts its request
-                if state.finish_reason is None:
-                    self.metrics.success.labels(job.expert.name, "abort").inc()
 
     def _accumulate(self, job: Job, state: ChoiceState, out: RequestOutput) -> None:
         state.text += out.text
