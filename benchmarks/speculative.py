@@ -80,6 +80,7 @@ async def run_set(
         "outputs": outputs,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_emitted_per_pass": (accepted + passes) / passes if passes else None,
+        "mean_accepted_length": accepted / passes if passes else None,
         "drafted": drafted,
         "accepted": accepted,
     }
@@ -108,15 +109,46 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "speedup": sped["tok_s"] / base["tok_s"],
                     "acceptance_rate": sped["acceptance_rate"],
                     "mean_emitted_per_pass": sped["mean_emitted_per_pass"],
+                    "mean_accepted_length": sped["mean_accepted_length"],
                     "identical_outputs": sped["outputs"] == base["outputs"],
                     "drafted": sped["drafted"],
                     "accepted": sped["accepted"],
                 }
             )
+        if args.draft == "head":
+            rows[0]["draft_step_cost"] = head_step_cost(fast, chats[0])
     finally:
         await plain.stop()
         await fast.stop()
     return rows
+
+
+@torch.inference_mode()
+def head_step_cost(engine: EmbeddedEngine, prompt: list[int], steps: int = 50) -> float:
+    """A chained draft step of the head (one position, its cache 200 entries long) over a decode
+    step of the target at one stream, timed alike in this process."""
+    from engine.speculative.speculator import Speculator
+
+    decoder = engine.decoder
+    speculator: Speculator = decoder.speculator  # type: ignore[attr-defined]
+    assert speculator.head is not None
+    head, dim = speculator.head.head, engine.runner.model.args.dim
+    _, _, cache = head(torch.randn(1, 200, dim), torch.tensor([prompt[:1] * 200]), torch.arange(1, 201)[None])
+
+    def head_step() -> None:
+        head(torch.randn(1, 1, dim), torch.tensor([[prompt[0]]]), torch.tensor([[201]]), cache)
+
+    def target_step() -> None:
+        engine.runner.decode([prompt[0]], [200])
+
+    def timed(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) / steps
+
+    return timed(head_step) / timed(target_step)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -124,13 +156,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "n/a" if v is None else pattern.format(v)
 
     lines = [
-        "| streams | plain tok/s | speculative tok/s | speedup | acceptance | tokens per pass | identical |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| streams | plain tok/s | speculative tok/s | speedup | acceptance | mean accepted | tokens per pass "
+        "| identical |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['streams']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | "
-            f"{f(r['acceptance_rate'], '{:.0%}')} | {f(r['mean_emitted_per_pass'], '{:.2f}')} | "
+            f"{f(r['acceptance_rate'], '{:.0%}')} | {f(r.get('mean_accepted_length'), '{:.2f}')} | "
+            f"{f(r['mean_emitted_per_pass'], '{:.2f}')} | "
             f"{'yes' if r['identical_outputs'] else 'NO'} |"
         )
     return "\n".join(lines)
@@ -160,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--quantization", default="int4", choices=["none", "int4", "nf4"])
-    p.add_argument("--draft", default="ngram")
+    p.add_argument("--draft", default="ngram", help="ngram, head (the shipped draft head) or a draft model")
     p.add_argument("--draft-quantization", default="same", choices=["same", "none", "int4", "nf4"])
     p.add_argument("--k", type=int, default=4, help="most tokens drafted per step")
     p.add_argument("--max-spec-batch", type=int, default=2, help="larger decode batches do not speculate")
@@ -172,8 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.model} {args.quantization}, draft {draft} k<={args.k}, {len(prompts())} chat prompts, greedy"
     print(title)
     print(table(rows))
+    if "draft_step_cost" in rows[0]:
+        print(f"a draft step of the head costs {rows[0]['draft_step_cost']:.3f} of a target decode step")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = "speculative" if args.draft == "ngram" else f"speculative-{Path(args.draft).name}-{args.draft_quantization}"
+    stem = (
+        "speculative"
+        if args.draft == "ngram"
+        else "speculative-head"
+        if args.draft == "head"
+        else f"speculative-{Path(args.draft).name}-{args.draft_quantization}"
+    )
     (RESULTS_DIR / f"{stem}.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
     plot(rows, RESULTS_DIR / f"{stem}.png", title)
     return 0 if all(r["identical_outputs"] for r in rows) else 1

@@ -144,7 +144,9 @@ class SpeculativeDecoder:
     def run(self, seqs: list[Sequence]) -> StepResult:
         speculator = self.speculator
         if len(seqs) > speculator.config.max_batch_size:
-            return self.plain.run(seqs)  # at high load a wider forward costs more than the drafts save
+            return self.plain.run(
+                seqs
+            )  # at high load a wider forward costs more than the drafts save (no features kept)
         t0 = time.perf_counter()
         states = []
         for s in seqs:
@@ -157,9 +159,14 @@ class SpeculativeDecoder:
         params, generators = [s.request.params for s in seqs], [s.generator for s in seqs]
         drafts, draft_probs = speculator.propose(states, [s.token_ids for s in seqs], rooms, params, generators)
         if not any(drafts):
-            return self.plain.run(seqs)
+            result = self.plain.run(seqs)
+            hidden = self.runner.last_hidden()
+            for i, (s, state) in enumerate(zip(seqs, states)):  # the feature of each last token
+                speculator.observe(state, len(s.token_ids) - 1, None if hidden is None else hidden[i, :1])
+            return result
         rows = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafts)]
         logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
+        hidden = self.runner.last_hidden()
         kept, logprobs = [], []
         for s, state, proposed, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
             self.picker.mask_rows(s, row_logits, proposed)
@@ -168,6 +175,10 @@ class SpeculativeDecoder:
             if proposed:
                 s.stats.speculation.record(len(proposed), len(emitted) - 1)
             kept.append(emitted)
+            # the features of the last token and of the drafts that stood
+            speculator.observe(
+                state, len(s.token_ids) - 1, None if hidden is None else hidden[len(kept) - 1, : len(emitted)]
+            )
             wanted = [s.request.params.logprobs]
             logprobs.append([token_logprobs(row_logits[i : i + 1], [t], wanted)[0] for i, t in enumerate(emitted)])
         self.runner.commit([len(e) for e in kept])  # an H2O cache keeps only the tokens that stood

@@ -32,6 +32,7 @@ from engine.sampler import make_generator
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.speculative.draft_model import ModelDrafter
+from engine.speculative.head_drafter import HeadDrafter
 from engine.speculative.speculator import SpeculativeConfig, Speculator
 from engine.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
@@ -88,7 +89,7 @@ class EmbeddedEngine:
         config: EmbeddedConfig,
         dtype: str,
         described: Described | None = None,
-        draft: ModelDrafter | None = None,
+        draft: ModelDrafter | HeadDrafter | None = None,
         r2r: R2RDecoder | None = None,
     ) -> None:
         if r2r is not None and config.speculative is not None:
@@ -99,7 +100,8 @@ class EmbeddedEngine:
         described = described or Described()
         self.pool = None if runner.pool.dedicated else runner.pool
         # every model's pages move together (a shared pool, or a draft's own beside an H2O target)
-        owners = [runner.pool, draft.runner.pool if draft else None, r2r.large.pool if r2r else None]
+        model_draft = draft if isinstance(draft, ModelDrafter) else None
+        owners = [runner.pool, model_draft.runner.pool if model_draft else None, r2r.large.pool if r2r else None]
         self._pools = list({id(p): p for p in owners if p is not None}.values())
         pool = KVPoolInfo(
             policy=config.kv.policy,
@@ -129,7 +131,8 @@ class EmbeddedEngine:
         self.picker = Picker(tokenizer.stop_token_ids)
         self.decoder: Decoder = PlainDecoder(runner, self.picker)
         if config.speculative is not None:
-            speculator = Speculator(config.speculative, draft)
+            head = draft if isinstance(draft, HeadDrafter) else None
+            speculator = Speculator(config.speculative, model_draft, head)
             self.decoder = SpeculativeDecoder(runner, self.picker, speculator, config.max_model_len)
         elif r2r is not None:
             self.decoder = RoutedDecoder(runner, self.picker, r2r)

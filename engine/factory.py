@@ -20,7 +20,9 @@ from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized
 from engine.r2r import R2RDecoder, load_token_router
 from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
-from engine.speculative.speculator import NGRAM, SpeculativeConfig
+from engine.speculative.eagle import DraftHead
+from engine.speculative.head_drafter import HeadDrafter
+from engine.speculative.speculator import HEAD, NGRAM, SpeculativeConfig
 from engine.tokenizer import Tokenizer
 from kernels import cpu, dispatch, step
 from kernels import decode as fused_decode
@@ -96,7 +98,7 @@ def build_embedded(
     log.info("loaded %s from %s: %s, %s, %.1f MB of weights", model, path, label, described.quantization, held / 1e6)
     models: list[EngineModel] = [transformer]
     spec = config.speculative
-    if spec is not None and spec.draft != NGRAM:
+    if spec is not None and spec.draft not in (NGRAM, HEAD):
         draft_path = resolve_model_path(spec.draft)
         vocab, draft_vocab = transformer.args.vocab_size, read_args(draft_path).vocab_size
         if draft_vocab != vocab:
@@ -109,7 +111,9 @@ def build_embedded(
         models.append(draft_model)
     pool, kv_dtype = make_pool(models, config), KV_DTYPES[config.kv_dtype]
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv, pool, kv_dtype)
-    draft = None
+    draft: ModelDrafter | HeadDrafter | None = None
+    if spec is not None and spec.draft == HEAD:
+        draft = load_draft_head(model, spec, transformer)
     if len(models) > 1:  # beside an H2O target the draft keeps a full slot per sequence, its own
         shared = None if config.kv.h2o else pool
         draft_runner = ModelRunner(models[1], config.max_batch_size, config.max_model_len, None, shared, kv_dtype)
@@ -259,3 +263,29 @@ def draft_quant_spec(spec: SpeculativeConfig, target: QuantSpec | None) -> Quant
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def draft_head_file(model: str, spec: SpeculativeConfig) -> Path:
+    """The draft head's file: the configured one, or the one shipped for the target."""
+    if spec.head is not None:
+        return Path(spec.head).expanduser()
+    return zoo.ASSETS / "draft-heads" / f"{Path(zoo.ALIASES.get(model, model)).name}.pt"
+
+
+@torch.no_grad()
+def load_draft_head(model: str, spec: SpeculativeConfig, transformer: EngineModel) -> HeadDrafter:
+    """The draft head for ``model``, given the target's embedding (as it is held: a quantized table
+    stays quantized), final norm and the rows of its LM head for the head's tokens."""
+    path = draft_head_file(model, spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"no draft head for {model} at {path} (turnout train-draft-head makes one)")
+    head, meta = DraftHead.load(path)
+    args = transformer.args
+    if (head.cfg.dim, head.cfg.vocab_size) != (args.dim, args.vocab_size):
+        raise ValueError(f"the draft head at {path} was trained for another model ({meta.get('target')})")
+    lm_head = transformer.output(torch.eye(args.dim, dtype=transformer.norm.weight.dtype)).float().T
+    head.attach(transformer.tok_embeddings, transformer.norm.weight.detach().float(), lm_head)
+    log.info(
+        "draft head %s: %d tokens, trained on %s tokens of %s", path, head.k, meta.get("tokens"), meta.get("target")
+    )
+    return HeadDrafter(head, spec.min_confidence)

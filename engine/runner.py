@@ -81,6 +81,10 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long).unsqueeze(1)
         return self.model(ids, AttentionBatch.build(0, pos))[:, -1]
 
+    def last_hidden(self) -> Tensor | None:
+        """The last forward's final-normed hidden states ``[B, S, dim]`` (the draft head's features)."""
+        return getattr(self.model, "last_hidden", None)
+
     def greedy_tokens(self) -> list[int] | None:
         """The argmax of each row of the last ``decode``'s logits, where the native step computed
         them (it does, so the sampler need not scan 49,152 logits a row); None elsewhere."""

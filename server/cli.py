@@ -139,14 +139,19 @@ def _serve(args: argparse.Namespace) -> int:
 def _fetch_models(settings: Settings) -> None:
     """Every embedded expert's models (its own, a draft model, R2R's pair) pulled and converted, and
     the router's embedder fetched: a misspelt name or a missing file stops `turnout serve` here."""
-    from engine.factory import resolve_model_path
+    from engine.factory import draft_head_file, resolve_model_path
 
     for expert in settings.experts:
         if expert.engine != "embedded":
             continue
         names = [expert.r2r.small, expert.r2r.large] if expert.r2r else [expert.model]
-        if expert.speculative is not None and expert.speculative.draft != "ngram":
-            names.append(expert.speculative.draft)
+        spec = expert.speculative
+        if spec is not None and spec.draft == "head":
+            head = draft_head_file(expert.model, spec.engine_config())
+            if not head.is_file():
+                raise FileNotFoundError(f"expert {expert.name!r}: no draft head at {head} (turnout train-draft-head)")
+        elif spec is not None and spec.draft != "ngram":
+            names.append(spec.draft)
         for name in names:
             resolve_model_path(name)
         if expert.r2r is not None and not (expert.r2r.router / "router.json").is_file():

@@ -79,16 +79,35 @@ class QuantizationOptions(_Strict):
 
 
 class SpeculativeSettings(_Strict):
-    # "ngram" (prompt lookup) or a draft model sharing the target's tokenizer (zoo name or path)
+    # "ngram" (prompt lookup), "head" (the EAGLE-style draft head trained for the target) or a
+    # draft model sharing the target's tokenizer (zoo name or path)
     draft: str = Field(default="ngram", min_length=1)
     num_draft_tokens: int = Field(default=4, ge=1, le=16)
     max_batch_size: int = Field(default=2, ge=1)  # decode batches larger than this do not speculate
     # a draft model's weights: "same" as the target's quantization, or none | int4 | nf4
     draft_quantization: Literal["same", "none", "int4", "nf4"] = "same"
+    head: Path | None = None  # draft "head": its file (null: assets/draft-heads/<model>.pt)
+    min_confidence: float = Field(default=0.2, ge=0, lt=1)  # draft "head": chained drafts stop below this
+
+    @field_validator("head")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else _project_path(value)
+
+    @model_validator(mode="after")
+    def _head_file_for_the_head(self) -> SpeculativeSettings:
+        if self.head is not None and self.draft != "head":
+            raise ValueError("speculative.head is the file of draft 'head'")
+        return self
 
     def engine_config(self) -> SpeculativeConfig:
         return SpeculativeConfig(
-            self.draft, self.num_draft_tokens, self.max_batch_size, draft_quantization=self.draft_quantization
+            self.draft,
+            self.num_draft_tokens,
+            self.max_batch_size,
+            draft_quantization=self.draft_quantization,
+            head=None if self.head is None else str(self.head),
+            min_confidence=self.min_confidence,
         )
 
 
@@ -197,6 +216,8 @@ class ExpertConfig(_Strict):
             return self
         if self.r2r is not None:
             raise ValueError(f"expert {self.name!r}: an r2r expert runs embedded (vLLM has no token router)")
+        if self.speculative is not None and self.speculative.draft == "head":
+            raise ValueError(f"expert {self.name!r}: the draft head runs in the embedded engine (vLLM: a draft model)")
         drafted = self.speculative.draft_quantization if self.speculative else "same"
         if self.quantization != "none" or drafted not in ("same", "none"):
             raise ValueError(

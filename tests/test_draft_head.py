@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
+from engine.base import GenerationRequest, SamplingParams
+from engine.embedded import EmbeddedConfig, EmbeddedEngine
+from engine.factory import build_embedded
+from engine.loader import read_args
+from engine.speculative.accept import accept_sampled
 from engine.speculative.eagle import DraftHead, HeadConfig, init_weights
 from engine.speculative.head_train import Features, HeadTrainConfig, evaluate, train
+from engine.speculative.speculator import SpeculativeConfig
+from engine.zoo import ASSETS
+from tests.conftest import started
+
+SHIPPED = ASSETS / "draft-heads" / "smollm2-135m-instruct.pt"
 
 CFG = HeadConfig(
     dim=32, n_heads=4, n_kv_heads=2, intermediate_size=64, vocab_size=120, rope_theta=10000.0, norm_eps=1e-5
@@ -98,3 +111,104 @@ def test_training_lowers_the_loss_and_evaluation_is_a_rate(tmp_path: Path) -> No
     assert history[-1]["loss"] < history[0]["loss"]
     metrics = evaluate(trained, data, [3, 7], parts["lm_head"], 3)
     assert 0 <= metrics["step1_agreement"] <= 1 and 0 <= metrics["mean_accepted"] <= 3
+
+
+# --- serving: the head as the drafter of the real model ------------------------------------------
+
+REPETITIVE = "Write the numbers from one to twenty in words, separated by commas."
+
+
+@pytest.fixture(scope="module")
+def head_engines(model_path: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A plain engine, one drafting with the shipped head (two slots, so slots move), and one with
+    an untrained head (its drafts mostly fail: rollback and back-off at work)."""
+    untrained = tmp_path_factory.mktemp("head") / "untrained.pt"
+    args = read_args(model_path)
+    h = DraftHead(HeadConfig.of(args), torch.arange(0, args.vocab_size, 7))
+    init_weights(h, 1)
+    h.save(untrained, {"target": "untrained"})
+    config = EmbeddedConfig(2, 1024)
+    plain = build_embedded(str(model_path), "float32", config)
+    spec = SpeculativeConfig("head", num_draft_tokens=4, max_batch_size=2, head=str(SHIPPED))
+    shipped = build_embedded(str(model_path), "float32", replace(config, speculative=spec))
+    spec = SpeculativeConfig("head", num_draft_tokens=3, max_batch_size=2, head=str(untrained))
+    random = build_embedded(str(model_path), "float32", replace(config, speculative=spec))
+    yield from started(plain, shipped, random)
+
+
+async def _generate(engine: EmbeddedEngine, rid: str, prompt: list[int], params: SamplingParams):  # type: ignore[no-untyped-def]
+    tokens, text, last = [], "", None
+    async for out in engine.generate(GenerationRequest(rid, prompt, params)):
+        tokens += out.token_ids
+        text += out.text
+        last = out
+    return tokens, text, last
+
+
+def _all(loop, engine, prompts, params, tag):  # type: ignore[no-untyped-def]
+    async def gather():  # type: ignore[no-untyped-def]
+        jobs = [_generate(engine, f"{tag}{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
+        return await asyncio.gather(*jobs)
+
+    return loop.run_until_complete(gather())
+
+
+def test_greedy_output_with_the_head_is_the_plain_engines(head_engines) -> None:  # type: ignore[no-untyped-def]
+    plain, shipped, random, loop = head_engines
+    prompts = [
+        plain.tokenize_chat([{"role": "user", "content": REPETITIVE}]),
+        plain.tokenize_chat([{"role": "user", "content": "Name three colours."}]),
+        plain.tokenize("The capital of France is"),
+    ]
+    # different lengths: the second leaves early and the third moves into its slot; a stop string
+    params = [
+        SamplingParams(max_tokens=60, temperature=0),
+        SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0, stop=("Paris",)),
+    ]
+    want = _all(loop, plain, prompts, params, "p")
+    for engine, tag in ((shipped, "s"), (random, "r")):
+        got = _all(loop, engine, prompts, params, tag)
+        assert [g[0] for g in got] == [w[0] for w in want], tag
+        assert [(g[1], g[2].finish_reason) for g in got] == [(w[1], w[2].finish_reason) for w in want], tag
+    stats = [g[2].stats.speculation for g in _all(loop, shipped, prompts[:1], params[:1], "again")]
+    assert stats[0].accepted_tokens > 0 and stats[0].steps < 60  # the shipped head's drafts stand
+
+
+def test_sampling_with_the_head_is_seeded_and_bounded(head_engines) -> None:  # type: ignore[no-untyped-def]
+    _, shipped, _, loop = head_engines
+    prompt = shipped.tokenize_chat([{"role": "user", "content": "Write a short poem about the sea."}])
+    params = [SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, seed=11)] * 2
+    first, second = _all(loop, shipped, [prompt, prompt], params, "x")
+    assert first[0] == second[0] and 0 < len(first[0]) <= 30
+    assert first[2].stats.speculation.draft_tokens > 0
+
+
+def test_a_head_for_another_model_is_refused(model_path: Path, tmp_path: Path) -> None:
+    wrong = DraftHead(CFG, torch.arange(10))
+    init_weights(wrong, 0)
+    wrong.save(tmp_path / "wrong.pt", {"target": "tiny"})
+    spec = SpeculativeConfig("head", head=str(tmp_path / "wrong.pt"))
+    with pytest.raises(ValueError, match="another model"):
+        build_embedded(str(model_path), "float32", EmbeddedConfig(1, 256, speculative=spec))
+
+
+def test_speculative_sampling_with_a_reduced_vocabulary_draft_preserves_the_target_distribution() -> None:
+    """A head drafts from K of the V tokens: its q is zero elsewhere, and the residual distribution
+    a rejection samples from must give those tokens their whole share of p."""
+    g = torch.Generator().manual_seed(4)
+    vocab, kept = 6, torch.tensor([0, 2, 3])
+    p = torch.rand(2, vocab, generator=g) ** 2
+    p = p / p.sum(-1, keepdim=True)
+    q = torch.zeros(2, vocab)
+    q[:, kept] = torch.rand(2, len(kept), generator=g) + 0.2
+    q = q / q.sum(-1, keepdim=True)
+    first = torch.zeros(vocab)
+    for _ in range(20_000):
+        drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(2)]
+        out = accept_sampled(torch.cat([p, p[1:]]), drafts, q, g)
+        first[out[0]] += 1
+    expected = p[0] * first.sum()
+    chi2 = float(((first - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
+    assert first[1] > 0 and first[4] > 0  # tokens the draft never proposes still come out

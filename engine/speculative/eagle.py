@@ -15,6 +15,7 @@ the embedding are the target's, taken from it when the head is loaded.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,15 +123,20 @@ class DraftHead(nn.Module):
         self.fc = nn.Linear(2 * cfg.dim, cfg.dim, bias=True)
         self.layer = HeadLayer(cfg)
         self.register_buffer("vocab", vocab.to(torch.long).clone(), persistent=True)  # [K] target token ids
-        self.embedding: Tensor = torch.empty(0)
+        self.embed: Callable[[Tensor], Tensor] = _unattached
         self.norm_weight: Tensor = torch.empty(0)
         self.lm_head: Tensor = torch.empty(0)  # [K, dim]
 
-    def attach(self, embedding: Tensor, norm_weight: Tensor, lm_head: Tensor) -> DraftHead:
-        """The target's embedding table ``[V, dim]``, final norm weight and full LM head ``[V, dim]``
-        (shared, never trained); the head keeps the rows of its K tokens."""
+    def attach(self, embedding: Tensor | Callable[[Tensor], Tensor], norm_weight: Tensor, lm_head: Tensor) -> DraftHead:
+        """The target's embedding (a table ``[V, dim]``, or its embedding module: a quantized table
+        stays quantized), final norm weight and full LM head ``[V, dim]`` (shared, never trained);
+        the head keeps the rows of its K tokens."""
         dtype = self.fc.weight.dtype
-        self.embedding = embedding.detach()
+        if isinstance(embedding, Tensor):
+            table = embedding.detach()
+            self.embed = lambda ids: F.embedding(ids, table)
+        else:
+            self.embed = embedding
         self.norm_weight = norm_weight.detach().to(dtype)
         self.lm_head = lm_head.detach()[self.vocab].to(dtype).contiguous()
         return self
@@ -146,7 +152,7 @@ class DraftHead(nn.Module):
         (t+1's) -> the predicted features ``[B, T, dim]`` (``f_{t+1}``), logits over the K tokens
         ``[B, T, K]`` and the layer's cache."""
         dtype = self.fc.weight.dtype
-        emb = F.embedding(next_tokens, self.embedding).to(dtype)
+        emb = self.embed(next_tokens).to(dtype)
         x = self.fc(torch.cat([features.to(dtype), emb], dim=-1))
         hidden, cache = self.layer(x, positions, cache)
         return hidden, self.logits(hidden), cache
@@ -175,6 +181,10 @@ class DraftHead(nn.Module):
         head = cls(cfg, blob["state"]["vocab"])
         head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in blob["state"].items()})
         return head.to(dtype), dict(blob.get("meta", {}))
+
+
+def _unattached(ids: Tensor) -> Tensor:
+    raise RuntimeError("DraftHead.attach must give the head the target's embedding first")
 
 
 @torch.no_grad()

@@ -17,14 +17,16 @@ from engine.base import SamplingParams
 from engine.sampler import filter_logits
 from engine.speculative.accept import accept_greedy, accept_sampled
 from engine.speculative.draft_model import ModelDrafter
+from engine.speculative.head_drafter import HeadDrafter, HeadState
 from engine.speculative.ngram import NGramIndex
 
 NGRAM = "ngram"
+HEAD = "head"  # the EAGLE-style draft head trained for the target (assets/draft-heads/)
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    draft: str = NGRAM  # "ngram" (prompt lookup) or a model sharing the target's tokenizer
+    draft: str = NGRAM  # "ngram" (prompt lookup), "head" (the draft head) or a model sharing the target's tokenizer
     num_draft_tokens: int = 4  # the most a sequence drafts per step (adaptive below that)
     # more sequences decoding together: plain decode. A verification pass multiplies the rows each
     # linear sees, and on CPU that cost grows with the rows once there are more than a few.
@@ -32,10 +34,16 @@ class SpeculativeConfig:
     max_ngram: int = 3
     # a draft model's weights: "same" quantization as the target, or none | int4 | nf4
     draft_quantization: str = "same"
+    head: str | None = None  # draft "head": the head's file (None: the one shipped for the target)
+    min_confidence: float = 0.2  # draft "head": chained drafts stop below this probability
 
     def __post_init__(self) -> None:
         if not self.draft or self.draft == "none":
-            raise ValueError("speculative draft must be 'ngram' or a model name")
+            raise ValueError("speculative draft must be 'ngram', 'head' or a model name")
+        if self.head is not None and self.draft != HEAD:
+            raise ValueError("speculative head is a file for draft 'head'")
+        if not 0 <= self.min_confidence < 1:
+            raise ValueError("min_confidence must be in [0, 1)")
         if not 1 <= self.num_draft_tokens <= 16:
             raise ValueError("num_draft_tokens must be between 1 and 16")
         if self.draft_quantization not in ("same", "none", "int4", "nf4"):
@@ -53,6 +61,7 @@ class SpeculationState:
     acceptance: float = 0.5  # moving average of the share of drafts that stood
     pause: int = 0  # steps left without drafting after a run of poor acceptance
     draft_seen: int = 0  # a draft model: how many of the sequence's tokens its cache holds
+    head: HeadState | None = None  # the draft head: its cache and the target's features it has not taken in
 
 
 BACK_OFF_BELOW = 0.3  # a sequence whose drafts stand less often than this stops drafting for a while
@@ -60,13 +69,22 @@ BACK_OFF_STEPS = 8
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, model: ModelDrafter | None = None) -> None:
-        if (config.draft == NGRAM) != (model is None):
-            raise ValueError(f"speculative draft {config.draft!r} needs {'no' if model is None else 'a'} draft model")
-        self.config, self.model = config, model
+    def __init__(
+        self, config: SpeculativeConfig, model: ModelDrafter | None = None, head: HeadDrafter | None = None
+    ) -> None:
+        if (config.draft in (NGRAM, HEAD)) != (model is None) or (config.draft == HEAD) != (head is not None):
+            raise ValueError(f"speculative draft {config.draft!r} does not match the drafter given")
+        self.config, self.model, self.head = config, model, head
 
     def new_state(self) -> SpeculationState:
-        return SpeculationState(NGramIndex(self.config.max_ngram), self.config.num_draft_tokens)
+        state = SpeculationState(NGramIndex(self.config.max_ngram), self.config.num_draft_tokens)
+        state.head = HeadState() if self.head is not None else None
+        return state
+
+    def observe(self, state: SpeculationState, position: int, features: Tensor | None) -> None:
+        """The target's features from its last pass, at ``position`` on (the head drafts from them)."""
+        if self.head is not None and state.head is not None and features is not None:
+            self.head.observe(state.head, position, features)
 
     def draft_length(self, state: SpeculationState, room: int) -> int:
         """How many tokens a sequence drafts this step; ``room`` is what it may still emit minus one."""
@@ -86,6 +104,9 @@ class Speculator:
         """Drafts (and a draft model's distributions ``q``, for sampled requests) for the sequences
         in slots ``0..n-1``."""
         ks = [self.draft_length(s, room) for s, room in zip(states, rooms)]
+        if self.head is not None:
+            heads = [s.head or HeadState() for s in states]
+            return self.head.draft(heads, token_lists, ks, params, generators)
         if self.model is None:
             return [s.index.propose(t, k) for s, t, k in zip(states, token_lists, ks)], [None] * len(ks)
         if max(ks) == 0:
