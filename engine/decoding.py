@@ -141,6 +141,15 @@ class SpeculativeDecoder:
     ) -> tuple[list[int], list[list[TokenLogprob | None]]]:
         return self.plain.choose(seqs, logits, argmax, seconds)
 
+    def prefilled(self, seq: Sequence, position: int) -> None:
+        """A prompt went in; the last forward's last row is its feature at ``position``."""
+        if self.speculator.head is None:
+            return
+        if seq.speculation is None:
+            seq.speculation = self.speculator.new_state()
+        hidden = self.runner.last_hidden()
+        self.speculator.observe(seq.speculation, position, None if hidden is None else hidden[0, -1:])
+
     def run(self, seqs: list[Sequence]) -> StepResult:
         speculator = self.speculator
         if len(seqs) > speculator.config.max_batch_size:

@@ -365,6 +365,8 @@ class EmbeddedEngine:
         self.scheduler.prefill_done(seq)
         if seq.resumed:  # back after preemption: its last token is fed by its next pass
             return StepResult([[]], [[]], [end], seconds)
+        if isinstance(self.decoder, SpeculativeDecoder):
+            self.decoder.prefilled(seq, end - 1)  # the prompt's last feature: the head drafts from it
         tokens, logprobs = self.decoder.choose([seq], logits.unsqueeze(0), self.runner.greedy_tokens(), seconds)
         return StepResult([tokens], logprobs, [end], seconds)
 

@@ -164,8 +164,10 @@ def frequent_tokens(answers: Path, k: int) -> tuple[Tensor, dict[int, float]]:
 
 
 def split(data: Features, every: int) -> tuple[list[int], list[int]]:
-    held = [i for i in range(len(data.tokens)) if i % every == every - 1]
-    return [i for i in range(len(data.tokens)) if i % every != every - 1], held
+    """(training, held-out) sequence indices: two of every ``every`` held out, one greedy and one
+    sampled (answers alternate)."""
+    held = [i for i in range(len(data.tokens)) if i % every >= every - 2]
+    return [i for i in range(len(data.tokens)) if i % every < every - 2], held
 
 
 def _windows(data: Features, seqs: list[int], window: int) -> list[tuple[int, int]]:
