@@ -103,12 +103,21 @@ class HeadLayer(nn.Module):
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h)), (k, v)
 
 
+_ROPE: dict[tuple[int, float, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
 def rope(cfg: HeadConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    half = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
-    angles = positions.to(torch.float64)[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    """cos/sin ``[B, T, 1, D]`` for ``positions [B, T]``, from tables made once (grown as needed)."""
+    key = (cfg.head_dim, cfg.rope_theta, dtype)
+    cos, sin = _ROPE.get(key, (torch.empty(0), torch.empty(0)))
+    need = int(positions.max()) + 1
+    if cos.shape[0] < need:
+        half = cfg.head_dim // 2
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+        angles = torch.outer(torch.arange(max(need, 4096), dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = _ROPE[key] = angles.cos().to(dtype), angles.sin().to(dtype)
+    return cos[positions][:, :, None, :], sin[positions][:, :, None, :]
 
 
 class DraftHead(nn.Module):

@@ -56,6 +56,7 @@ class Features:
     tokens: list[Tensor]  # [T] each
     features: list[Tensor]  # [T, dim] bfloat16 each
     greedy: list[bool] = field(default_factory=list)
+    prompt_lens: list[int] = field(default_factory=list)  # where each answer starts
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -122,14 +123,14 @@ async def _answer(
 
 def extract_features(runner: Any, answers: Path, out: Path, rows: int = 4) -> Features:
     """The target's features for every answered sequence (cached in ``out``)."""
+    lines = [line for line in answers.read_text().splitlines() if line.strip()]
+    records = sorted((json.loads(line) for line in lines), key=lambda r: r["i"])
+    records = [r for r in records if len(r["answer"]) >= 2]
+    prompt_lens = [min(len(r["prompt"]), runner.max_len) for r in records]
     if out.exists():
         blob = torch.load(out, weights_only=True)
-        return Features(blob["tokens"], blob["features"], blob["greedy"])
-    records = sorted(
-        (json.loads(line) for line in answers.read_text().splitlines() if line.strip()), key=lambda r: r["i"]
-    )
-    records = [r for r in records if len(r["answer"]) >= 2]
-    data = Features([], [], [])
+        return Features(blob["tokens"], blob["features"], blob["greedy"], prompt_lens)
+    data = Features([], [], [], prompt_lens)
     model = runner.model
     for start in tqdm(range(0, len(records), rows), desc="target features", unit="batch"):
         chunk = records[start : start + rows]
@@ -210,10 +211,10 @@ def loss_of(head: DraftHead, batch: tuple[Tensor, ...], kl_weight: float) -> Ten
 
 @torch.no_grad()
 def evaluate(head: DraftHead, data: Features, held: list[int], full_head: Tensor, chain: int) -> dict[str, float]:
-    """On the held-out sequences: how often the head's first draft is the target's greedy token
-    (from its features: ``argmax f_{t+1} W^T``), and on the greedy ones the mean accepted length
-    of chains of ``chain`` drafts (each draft fed the head's own output), against the tokens the
-    target wrote."""
+    """On the held-out answers (the positions the target wrote): how often the head's first draft
+    is the target's greedy token (from its features: ``argmax f_{t+1} W^T``), and on the greedy
+    answers the mean accepted length of chains of ``chain`` drafts (each draft fed the head's own
+    output), against the tokens the target wrote."""
     agree = total = 0
     accepted: list[int] = []
     for s in held:
@@ -222,14 +223,16 @@ def evaluate(head: DraftHead, data: Features, held: list[int], full_head: Tensor
         if n < 3:
             continue
         pos = torch.arange(1, n)[None]
+        answer = data.prompt_lens[s] if data.prompt_lens else 0  # the first position the target wrote
         hidden, logits, cache = head(f[None, :-1], x[None, 1:], pos)
-        best = head.vocab[logits[0].argmax(-1)]  # the draft for t+2, from (f_t, x_{t+1})
-        truth = (f[1:] @ full_head.T).argmax(-1)  # the target's greedy token after t+1
-        agree += int((best[:-1] == truth[:-1]).sum())
-        total += n - 2
+        best = head.vocab[logits[0].argmax(-1)]  # [j]: the draft for j+2, from (f_j, x_{j+1})
+        truth = (f[1:] @ full_head.T).argmax(-1)  # [j]: the target's greedy token for j+2
+        first = max(answer - 2, 0)
+        agree += int((best[first:-1] == truth[first:-1]).sum())
+        total += max(n - 2 - first, 0)
         if not data.greedy[s]:
             continue
-        for t in range(0, n - 2 - chain, 7):  # chains from every 7th position
+        for t in range(first, n - 2 - chain, 3):  # chains from every 3rd position of the answer
             accepted.append(_chain(head, f, x, t, chain))
     return {
         "step1_agreement": agree / max(total, 1),
@@ -369,8 +372,34 @@ def train_draft_head(model: str, quantization: str, work: Path, out: Path, cfg: 
         "minutes": round((time.monotonic() - t0) / 60, 1),
     }
     head.save(out, meta)
-    out.with_name("curve.json").write_text(json.dumps(history, indent=1))
+    curve = out.with_suffix(".curve.json")
+    curve.write_text(json.dumps(history, indent=1) + "\n")
+    plot_curve(history, curve.with_suffix(".png"), f"draft head for {model} ({quantization}), K={cfg.k_vocab}")
     return out
+
+
+def plot_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Held-out acceptance against training tokens: step-1 agreement and mean accepted length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [h["tokens"] / 1e6 for h in history]
+    fig, left = plt.subplots(figsize=(6, 4))
+    left.plot(tokens, [h["step1_agreement"] for h in history], marker="o", label="first draft = target's token")
+    left.set_xlabel("training tokens (millions)")
+    left.set_ylabel("held-out agreement")
+    left.set_ylim(0, 1)
+    right = left.twinx()
+    right.plot(tokens, [h["mean_accepted"] for h in history], marker="s", color="tab:orange", label="mean accepted")
+    right.set_ylabel("mean accepted of 4 chained drafts")
+    right.set_ylim(0, 4)
+    fig.legend(loc="lower right", fontsize=8)
+    left.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _target_parts(transformer: Any) -> dict[str, Tensor]:
