@@ -135,8 +135,11 @@ def extract_features(runner: Any, answers: Path, out: Path, rows: int = 4) -> Fe
     for start in tqdm(range(0, len(records), rows), desc="target features", unit="batch"):
         chunk = records[start : start + rows]
         seqs = [(r["prompt"] + r["answer"])[: runner.max_len] for r in chunk]
+        for slot, seq in enumerate(seqs):
+            runner.hold(slot, len(seq))  # KV pages for the row (else its keys go to the scratch page)
         runner.verify(seqs, [0] * len(seqs))
         hidden = model.last_hidden
+        runner.pool.release_all()
         for i, seq in enumerate(seqs):
             data.tokens.append(torch.tensor(seq, dtype=torch.int32))
             data.features.append(hidden[i, : len(seq)].to(torch.bfloat16).clone())
