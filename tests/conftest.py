@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -244,3 +245,18 @@ async def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def random_router(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained R2R token router for SmolLM2's width (threshold 0.5)."""
+    from safetensors.torch import save_file
+
+    from engine.r2r import TokenRouter
+
+    torch.manual_seed(0)
+    router = TokenRouter(576)
+    out = tmp_path_factory.mktemp("r2r")
+    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, str(out / "router.safetensors"))
+    (out / "router.json").write_text(json.dumps({"dim": 576, "threshold": 0.5}))
+    return out

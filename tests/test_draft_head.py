@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.base import GenerationRequest, SamplingParams
-from engine.embedded import EmbeddedConfig, EmbeddedEngine
+from engine.base import SamplingParams
+from engine.embedded import EmbeddedConfig
 from engine.factory import build_embedded
 from engine.loader import read_args
 from engine.speculative.accept import accept_sampled
@@ -19,6 +19,7 @@ from engine.speculative.head_train import Features, HeadTrainConfig, evaluate, t
 from engine.speculative.speculator import SpeculativeConfig
 from engine.zoo import ASSETS
 from tests.conftest import started
+from tests.test_speculative import generate
 
 SHIPPED = ASSETS / "draft-heads" / "smollm2-135m-instruct.pt"
 
@@ -136,18 +137,9 @@ def head_engines(model_path: Path, tmp_path_factory: pytest.TempPathFactory):  #
     yield from started(plain, shipped, random)
 
 
-async def _generate(engine: EmbeddedEngine, rid: str, prompt: list[int], params: SamplingParams):  # type: ignore[no-untyped-def]
-    tokens, text, last = [], "", None
-    async for out in engine.generate(GenerationRequest(rid, prompt, params)):
-        tokens += out.token_ids
-        text += out.text
-        last = out
-    return tokens, text, last
-
-
 def _all(loop, engine, prompts, params, tag):  # type: ignore[no-untyped-def]
     async def gather():  # type: ignore[no-untyped-def]
-        jobs = [_generate(engine, f"{tag}{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
+        jobs = [generate(engine, f"{tag}{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
         return await asyncio.gather(*jobs)
 
     return loop.run_until_complete(gather())

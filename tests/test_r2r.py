@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from engine import zoo
 from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.factory import build_embedded, build_r2r
-from engine.r2r import TokenRouter, load_token_router
+from engine.r2r import load_token_router
 from router.r2r.label import small_view
 from tests.conftest import greedy_ids, streamed_text
 
 SMALL, LARGE = "smollm2-small", "smollm2-135m-instruct"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
-
-
-@pytest.fixture(scope="module")
-def random_router(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    router = TokenRouter(576)
-    out = tmp_path_factory.mktemp("r2r")
-    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, str(out / "router.safetensors"))
-    (out / "router.json").write_text(json.dumps({"dim": 576, "threshold": 0.5}))
-    return out
 
 
 def _config(slots: int = 4) -> EmbeddedConfig:

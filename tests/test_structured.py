@@ -15,14 +15,11 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from engine.base import GenerationRequest, SamplingParams
 from engine.embedded import EmbeddedConfig, EmbeddedEngine
 from engine.factory import build_embedded, build_r2r
 from engine.grammar import GrammarSpec
-from engine.r2r import TokenRouter
 from server.config import ExpertConfig, Settings, SpeculativeSettings
 from tests.conftest import MODEL, LiveServer
 from tests.structured_schemas import SCHEMAS
@@ -210,16 +207,6 @@ def test_speculation_keeps_the_constrained_greedy_output(sync_client, speculatin
 
 
 SMALL, LARGE = "smollm2-small", "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def random_router(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    router = TokenRouter(576)
-    out = tmp_path_factory.mktemp("r2r")
-    save_file({k: v.contiguous() for k, v in router.state_dict().items()}, str(out / "router.safetensors"))
-    (out / "router.json").write_text(json.dumps({"dim": 576, "threshold": 0.5}))
-    return out
 
 
 async def _texts(engine: EmbeddedEngine, prompt: list[int], params: list[SamplingParams]) -> list[tuple[str, Any]]:
