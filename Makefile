@@ -81,6 +81,7 @@ bench: pull
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality.py --model tiny-scratch
 	$(PY) benchmarks/speculative.py
+	$(PY) benchmarks/speculative.py --draft head
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/routing.py
 	$(PY) benchmarks/routing_quality.py --fresh --write-map
