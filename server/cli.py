@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--speculative-draft",
         default=None,
-        help="drafter of the first expert: ngram, head (its shipped draft head), a draft model (zoo name or path, same tokenizer) or none",
+        help="drafter of the first expert: ngram, head (its shipped draft head), a draft model (zoo name or "
+        "path, same tokenizer) or none",
     )
     serve.add_argument("--num-draft-tokens", type=int, default=None, help="most tokens drafted per step")
     serve.add_argument("--max-batch-size", type=int, default=None)
