@@ -153,9 +153,8 @@ class SpeculativeDecoder:
     def run(self, seqs: list[Sequence]) -> StepResult:
         speculator = self.speculator
         if len(seqs) > speculator.config.max_batch_size:
-            return self.plain.run(
-                seqs
-            )  # at high load a wider forward costs more than the drafts save (no features kept)
+            # at high load a wider forward costs more than the drafts save (no features are kept)
+            return self.plain.run(seqs)
         t0 = time.perf_counter()
         states = []
         for s in seqs:
@@ -177,7 +176,7 @@ class SpeculativeDecoder:
         logits = self.runner.verify(rows, [len(s.token_ids) - 1 for s in seqs], provisional=True)  # [B, W, V]
         hidden = self.runner.last_hidden()
         kept, logprobs = [], []
-        for s, state, proposed, q, row_logits in zip(seqs, states, drafts, draft_probs, logits):
+        for row, (s, state, proposed, q, row_logits) in enumerate(zip(seqs, states, drafts, draft_probs, logits)):
             self.picker.mask_rows(s, row_logits, proposed)
             d = proposed if s.grammar is None else self.picker.grammar.mask_drafts(s.grammar, proposed, row_logits)
             emitted = speculator.judge(state, d, row_logits, s.request.params, s.generator, q, len(s.token_ids))
@@ -185,9 +184,7 @@ class SpeculativeDecoder:
                 s.stats.speculation.record(len(proposed), len(emitted) - 1)
             kept.append(emitted)
             # the features of the last token and of the drafts that stood
-            speculator.observe(
-                state, len(s.token_ids) - 1, None if hidden is None else hidden[len(kept) - 1, : len(emitted)]
-            )
+            speculator.observe(state, len(s.token_ids) - 1, None if hidden is None else hidden[row, : len(emitted)])
             wanted = [s.request.params.logprobs]
             logprobs.append([token_logprobs(row_logits[i : i + 1], [t], wanted)[0] for i, t in enumerate(emitted)])
         self.runner.commit([len(e) for e in kept])  # an H2O cache keeps only the tokens that stood

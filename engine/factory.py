@@ -20,7 +20,7 @@ from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec, load_quantized
 from engine.r2r import R2RDecoder, load_token_router
 from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
-from engine.speculative.eagle import DraftHead
+from engine.speculative.eagle import DraftHead, target_lm_head
 from engine.speculative.head_drafter import HeadDrafter
 from engine.speculative.speculator import HEAD, NGRAM, SpeculativeConfig
 from engine.tokenizer import Tokenizer
@@ -283,8 +283,7 @@ def load_draft_head(model: str, spec: SpeculativeConfig, transformer: EngineMode
     args = transformer.args
     if (head.cfg.dim, head.cfg.vocab_size) != (args.dim, args.vocab_size):
         raise ValueError(f"the draft head at {path} was trained for another model ({meta.get('target')})")
-    lm_head = transformer.output(torch.eye(args.dim, dtype=transformer.norm.weight.dtype)).float().T
-    head.attach(transformer.tok_embeddings, transformer.norm.weight.detach().float(), lm_head)
+    head.attach(transformer.tok_embeddings, transformer.norm.weight.detach().float(), target_lm_head(transformer))
     log.info(
         "draft head %s: %d tokens, trained on %s tokens of %s", path, head.k, meta.get("tokens"), meta.get("target")
     )

@@ -103,6 +103,14 @@ class HeadLayer(nn.Module):
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h)), (k, v)
 
 
+@torch.no_grad()
+def target_lm_head(transformer: Any) -> Tensor:
+    """The target's LM head as rows ``[V, dim]``, float32 (dequantized where it is quantized):
+    what the head is trained against and serves with."""
+    dim = transformer.args.dim
+    return transformer.output(torch.eye(dim, dtype=torch.float32)).float().T.contiguous()
+
+
 _ROPE: dict[tuple[int, float, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
@@ -175,12 +183,9 @@ class DraftHead(nn.Module):
         """The target's own logits over the K tokens from its (final-normed) features: ``f @ W_K^T``."""
         return features.to(self.lm_head.dtype) @ self.lm_head.T
 
-    def trained_state(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.state_dict().items()}
-
     def save(self, path: Path, meta: dict[str, object]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in self.trained_state().items()}
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in self.state_dict().items()}
         torch.save({"config": asdict(self.cfg), "state": state, "meta": meta}, path)
 
     @classmethod

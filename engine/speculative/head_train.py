@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from engine.speculative.eagle import DraftHead, HeadConfig, init_weights
+from engine.speculative.eagle import DraftHead, HeadConfig, init_weights, target_lm_head
 
 
 @dataclass
@@ -410,5 +410,8 @@ def _target_parts(transformer: Any) -> dict[str, Tensor]:
     ids = torch.arange(transformer.args.vocab_size)
     with torch.no_grad():
         embedding = transformer.tok_embeddings(ids).float()
-        lm_head = transformer.output(torch.eye(transformer.args.dim)).float().T.contiguous()  # [V, dim]
-    return {"embedding": embedding, "norm": transformer.norm.weight.detach().float(), "lm_head": lm_head}
+    return {
+        "embedding": embedding,
+        "norm": transformer.norm.weight.detach().float(),
+        "lm_head": target_lm_head(transformer),
+    }
