@@ -51,7 +51,7 @@ def streaming(body: type, chunk: type) -> dict[int | str, dict[str, Any]]:
         "required": ["data"],
         "description": f"data: a {chunk.__name__} (or an error body), then [DONE]",
     }
-    CHUNKS.append(chunk)
+    CHUNKS[chunk.__name__] = chunk
     content = {"text/event-stream": {"schema": event}}
     return {200: {"model": body, "description": "The response, or its events when stream is true", "content": content}}
 
@@ -61,7 +61,7 @@ def probe(model: type, unready: str) -> dict[int | str, dict[str, Any]]:
     return {200: {"model": model, "description": "OK"}, 503: {"model": model, "description": unready}}
 
 
-CHUNKS: list[type[BaseModel]] = []  # stream events' models, added to the schema's components
+CHUNKS: dict[str, type[BaseModel]] = {}  # stream events' models by name, added to the schema's components
 
 
 TEXT: dict[int | str, dict[str, Any]] = {
@@ -81,7 +81,7 @@ def install_openapi(app: FastAPI) -> None:
             components = spec.get("components", {}).get("schemas", {})
             components.pop("HTTPValidationError", None)
             components.pop("ValidationError", None)
-            models = [(m, "serialization") for m in CHUNKS]
+            models = [(m, "serialization") for m in CHUNKS.values()]
             _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
             for name, definition in defs.get("$defs", {}).items():
                 components.setdefault(name, definition)
