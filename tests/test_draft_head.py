@@ -204,3 +204,28 @@ def test_speculative_sampling_with_a_reduced_vocabulary_draft_preserves_the_targ
     chi2 = float(((first - expected) ** 2 / expected).sum())
     assert chi2 < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
     assert first[1] > 0 and first[4] > 0  # tokens the draft never proposes still come out
+
+
+def test_a_server_drafting_with_the_head_answers_through_the_official_client(model_path: Path) -> None:
+    from openai import OpenAI
+
+    from server.config import ExpertConfig, Settings
+    from tests.conftest import LiveServer
+
+    common = {"model": str(model_path), "dtype": "float32", "max_model_len": 1024, "max_batch_size": 2}
+    speculative = {"draft": "head", "num_draft_tokens": 4, "head": str(SHIPPED)}
+    experts = [ExpertConfig(name="plain", **common), ExpertConfig(name="head", speculative=speculative, **common)]
+    live = LiveServer(Settings(experts=experts))
+    live.start()
+    try:
+        client = OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": REPETITIVE}]
+        want = client.chat.completions.create(model="plain", messages=messages, max_tokens=40, temperature=0)
+        got = client.chat.completions.create(model="head", messages=messages, max_tokens=40, temperature=0)
+        assert got.choices[0].message.content == want.choices[0].message.content  # type: ignore[arg-type]
+        usage = got.usage.model_dump()  # type: ignore[union-attr]
+        assert usage["spec_draft_tokens"] >= usage["spec_accepted_tokens"] > 0
+        card = client.models.retrieve("head").model_dump()
+        assert card["turnout"]["speculative"] == "head"
+    finally:
+        live.stop()
