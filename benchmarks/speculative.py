@@ -132,11 +132,12 @@ def head_step_cost(engine: EmbeddedEngine, prompt: list[int], steps: int = 50) -
     decoder = engine.decoder
     speculator: Speculator = decoder.speculator  # type: ignore[attr-defined]
     assert speculator.head is not None
-    head, dim = speculator.head.head, engine.runner.model.args.dim
-    _, _, cache = head(torch.randn(1, 200, dim), torch.tensor([prompt[:1] * 200]), torch.arange(1, 201)[None])
+    compute, dim = speculator.head.compute, engine.runner.model.args.dim
+    slot = torch.tensor([0])
+    compute.run(torch.randn(200, dim), torch.tensor(prompt[:1] * 200), torch.arange(200), slot.repeat(200), 1)
 
     def head_step() -> None:
-        head(torch.randn(1, 1, dim), torch.tensor([[prompt[0]]]), torch.tensor([[201]]), cache)
+        compute.run(torch.randn(1, dim), torch.tensor(prompt[:1]), torch.tensor([200]), slot, 1)
 
     def target_step() -> None:
         engine.runner.decode([prompt[0]], [200])

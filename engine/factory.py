@@ -21,6 +21,7 @@ from engine.r2r import R2RDecoder, load_token_router
 from engine.runner import ModelRunner
 from engine.speculative.draft_model import ModelDrafter
 from engine.speculative.eagle import DraftHead, target_lm_head
+from engine.speculative.head_compute import HeadCompute, NativeHeadCompute, TorchHeadCompute
 from engine.speculative.head_drafter import HeadDrafter
 from engine.speculative.speculator import HEAD, NGRAM, SpeculativeConfig
 from engine.tokenizer import Tokenizer
@@ -113,7 +114,9 @@ def build_embedded(
     runner = ModelRunner(transformer, config.max_batch_size, config.max_model_len, config.kv, pool, kv_dtype)
     draft: ModelDrafter | HeadDrafter | None = None
     if spec is not None and spec.draft == HEAD:
-        draft = load_draft_head(model, spec, transformer)
+        draft = load_draft_head(
+            model, spec, transformer, config.max_batch_size, config.max_model_len + spec.num_draft_tokens + 1
+        )
     if len(models) > 1:  # beside an H2O target the draft keeps a full slot per sequence, its own
         shared = None if config.kv.h2o else pool
         draft_runner = ModelRunner(models[1], config.max_batch_size, config.max_model_len, None, shared, kv_dtype)
@@ -273,9 +276,12 @@ def draft_head_file(model: str, spec: SpeculativeConfig) -> Path:
 
 
 @torch.no_grad()
-def load_draft_head(model: str, spec: SpeculativeConfig, transformer: EngineModel) -> HeadDrafter:
+def load_draft_head(
+    model: str, spec: SpeculativeConfig, transformer: EngineModel, slots: int, capacity: int
+) -> HeadDrafter:
     """The draft head for ``model``, given the target's embedding (as it is held: a quantized table
-    stays quantized), final norm and the rows of its LM head for the head's tokens."""
+    stays quantized), final norm and the rows of its LM head for the head's tokens; ``slots``
+    sequences of ``capacity`` positions may hold entries in it at once."""
     path = draft_head_file(model, spec)
     if not path.is_file():
         raise FileNotFoundError(f"no draft head for {model} at {path} (turnout train-draft-head makes one)")
@@ -287,4 +293,12 @@ def load_draft_head(model: str, spec: SpeculativeConfig, transformer: EngineMode
     log.info(
         "draft head %s: %d tokens, trained on %s tokens of %s", path, head.k, meta.get("tokens"), meta.get("target")
     )
-    return HeadDrafter(head, spec.min_confidence)
+    return HeadDrafter(head_compute(head, slots, capacity), slots, spec.min_confidence)
+
+
+def head_compute(head: DraftHead, slots: int, capacity: int) -> HeadCompute:
+    """The head on the native step where it builds (int4), else in float on PyTorch."""
+    if cpu.compiler_available() and cpu.load("step") is not None:
+        return NativeHeadCompute(head, slots, capacity)
+    log.warning("the draft head runs in float on PyTorch: the native step is not available here")
+    return TorchHeadCompute(head)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,9 +16,12 @@ from engine.factory import build_embedded
 from engine.loader import read_args
 from engine.speculative.accept import accept_sampled
 from engine.speculative.eagle import DraftHead, HeadConfig, init_weights
+from engine.speculative.head_compute import NativeHeadCompute, TorchHeadCompute
+from engine.speculative.head_drafter import HeadDrafter, HeadState
 from engine.speculative.head_train import Features, HeadTrainConfig, evaluate, train
 from engine.speculative.speculator import SpeculativeConfig
 from engine.zoo import ASSETS
+from kernels import int4
 from tests.conftest import started
 from tests.test_speculative import generate
 
@@ -114,6 +118,123 @@ def test_training_lowers_the_loss_and_evaluation_is_a_rate(tmp_path: Path) -> No
     assert 0 <= metrics["step1_agreement"] <= 1 and 0 <= metrics["mean_accepted"] <= 3
 
 
+# --- the head on the native step, against its float twin ----------------------------------------
+
+
+def int4_head(seed: int) -> DraftHead:
+    """A head whose matrices are exactly representable in int4 (group 32): the native step's
+    copy then holds the same weights, and only its int8 activations and bf16 cache differ."""
+    h = head(seed)
+    with torch.no_grad():
+        for m in (h.fc, h.layer.wq, h.layer.wk, h.layer.wv, h.layer.wo, h.layer.w1, h.layer.w3, h.layer.w2):
+            m.weight.copy_(int4.dequantize(int4.quantize(m.weight.float(), 32)))
+        h.lm_head = int4.dequantize(int4.quantize(h.lm_head.float(), 32))
+    return h
+
+
+def test_the_native_head_computes_what_the_float_head_does() -> None:
+    """Two slots, entries caught up in one call, chained one row at a time, then rolled back (a
+    slot rewritten from an earlier position) and restarted afresh: the same rows as the reference."""
+    for seed in (11, 12):
+        h = int4_head(seed)
+        native, reference = NativeHeadCompute(h, slots=2, capacity=64), TorchHeadCompute(h)
+        g = torch.Generator().manual_seed(seed)
+        # (positions, slot) of each call's rows; the last row of each call is read back
+        calls = [
+            ([0, 1, 2, 3, 4, 0, 1, 2], [0, 0, 0, 0, 0, 1, 1, 1], 8),  # catch-up: all rows read
+            ([5, 3], [0, 1], 2),  # a chained draft in each slot
+            ([6, 4], [0, 1], 2),
+            ([5, 6, 7], [0, 0, 0], 1),  # slot 0 rolled back to 5 (drafts at 5, 6 failed)
+            ([0, 1], [1, 1], 2),  # slot 1 afresh
+        ]
+        for positions, slots, tail in calls:
+            feats = torch.randn(len(positions), CFG.dim, generator=g)
+            tokens = torch.randint(0, CFG.vocab_size, (len(positions),), generator=g)
+            args = (feats, tokens, torch.tensor(positions), torch.tensor(slots), tail)
+            got_hidden, got_logits = native.run(*args)
+            want_hidden, want_logits = reference.run(*args)
+            assert got_hidden.shape == (tail, CFG.dim) and got_logits.shape == (tail, h.k)
+            scale = float(want_hidden.abs().max())
+            torch.testing.assert_close(got_hidden, want_hidden, rtol=0.03, atol=0.03 * scale)
+            torch.testing.assert_close(got_logits, want_logits, rtol=0.05, atol=0.05 * float(want_logits.abs().max()))
+
+
+def test_steps_sharing_the_thread_pool_take_turns_when_called_at_once() -> None:
+    """Every native step of the process runs on one pool (its workers spin between jobs, so two pools
+    would fight over the cores): steps called from two threads at once must each get their own answer."""
+    heads = [NativeHeadCompute(int4_head(seed), slots=1, capacity=64) for seed in (11, 12)]
+    g = torch.Generator().manual_seed(9)
+    rows = (torch.randn(6, CFG.dim, generator=g), torch.randint(0, CFG.vocab_size, (6,), generator=g))
+    args = (*rows, torch.arange(6), torch.zeros(6, dtype=torch.long), 6)
+    want = [h.run(*args)[0] for h in heads]
+    got: list[list[torch.Tensor]] = [[], []]
+
+    def hammer(i: int) -> None:
+        for _ in range(200):
+            got[i].append(heads[i].run(*args)[0])
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert all(torch.equal(out, want[i]) for out in got[i])
+
+
+def drafter(slots: int, min_confidence: float, seed: int = 11) -> HeadDrafter:
+    return HeadDrafter(NativeHeadCompute(int4_head(seed), slots, 128), slots, min_confidence)
+
+
+def fed_state(d: HeadDrafter, tokens: list[int], seed: int) -> HeadState:
+    """A sequence's head state with the target's features for every position of ``tokens``."""
+    state = HeadState()
+    d.observe(state, 0, torch.randn(len(tokens), CFG.dim, generator=torch.Generator().manual_seed(seed)))
+    return state
+
+
+def test_a_sampled_requests_drafting_is_decided_before_its_draft_is_drawn() -> None:
+    """Whether a draft is proposed may depend on the head's distribution, never on the token drawn
+    from it: the rejection sampler takes a proposed draft to be a draw from q."""
+    d = drafter(slots=2, min_confidence=0.05)
+    tokens = [int(t) for t in torch.randint(0, CFG.vocab_size, (12,), generator=torch.Generator().manual_seed(2))]
+    params = SamplingParams(max_tokens=10, temperature=1.0)
+    proposed = set()
+    for seed in range(40):
+        drafts, qs = d.draft([fed_state(d, tokens, 0)], [tokens], [1], [params], [torch.Generator().manual_seed(seed)])
+        proposed.add(len(drafts[0]))
+        if drafts[0]:
+            q = qs[0]
+            assert q is not None and q.shape == (1, CFG.vocab_size) and float(q[0, drafts[0][0]]) > 0
+            assert float(q[0].sum()) == pytest.approx(1.0, abs=1e-4) and float(q[0, 1]) == 0  # only the K tokens
+    assert len(proposed) == 1
+
+
+def test_the_head_drafts_only_what_it_expects_to_stand() -> None:
+    tokens = [int(t) for t in torch.randint(0, CFG.vocab_size, (12,), generator=torch.Generator().manual_seed(3))]
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    always, never = drafter(2, 0.0), drafter(2, 0.999)
+    g = torch.Generator()
+    assert len(always.draft([fed_state(always, tokens, 1)], [tokens], [4], [greedy], [g])[0][0]) == 4
+    assert never.draft([fed_state(never, tokens, 1)], [tokens], [4], [greedy], [g])[0] == [[]]
+
+
+def test_a_sequence_whose_slot_was_taken_starts_its_head_afresh() -> None:
+    d = drafter(slots=1, min_confidence=0.0)
+    tokens = [int(t) for t in torch.randint(0, CFG.vocab_size, (12,), generator=torch.Generator().manual_seed(4))]
+    greedy, g = SamplingParams(max_tokens=10, temperature=0), torch.Generator()
+    a, b = fed_state(d, tokens, 5), fed_state(d, tokens, 6)
+    d.draft([a], [tokens], [2], [greedy], [g])
+    assert a.slot == 0 and a.entries == 1 and a.start == len(tokens) - 1
+    d.observe(a, len(tokens) - 1, torch.randn(2, CFG.dim))  # a verification: two tokens stood
+    d.draft([b], [tokens], [2], [greedy], [g])  # b takes the only slot
+    assert b.slot == 0
+    longer = [*tokens, 5, 7]
+    first, _ = d.draft([a], [longer], [2], [greedy], [g])
+    # a lost its entries with its slot: it starts again from its newest feature, not from its old start
+    assert a.slot == 0 and a.start == len(longer) - 1 and a.entries == 1 and len(first[0]) == 2
+
+
 # --- serving: the head as the drafter of the real model ------------------------------------------
 
 REPETITIVE = "Write the numbers from one to twenty in words, separated by commas."
@@ -132,7 +253,8 @@ def head_engines(model_path: Path, tmp_path_factory: pytest.TempPathFactory):  #
     plain = build_embedded(str(model_path), "float32", config)
     spec = SpeculativeConfig("head", num_draft_tokens=4, max_batch_size=2, head=str(SHIPPED))
     shipped = build_embedded(str(model_path), "float32", replace(config, speculative=spec))
-    spec = SpeculativeConfig("head", num_draft_tokens=3, max_batch_size=2, head=str(untrained))
+    # proposing whatever it drafts (its confidence is spread over thousands of tokens)
+    spec = SpeculativeConfig("head", num_draft_tokens=3, max_batch_size=2, head=str(untrained), min_confidence=0)
     random = build_embedded(str(model_path), "float32", replace(config, speculative=spec))
     yield from started(plain, shipped, random)
 

@@ -5,15 +5,22 @@ The head's entry at position p is made from the target's feature ``f_{p-1}`` and
 ``observe`` (a verification pass: those of the tokens that stood; a plain pass: the last token's).
 Before drafting, the head takes in the entries it lacks, from the target's own features; it then
 chains drafts, each fed the head's own output as the next feature, until ``k`` or until its
-confidence in the next draft falls below ``min_confidence``. The chained entries are never kept:
-the head's cache holds only entries made from the target's features, so a rejected draft leaves
-nothing to roll back. Where a feature is missing (the first step after a prompt, or after steps in
-which the sequence did not speculate) the head starts afresh from the newest one, as in training,
-where a row may begin anywhere in a sequence.
+estimate that every draft so far stands (the product of its probabilities for them) falls below
+``min_confidence``: a verification row costs about a quarter of a target step on CPU, so a draft
+that will likely fail is not proposed, the first one included. Every drafting sequence of a step
+goes through the head together: one call for the entries they catch up on, then one per chained
+draft. Chained entries are written past the sequence's tokens and overwritten by the next catch-up,
+so a rejected draft leaves nothing to roll back. Where a feature is missing (the first step after a
+prompt, or after steps in which the sequence did not speculate) the head starts afresh from the
+newest one, as in training, where a row may begin anywhere in a sequence.
+
+Each sequence's entries live in a head slot (``HeadCompute``); a sequence takes a free slot, or the
+one used longest ago (whose owner then starts afresh when it drafts again).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,30 +29,45 @@ from torch import Tensor
 
 from engine.base import SamplingParams
 from engine.sampler import filter_logits
-from engine.speculative.eagle import DraftHead
+from engine.speculative.head_compute import HeadCompute
 
 
 @dataclass
 class HeadState:
-    """One sequence's head: its cache (entries ``start .. start + entries - 1``, each made from a
-    target feature) and the target's features it has not taken in yet, by position."""
+    """One sequence's head: its slot, its entries (positions ``start .. start + entries - 1``, each
+    made from a target feature) and the target's features it has not taken in yet, by position."""
 
     start: int = 0
     entries: int = 0
-    cache: tuple[Tensor, Tensor] | None = None
+    slot: int | None = None
     features: dict[int, Tensor] = field(default_factory=dict)
 
 
 class HeadDrafter:
-    def __init__(self, head: DraftHead, min_confidence: float = 0.2) -> None:
-        self.head, self.min_confidence = head.eval(), min_confidence
-        self.vocab_size = head.cfg.vocab_size
+    def __init__(self, compute: HeadCompute, slots: int, min_confidence: float = 0.2) -> None:
+        self.compute, self.head = compute, compute.head.eval()
+        self.min_confidence = min_confidence
+        self.vocab_size = self.head.cfg.vocab_size
+        self.owners: list[weakref.ref[HeadState] | None] = [None] * slots
+        self.last_used = [0] * slots
+        self.clock = 0
 
     @staticmethod
     def observe(state: HeadState, position: int, features: Tensor) -> None:
         """The target's features at ``position``, ``position + 1``, ... (one row each)."""
         for j in range(features.shape[0]):
             state.features[position + j] = features[j].detach().float().clone()
+
+    def _slot(self, state: HeadState) -> None:
+        """Give ``state`` a slot (it keeps its own while it still owns it)."""
+        self.clock += 1
+        slot = state.slot
+        if slot is None or self.owners[slot] is None or self.owners[slot]() is not state:  # type: ignore[misc]
+            free = [i for i, o in enumerate(self.owners) if o is None or o() is None]
+            slot = free[0] if free else min(range(len(self.owners)), key=self.last_used.__getitem__)
+            self.owners[slot] = weakref.ref(state)
+            state.slot, state.entries, state.start = slot, 0, 0  # its entries start afresh
+        self.last_used[slot] = self.clock
 
     @torch.inference_mode()
     def draft(
@@ -59,59 +81,93 @@ class HeadDrafter:
         """Up to ``ks[i]`` drafts for sequence i (none where the head lacks the newest feature), and
         for sampled requests the distributions ``q [len(drafts), V]`` they were drawn from (zero
         outside the head's vocabulary)."""
-        drafts: list[list[int]] = []
-        qs: list[Tensor | None] = []
-        for state, tokens, k, p, g in zip(states, token_lists, ks, params, generators):
-            d, q = self._draft_one(state, tokens, k, p, g) if k > 0 else ([], None)
-            drafts.append(d)
-            qs.append(q)
-        return drafts, qs
-
-    def _catch_up(self, state: HeadState, tokens: list[int]) -> tuple[Tensor, Tensor] | None:
-        """Entries up to position ``n - 1`` from the target's features; the head's output and
-        logits at the last one (for the token after ``tokens``), or None without the features."""
-        n = len(tokens)
-        first = state.start + state.entries
-        if state.cache is None or any(p - 1 not in state.features for p in range(first, n)):
-            state.start, state.entries, state.cache, first = n - 1, 0, None, n - 1  # afresh
-        if n - 2 not in state.features or first >= n:
-            return None
-        positions = list(range(first, n))
-        feats = torch.stack([state.features[p - 1] for p in positions])[None]
-        ids = torch.tensor([tokens[p] for p in positions])[None]
-        hidden, logits, state.cache = self.head(feats, ids, torch.tensor(positions)[None], state.cache)
-        state.entries += len(positions)
-        state.features = {pos: f for pos, f in state.features.items() if pos >= n - 1}
-        return hidden[0, -1], logits[0, -1]
-
-    def _draft_one(
-        self, state: HeadState, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator
-    ) -> tuple[list[int], Tensor | None]:
-        start = self._catch_up(state, tokens)
-        if start is None:
-            return [], None
-        hidden, logits = start
-        cache, head, n = state.cache, self.head, len(tokens)
-        drafts: list[int] = []
-        dists: list[Tensor] = []
-        for j in range(k):
-            logits = logits.float()
-            if params.greedy:
-                probs = logits.softmax(-1)
-                index = int(probs.argmax())
-            else:
-                probs = filter_logits(logits, params).softmax(-1)
-                index = int(torch.multinomial(probs, 1, generator=generator))
-            if j > 0 and float(probs[index]) < self.min_confidence:
-                break  # not worth a verification row
-            token = int(head.vocab[index])
-            drafts.append(token)
-            if not params.greedy:
-                dists.append(torch.zeros(self.vocab_size).index_copy_(0, head.vocab, probs))
-            if j == k - 1:
+        drafts: list[list[int]] = [[] for _ in states]
+        dists: list[list[Tensor]] = [[] for _ in states]
+        live = [i for i, k in enumerate(ks) if k > 0 and self._catch_up_rows(states[i], token_lists[i])]
+        if not live:
+            return drafts, [None] * len(states)
+        hidden, logits = self._catch_up(states, token_lists, live)
+        chance = [1.0] * len(states)  # the head's estimate that all of sequence i's drafts so far stand
+        for j in range(max(ks[i] for i in live)):
+            going: list[int] = []
+            for row, i in enumerate(live):
+                probs = self._distribution(logits[row], params[i])
+                # whether to propose is decided before the draft is drawn (the draft's own value must
+                # not decide it: the rejection sampler takes a proposed draft to be drawn from q)
+                if chance[i] * float(probs.max()) < self.min_confidence:
+                    continue  # a verification row it would likely waste costs more than it may bring
+                index = (
+                    int(probs.argmax())
+                    if params[i].greedy
+                    else int(torch.multinomial(probs, 1, generator=generators[i]))
+                )
+                token = int(self.head.vocab[index])
+                chance[i] *= float(probs[index])
+                if not params[i].greedy:
+                    dists[i].append(torch.zeros(self.vocab_size).index_copy_(0, self.head.vocab, probs))
+                drafts[i].append(token)
+                if j < ks[i] - 1:
+                    going.append(row)
+            if not going:
                 break
-            out, step_logits, cache = head(
-                hidden.view(1, 1, -1), torch.tensor([[token]]), torch.tensor([[n + j]]), cache
+            rows = [live[r] for r in going]
+            positions = [len(token_lists[i]) + j - states[i].start for i in rows]
+            hidden, logits = self.compute.run(
+                hidden[going],
+                torch.tensor([drafts[i][-1] for i in rows]),
+                torch.tensor(positions),
+                torch.tensor([states[i].slot for i in rows]),
+                len(rows),
             )
-            hidden, logits = out[0, -1], step_logits[0, -1]
-        return drafts, torch.stack(dists) if dists else None
+            live = rows
+        return drafts, [torch.stack(d) if d else None for d in dists]
+
+    def _catch_up_rows(self, state: HeadState, tokens: list[int]) -> bool:
+        """Make ``state`` ready to catch up to ``tokens``: a slot, and where its entries start (afresh
+        where a feature between is missing). False without the feature of the newest token but one."""
+        n = len(tokens)
+        self._slot(state)
+        first = state.start + state.entries
+        if state.entries == 0 or any(p - 1 not in state.features for p in range(first, n)):
+            state.start, state.entries = n - 1, 0  # afresh
+        return n - 2 in state.features
+
+    def _catch_up(
+        self, states: Sequence[HeadState], token_lists: Sequence[list[int]], live: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """Entries up to each live sequence's last token, from the target's features, in one call
+        (each sequence's last row at the end): the head's output and logits at those last rows."""
+        feats: list[Tensor] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last: list[tuple[Tensor, int, int, int]] = []
+        for i in live:
+            state, tokens = states[i], token_lists[i]
+            n, slot = len(tokens), state.slot
+            assert slot is not None
+            for p in range(state.start + state.entries, n):
+                row = (state.features[p - 1], tokens[p], p - state.start, slot)
+                if p == n - 1:
+                    last.append(row)
+                else:
+                    feats.append(row[0])
+                    ids.append(row[1])
+                    positions.append(row[2])
+                    slots.append(row[3])
+            state.entries = n - state.start
+            state.features = {pos: f for pos, f in state.features.items() if pos >= n - 1}
+        for f, t, p, s in last:  # a slot's rows stay in order: its last comes after its others
+            feats.append(f)
+            ids.append(t)
+            positions.append(p)
+            slots.append(s)
+        return self.compute.run(
+            torch.stack(feats), torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), len(live)
+        )
+
+    @staticmethod
+    def _distribution(logits: Tensor, params: SamplingParams) -> Tensor:
+        """The head's distribution over its K tokens, as the request samples (greedy: unfiltered)."""
+        logits = logits.float()
+        return (logits if params.greedy else filter_logits(logits, params)).softmax(-1)

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <mutex>
 #include <thread>
@@ -45,7 +46,7 @@ constexpr int64_t kHeader = 64;  // scale bytes per group per tile
 constexpr int kPass = 4;        // input rows that share one read of a tile
 constexpr int64_t kMaxHeadDim = 512;
 constexpr int64_t kShareRows = 8;  // input rows from which the threads split quantizing them (and SiLU)
-enum Role { kRoleQKV, kRoleWo, kRoleW13, kRoleW2, kRoleHead, kRoles };
+enum Role { kRoleQKV, kRoleWo, kRoleW13, kRoleW2, kRoleHead, kRoleInput, kRoles };
 
 enum Kind : int64_t { kInt4 = 0, kNF4 = 1, kBF16 = 2, kF32 = 3 };
 
@@ -80,7 +81,10 @@ class Pool {
   }
   int size() const { return n_; }
 
+  // One job at a time: steps sharing the pool (the experts of a server, a target and its draft
+  // head) take turns rather than running two sets of threads on the same cores.
   void run(const std::function<void(int)>& fn) {
+    std::lock_guard<std::mutex> turn(turn_);
     job_ = &fn;
     done_.store(0, std::memory_order_relaxed);
     {
@@ -128,13 +132,24 @@ class Pool {
 
   const int n_;
   std::vector<std::thread> workers_;
-  std::mutex mutex_;
+  std::mutex mutex_, turn_;
   std::condition_variable wake_;
   std::atomic<int64_t> epoch_{0};
   std::atomic<int> done_{0}, arrived_{0}, generation_{0};
   const std::function<void(int)>* job_ = nullptr;
   bool stop_ = false;
 };
+
+// The process's pool of `threads` threads, shared by every step built with that many: idle workers
+// spin for a while after each job, so two pools would spin against each other's work on few cores.
+std::shared_ptr<Pool> shared_pool(int threads) {
+  static std::mutex registry_mutex;
+  static std::map<int, std::weak_ptr<Pool>> registry;
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  std::shared_ptr<Pool> pool = registry[threads].lock();
+  if (!pool) registry[threads] = pool = std::make_shared<Pool>(threads);
+  return pool;
+}
 
 // The share [begin, end) of n items that thread id of n_threads takes, in whole multiples of unit.
 inline std::pair<int64_t, int64_t> share(int64_t n, int id, int n_threads, int64_t unit = 1) {
@@ -759,7 +774,7 @@ class Step {
        torch::Tensor sin, torch::Tensor final_norm, torch::Tensor lut8, int64_t threads)
       : n_heads_(n_heads), n_kv_(n_kv_heads), dh_(head_dim), hidden_(hidden), eps_(static_cast<float>(eps)),
         cos_(cos.contiguous().to(torch::kFloat)), sin_(sin.contiguous().to(torch::kFloat)),
-        final_norm_(final_norm.contiguous().to(torch::kFloat)), lut8_(lut8.contiguous()), pool_(static_cast<int>(threads)) {
+        final_norm_(final_norm.contiguous().to(torch::kFloat)), lut8_(lut8.contiguous()), pool_(shared_pool(static_cast<int>(std::max<int64_t>(1, threads)))) {
     TORCH_CHECK(lut8_.numel() == 16 && lut8_.scalar_type() == torch::kChar, "step: the nf4 code book must be 16 int8 values");
     TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim && n_heads % n_kv_heads == 0, "step: unsupported head layout");
     dim_ = final_norm_.numel();
@@ -792,6 +807,15 @@ class Step {
 
   void set_output(const std::vector<torch::Tensor>& output) { output_ = matrix(output, kRoleHead); }
 
+  // An input projection (a draft head's fusion): forward's x is then [T, K] and the first layer
+  // reads x W^T + bias [T, D] instead
+  void set_input(const std::vector<torch::Tensor>& input, torch::Tensor bias) {
+    Matrix w = matrix(input, kRoleInput);
+    TORCH_CHECK(w.n == dim_ && bias.numel() == dim_, "step: the input projection must map to the model width");
+    input_ = w;
+    input_bias_ = bias.contiguous().to(torch::kFloat);
+  }
+
   // The page table [slots, pages per sequence] (int32, updated in place by its owner between
   // steps): position p of a slot is entry p % P of page table[slot, p / P] of every layer's cache.
   void set_pages(torch::Tensor table, int64_t page_size) {
@@ -803,9 +827,10 @@ class Step {
     while ((int64_t{1} << shift_) < page_size) ++shift_;
   }
 
-  // x [T, D] embeddings of the step's tokens at positions[T] of slots[T] -> (logits [H, V], the
-  // final-normed hidden states [H, D] the LM head read) of the last H = T - head_from rows (a
-  // prompt chunk needs only its last token's)
+  // x [T, D] embeddings of the step's tokens (or the input projection's [T, K] inputs) at
+  // positions[T] of slots[T] -> (logits [H, V], the final-normed hidden states [H, D] the LM head
+  // read, or the residual rows before the norm: set_residual_hidden) of the last H = T - head_from
+  // rows (a prompt chunk needs only its last token's)
   std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> forward(torch::Tensor x, torch::Tensor positions,
                                                                   torch::Tensor slots, int64_t head_from) {
     TORCH_CHECK(output_.n > 0 && !layers_.empty(), "step: the model is not complete");
@@ -813,7 +838,8 @@ class Step {
     positions = positions.contiguous().to(torch::kLong);
     slots = slots.contiguous().to(torch::kLong);
     const int64_t t_count = x.size(0);
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == dim_ && positions.numel() == t_count && slots.numel() == t_count, "step: x must be [T, D] with a position and a slot per row");
+    const int64_t x_width = input_.n > 0 ? input_.k : dim_;
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == x_width && positions.numel() == t_count && slots.numel() == t_count, "step: x must be [T, ", x_width, "] with a position and a slot per row");
     TORCH_CHECK(table_.defined(), "step: no page table (set_pages)");
     const int64_t *pos = positions.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
     const int64_t n_pages = layers_[0].k_cache.size(0), per_seq = table_.size(1);
@@ -837,7 +863,12 @@ class Step {
     s.tiled = head_from > 0 && prompt_chunk(pos, slot, t_count);
     s.pos = pos;
     s.slot = slot;
-    s.x = x.clone();
+    if (input_.n > 0) {
+      s.x_in = x;
+      s.x = input_bias_.expand({t_count, dim_}).clone();  // the projection adds itself to its bias
+    } else {
+      s.x = x.clone();
+    }
     const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_;
     s.qkv.resize(t_count * qkv_w);
     s.attn.resize(t_count * n_heads_ * dh_);
@@ -845,19 +876,19 @@ class Step {
     s.act.resize(t_count * hidden_);
     if (t_count >= kShareRows) {
       const Layer& first = layers_[0];
-      for (const Matrix* m : {&first.wqkv, &first.wo, &first.w13, &first.w2, static_cast<const Matrix*>(&output_)})
-        if (m->kind == kInt4 || m->kind == kNF4) s.shared[m->role].size_for(t_count, m->kp, m->group);
+      for (const Matrix* m : {&first.wqkv, &first.wo, &first.w13, &first.w2, static_cast<const Matrix*>(&output_), static_cast<const Matrix*>(&input_)})
+        if (m->n > 0 && m->kind == kInt4 || m->kind == kNF4) s.shared[m->role].size_for(t_count, m->kp, m->group);
     }
     s.normed.resize(t_count * dim_);
     s.logits = logits.data_ptr<float>();
     s.hidden = hidden.data_ptr<float>();
     s.best = best.data_ptr<int64_t>();
-    if (static_cast<int>(scratch_.size()) != pool_.size()) scratch_.resize(pool_.size());
-    pool_.run([&](int id) { run(s, id); });
+    if (static_cast<int>(scratch_.size()) != pool_->size()) scratch_.resize(pool_->size());
+    pool_->run([&](int id) { run(s, id); });
     return {logits, hidden, best};
   }
 
-  int64_t threads() const { return pool_.size(); }
+  int64_t threads() const { return pool_->size(); }
 
   // bf16 matrices by vdpbf16ps (their inputs rounded to bf16), or widened to float32 in registers.
   // The caller turns it on only where the CPU has AVX512_BF16; it needs an AVX-512 build.
@@ -866,6 +897,10 @@ class Step {
     bf16_dot_ = on;
   }
   bool bf16_dot() const { return bf16_dot_; }
+
+  // forward's hidden states: the residual stream before the final norm (a draft head chains on
+  // it) instead of the final-normed rows the LM head read
+  void set_residual_hidden(bool on) { residual_hidden_ = on; }
 
   // Turn the per-stage clock of thread 0 on (and zero it) or off; stage_seconds() reads it.
   void profile(bool on) {
@@ -883,7 +918,8 @@ class Step {
     int64_t t = 0, head_from = 0;
     bool tiled = false;  // a prompt chunk: its attention takes attend_tile
     const int64_t *pos = nullptr, *slot = nullptr;
-    torch::Tensor x;  // [T, D] the residual stream
+    torch::Tensor x;     // [T, D] the residual stream
+    torch::Tensor x_in;  // [T, K] the input projection's input, where there is one
     std::vector<float> qkv, attn, h13, act, normed;
     Quantized shared[kRoles];  // each input's activations, quantized by all threads (kShareRows rows and up)
     float* logits = nullptr;
@@ -943,7 +979,7 @@ class Step {
   void rope_store(State& s, const Layer& l, int id) {
     const int64_t heads = n_heads_ + 2 * n_kv_, qkv_w = heads * dh_, half = dh_ / 2;
     const float *cp = cos_.data_ptr<float>(), *sp = sin_.data_ptr<float>();
-    const auto [begin, end] = share(s.t * heads, id, pool_.size());
+    const auto [begin, end] = share(s.t * heads, id, pool_->size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / heads, h = task % heads;
       float* x = s.qkv.data() + t * qkv_w + h * dh_;
@@ -990,7 +1026,7 @@ class Step {
     const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, group = n_heads_ / n_kv_;
     const int64_t per_task = kTileQueries / group, blocks = (s.t + per_task - 1) / per_task;
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));
-    const auto [begin, end] = share(n_kv_ * blocks, id, pool_.size());
+    const auto [begin, end] = share(n_kv_ * blocks, id, pool_->size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kh = task / blocks, t0 = task % blocks * per_task, t1 = std::min(s.t, t0 + per_task);
       const float* qs[kTileQueries];
@@ -1018,7 +1054,7 @@ class Step {
     }
     const int64_t qkv_w = (n_heads_ + 2 * n_kv_) * dh_, group = n_heads_ / n_kv_;
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dh_)));  // as kernels/decode.py
-    const auto [begin, end] = share(s.t * n_heads_, id, pool_.size());
+    const auto [begin, end] = share(s.t * n_heads_, id, pool_->size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / n_heads_, h = task % n_heads_, len = s.pos[t] + 1;
       if (static_cast<int64_t>(sc.scores.size()) < len) sc.scores.resize(len);
@@ -1030,9 +1066,9 @@ class Step {
 
 
   // Where thread 0's time goes, by stage, when profiling is on (a barrier's wait is its own stage).
-  enum Stage { kNorm, kQuantize, kQKV, kRope, kAttention, kWo, kW13, kSilu, kW2, kHead, kWait, kStages };
-  static constexpr const char* kStageNames[kStages] = {"norm", "quantize", "qkv", "rope_store", "attention", "wo",
-                                                       "gate_up", "silu", "down", "lm_head", "barrier"};
+  enum Stage { kNorm, kQuantize, kQKV, kRope, kAttention, kWo, kW13, kSilu, kW2, kHead, kWait, kInput, kStages };
+  static constexpr const char* kStageNames[kStages] = {"norm", "quantize", "qkv",  "rope_store", "attention", "wo",
+                                                       "gate_up", "silu", "down", "lm_head", "barrier", "input"};
   struct Clock {
     bool on = false;
     std::chrono::steady_clock::time_point last;
@@ -1052,7 +1088,7 @@ class Step {
     sc.normed.resize(t * std::max(dim_, hidden_));
     Clock clock{profile_ && id == 0, std::chrono::steady_clock::now(), stage_seconds_};
     auto sync = [&] {
-      pool_.sync();
+      pool_->sync();
       clock.mark(kWait);
     };
     // A few rows: every thread quantizes all of them into its own buffer, with no barrier. Many
@@ -1062,7 +1098,7 @@ class Step {
       if (w.kind == kInt4 || w.kind == kNF4) {
         if (rows >= kShareRows) {
           a = &s.shared[w.role];
-          const auto [r0, r1] = share(rows, id, pool_.size());
+          const auto [r0, r1] = share(rows, id, pool_->size());
           quantize_rows(w, in, k, r0, r1, *a);
           clock.mark(kQuantize);
           sync();
@@ -1079,9 +1115,13 @@ class Step {
         xb = sc.xb.data();
         clock.mark(kQuantize);
       }
-      matmul_share(w, *a, in, k, rows, out, lut8_.data_ptr<int8_t>(), id, pool_.size(), xb);
+      matmul_share(w, *a, in, k, rows, out, lut8_.data_ptr<int8_t>(), id, pool_->size(), xb);
       clock.mark(stage);
     };
+    if (input_.n > 0) {
+      matmul(input_, s.x_in.data_ptr<float>(), input_.k, Out{x, dim_, true}, kInput, t);
+      sync();
+    }
     for (const Layer& l : layers_) {
       const bool bf16 = l.k_cache.scalar_type() == torch::kBFloat16;
       norm_rows(x, l.attn_norm, t, sc.normed.data());
@@ -1108,11 +1148,12 @@ class Step {
     }
     const int64_t head = t - s.head_from;
     norm_rows(x + s.head_from * dim_, final_norm_, head, sc.normed.data());
-    if (id == 0) std::memcpy(s.hidden, sc.normed.data(), head * dim_ * sizeof(float));
+    const float* kept = residual_hidden_ ? x + s.head_from * dim_ : sc.normed.data();
+    if (id == 0) std::memcpy(s.hidden, kept, head * dim_ * sizeof(float));
     clock.mark(kNorm);
     matmul(output_, sc.normed.data(), dim_, Out{s.logits, output_.n, false}, kHead, head);
     sync();
-    const auto [r0, r1] = share(head, id, pool_.size());  // the greedy token of each row, for the sampler
+    const auto [r0, r1] = share(head, id, pool_->size());  // the greedy token of each row, for the sampler
     for (int64_t r = r0; r < r1; ++r) s.best[r] = argmax_row(s.logits + r * output_.n, output_.n);
     clock.mark(kHead);
   }
@@ -1122,7 +1163,7 @@ class Step {
   const float* silu_mul(State& s, Scratch& sc, int id) const {
     const bool split = s.t >= kShareRows;
     float* out = split ? s.act.data() : sc.normed.data();
-    const auto [r0, r1] = split ? share(s.t, id, pool_.size()) : std::pair<int64_t, int64_t>{0, s.t};
+    const auto [r0, r1] = split ? share(s.t, id, pool_->size()) : std::pair<int64_t, int64_t>{0, s.t};
     for (int64_t t = r0; t < r1; ++t) {
       const float* gate = s.h13.data() + t * 2 * hidden_;
       turnout::silu_mul_row(gate, gate + hidden_, out + t * hidden_, hidden_);
@@ -1137,12 +1178,15 @@ class Step {
   int64_t dim_ = 0;
   std::vector<Layer> layers_;
   Matrix output_;
+  Matrix input_;  // n == 0: none
+  torch::Tensor input_bias_;
   torch::Tensor table_;  // [slots, pages per sequence] int32: each slot's pages
   int shift_ = 0;        // log2 of the page size
-  Pool pool_;
+  std::shared_ptr<Pool> pool_;
   std::vector<Scratch> scratch_;
   bool profile_ = false;
   bool bf16_dot_ = false;
+  bool residual_hidden_ = false;
   double stage_seconds_[kStages] = {};
 };
 
@@ -1213,12 +1257,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           torch::Tensor, int64_t>())
       .def("add_layer", &Step::add_layer)
       .def("set_output", &Step::set_output)
+      .def("set_input", &Step::set_input)
       .def("set_pages", &Step::set_pages)
       .def("forward", &Step::forward, pybind11::arg("x"), pybind11::arg("positions"), pybind11::arg("slots"),
            pybind11::arg("head_from") = 0, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("profile", &Step::profile)
       .def("set_bf16_dot", &Step::set_bf16_dot)
       .def("bf16_dot", &Step::bf16_dot)
+      .def("set_residual_hidden", &Step::set_residual_hidden)
       .def("stage_seconds", &Step::stage_seconds)
       .def_property_readonly("threads", &Step::threads);
   m.def("pack_int4", &pack_int4, "int4 reference layout -> the step's tiles of 8 rows");
