@@ -89,7 +89,11 @@ async def run_set(
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     quant = None if args.quantization == "none" else QuantSpec(args.quantization, DEFAULT_GROUP_SIZE[args.quantization])
     spec = SpeculativeConfig(
-        args.draft, args.k, max_batch_size=args.max_spec_batch, draft_quantization=args.draft_quantization
+        args.draft,
+        args.k,
+        max_batch_size=args.max_spec_batch,
+        draft_quantization=args.draft_quantization,
+        min_confidence=args.min_confidence,
     )
     plain = build_embedded(args.model, "auto", EmbeddedConfig(16, 1024), quant)
     fast = build_embedded(args.model, "auto", EmbeddedConfig(16, 1024, speculative=spec), quant)
@@ -117,6 +121,8 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
         if args.draft == "head":
             rows[0]["draft_step_cost"] = head_step_cost(fast, chats[0])
+            rows[0]["verify_cost"] = verification_costs(fast, chats[0], args.k)
+            rows[0]["acceptance_for_1_5x"] = needed_acceptance(rows[0]["verify_cost"], rows[0]["draft_step_cost"])
     finally:
         await plain.stop()
         await fast.stop()
@@ -150,6 +156,41 @@ def head_step_cost(engine: EmbeddedEngine, prompt: list[int], steps: int = 50) -
         return (time.perf_counter() - t0) / steps
 
     return timed(head_step) / timed(target_step)
+
+
+@torch.inference_mode()
+def verification_costs(engine: EmbeddedEngine, prompt: list[int], k: int, steps: int = 50) -> dict[int, float]:
+    """A verification pass of a token and ``d`` drafts over a one-token decode step, for d = 1..k
+    (one stream, 200 tokens in its cache, timed alike in this process)."""
+    runner = engine.runner
+
+    def timed(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) / steps
+
+    step = timed(lambda: runner.decode([prompt[0]], [200]))
+    return {d: timed(lambda d=d: runner.verify([prompt[:1] * (d + 1)], [200])) / step for d in range(1, k + 1)}
+
+
+def needed_acceptance(verify: dict[int, float], draft_step: float, speedup: float = 1.5) -> float | None:
+    """The least per-draft acceptance a (each draft standing with probability a once the ones before
+    it have) at which some draft length d reaches ``speedup``: tokens per pass (1 - a^(d+1)) / (1 - a)
+    over the pass's cost, its verification plus d + 1 head steps (one to catch up). None: not even
+    drafts that always stand reach it."""
+
+    def best(a: float) -> float:
+        return max(sum(a**i for i in range(d + 1)) / (v + (d + 1) * draft_step) for d, v in verify.items())
+
+    if best(1.0) < speedup:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if best(mid) >= speedup else (mid, hi)
+    return hi
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -199,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-quantization", default="same", choices=["same", "none", "int4", "nf4"])
     p.add_argument("--k", type=int, default=4, help="most tokens drafted per step")
     p.add_argument("--max-spec-batch", type=int, default=2, help="larger decode batches do not speculate")
+    p.add_argument("--min-confidence", type=float, default=0.2, help="draft head: propose while its estimate is above")
     p.add_argument("--tokens", type=int, default=128)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -208,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     print(title)
     print(table(rows))
     if "draft_step_cost" in rows[0]:
-        print(f"a draft step of the head costs {rows[0]['draft_step_cost']:.3f} of a target decode step")
+        first = rows[0]
+        print(f"a draft step of the head costs {first['draft_step_cost']:.3f} of a target decode step")
+        costs = ", ".join(f"{d} drafts {v:.2f}" for d, v in first["verify_cost"].items())
+        print(f"a verification pass costs (target decode steps): {costs}")
+        need = first["acceptance_for_1_5x"]
+        print(
+            "1.5x needs a per-draft acceptance of " + ("more than 1: out of reach" if need is None else f"{need:.0%}")
+        )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = (
         "speculative"

@@ -27,7 +27,13 @@ def _train_draft_head(args: argparse.Namespace) -> int:
     from engine import zoo
     from engine.speculative.head_train import HeadTrainConfig, train_draft_head
 
-    cfg = HeadTrainConfig(k_vocab=args.k_vocab, steps=args.steps, minutes=args.minutes, seed=args.seed)
+    cfg = HeadTrainConfig(
+        k_vocab=args.k_vocab,
+        steps=args.steps,
+        minutes=args.minutes,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
     work = zoo.cache_root() / "draft-head" / f"{args.model}-{args.quantization}-seed{cfg.seed}"
     out = args.out or zoo.ASSETS / "draft-heads" / f"{args.model}.pt"
     print(f"wrote {train_draft_head(args.model, args.quantization, work, out, cfg)} (work files in {work})")
@@ -236,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--k-vocab", type=int, default=8192, help="tokens the head drafts (the most frequent)")
     head.add_argument("--steps", type=int, default=600)
     head.add_argument("--minutes", type=float, default=90.0, help="stop after this much training time")
+    head.add_argument(
+        "--checkpoint-every", type=int, default=50, help="steps between checkpoints (each with a held-out evaluation)"
+    )
     head.add_argument("--seed", type=int, default=0)
     head.set_defaults(func=_train_draft_head)
 

@@ -87,7 +87,8 @@ class SpeculativeSettings(_Strict):
     # a draft model's weights: "same" as the target's quantization, or none | int4 | nf4
     draft_quantization: Literal["same", "none", "int4", "nf4"] = "same"
     head: Path | None = None  # draft "head": its file (null: assets/draft-heads/<model>.pt)
-    min_confidence: float = Field(default=0.2, ge=0, lt=1)  # draft "head": chained drafts stop below this
+    # draft "head": propose drafts while the head's estimate that they all stand is at least this
+    min_confidence: float = Field(default=0.2, ge=0, lt=1)
 
     @field_validator("head")
     @classmethod

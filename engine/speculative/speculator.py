@@ -35,7 +35,9 @@ class SpeculativeConfig:
     # a draft model's weights: "same" quantization as the target, or none | int4 | nf4
     draft_quantization: str = "same"
     head: str | None = None  # draft "head": the head's file (None: the one shipped for the target)
-    min_confidence: float = 0.2  # draft "head": chained drafts stop below this probability
+    # draft "head": drafts are proposed while the head's estimate that they all stand (the product
+    # of its probabilities for them) is at least this
+    min_confidence: float = 0.2
 
     def __post_init__(self) -> None:
         if not self.draft or self.draft == "none":
