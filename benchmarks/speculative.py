@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-quantization", default="same", choices=["same", "none", "int4", "nf4"])
     p.add_argument("--k", type=int, default=4, help="most tokens drafted per step")
     p.add_argument("--max-spec-batch", type=int, default=2, help="larger decode batches do not speculate")
-    p.add_argument("--min-confidence", type=float, default=0.2, help="draft head: propose while its estimate is above")
+    p.add_argument("--min-confidence", type=float, default=0.3, help="draft head: propose while its estimate is above")
     p.add_argument("--tokens", type=int, default=128)
     args = p.parse_args(argv)
     torch.manual_seed(0)

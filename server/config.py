@@ -88,7 +88,7 @@ class SpeculativeSettings(_Strict):
     draft_quantization: Literal["same", "none", "int4", "nf4"] = "same"
     head: Path | None = None  # draft "head": its file (null: assets/draft-heads/<model>.pt)
     # draft "head": propose drafts while the head's estimate that they all stand is at least this
-    min_confidence: float = Field(default=0.2, ge=0, lt=1)
+    min_confidence: float = Field(default=0.3, ge=0, lt=1)
 
     @field_validator("head")
     @classmethod

@@ -116,13 +116,20 @@ class NativeHeadCompute:
             self.table = torch.arange(slots * per_seq, dtype=torch.int32).view(slots, per_seq).contiguous()
             self.step.set_pages(self.table, PAGE)
             self.step.set_residual_hidden(True)
+            # the embeddings of the head's own K tokens, read once: nearly every token it takes in is
+            # one (reading a row of the target's quantized table costs more than the head's step)
+            self.embedding = head.embed(head.vocab).float()
+            self.row_of = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
+            self.row_of[head.vocab] = torch.arange(head.k)
             self.step.set_bf16_dot(cpu.selected_isa() == "avx512" and "avx512_bf16" in cpu.cpu_flags())
 
     @torch.inference_mode()
     def run(
         self, features: Tensor, tokens: Tensor, positions: Tensor, slots: Tensor, tail: int
     ) -> tuple[Tensor, Tensor]:
-        x = torch.cat([features.float(), self.head.embed(tokens).float()], dim=-1)
+        rows = self.row_of[tokens]
+        emb = self.embedding[rows] if bool((rows >= 0).all()) else self.head.embed(tokens).float()
+        x = torch.cat([features.float(), emb], dim=-1)
         logits, hidden, _ = self.step.forward(x, positions, slots, features.shape[0] - tail)
         return hidden, logits
 

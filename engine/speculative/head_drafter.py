@@ -55,8 +55,9 @@ class HeadDrafter:
     @staticmethod
     def observe(state: HeadState, position: int, features: Tensor) -> None:
         """The target's features at ``position``, ``position + 1``, ... (one row each)."""
-        for j in range(features.shape[0]):
-            state.features[position + j] = features[j].detach().float().clone()
+        rows = features.detach().float().clone()  # one copy; each position keeps a view of its row
+        for j in range(rows.shape[0]):
+            state.features[position + j] = rows[j]
 
     def _slot(self, state: HeadState) -> None:
         """Give ``state`` a slot (it keeps its own while it still owns it)."""

@@ -37,7 +37,7 @@ class SpeculativeConfig:
     head: str | None = None  # draft "head": the head's file (None: the one shipped for the target)
     # draft "head": drafts are proposed while the head's estimate that they all stand (the product
     # of its probabilities for them) is at least this
-    min_confidence: float = 0.2
+    min_confidence: float = 0.3
 
     def __post_init__(self) -> None:
         if not self.draft or self.draft == "none":
