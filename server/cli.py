@@ -25,6 +25,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 def _train_draft_head(args: argparse.Namespace) -> int:
     from engine import zoo
+    from engine.model.quantized import DEFAULT_GROUP_SIZE
     from engine.speculative.head_train import HeadTrainConfig, train_draft_head
 
     cfg = HeadTrainConfig(
@@ -34,7 +35,10 @@ def _train_draft_head(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    work = zoo.cache_root() / "draft-head" / f"{args.model}-{args.quantization}-seed{cfg.seed}"
+    quantization = args.quantization  # the served target's group size names the work files (the features differ)
+    if quantization != "none":
+        quantization += f"-g{DEFAULT_GROUP_SIZE[quantization]}"
+    work = zoo.cache_root() / "draft-head" / f"{args.model}-{quantization}-seed{cfg.seed}"
     out = args.out or zoo.ASSETS / "draft-heads" / f"{args.model}.pt"
     print(f"wrote {train_draft_head(args.model, args.quantization, work, out, cfg)} (work files in {work})")
     return 0

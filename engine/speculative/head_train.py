@@ -350,10 +350,11 @@ def train_draft_head(model: str, quantization: str, work: Path, out: Path, cfg: 
     ``out``, with its procedure and held-out curve in its metadata (and ``curve.json`` beside it)."""
     from engine.embedded import EmbeddedConfig
     from engine.factory import build_embedded
-    from engine.model.quantized import QuantSpec
+    from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec
 
     work.mkdir(parents=True, exist_ok=True)
-    spec = None if quantization == "none" else QuantSpec(quantization)
+    # the target as an expert serves it by default (its group size: the head learns these features)
+    spec = None if quantization == "none" else QuantSpec(quantization, DEFAULT_GROUP_SIZE[quantization])
     engine = build_embedded(model, "auto", EmbeddedConfig(16, 1024), spec)
     answers = work / "answers.jsonl"
     t0 = time.monotonic()
