@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / f"{stem}.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
     plot(rows, RESULTS_DIR / f"{stem}.png", title)
     if "verify_cost" in rows[0]:
-        plot_need(rows[0], RESULTS_DIR / f"{stem}-need.png", f"what the costs allow: {title}")
+        plot_need(rows[0], RESULTS_DIR / f"{stem}-need.png", f"{args.model} {args.quantization}: what the costs allow")
     return 0 if all(r["identical_outputs"] for r in rows) else 1
 
 

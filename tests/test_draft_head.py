@@ -14,6 +14,7 @@ from engine.base import SamplingParams
 from engine.embedded import EmbeddedConfig
 from engine.factory import build_embedded
 from engine.loader import read_args
+from engine.model.quantized import DEFAULT_GROUP_SIZE, QuantSpec
 from engine.speculative.accept import accept_sampled
 from engine.speculative.eagle import DraftHead, HeadConfig, init_weights
 from engine.speculative.head_compute import NativeHeadCompute, TorchHeadCompute
@@ -250,12 +251,14 @@ def head_engines(model_path: Path, tmp_path_factory: pytest.TempPathFactory):  #
     init_weights(h, 1)
     h.save(untrained, {"target": "untrained"})
     config = EmbeddedConfig(2, 1024)
-    plain = build_embedded(str(model_path), "float32", config)
+    # the target as served by default, whose features the shipped head learned (int4, group 32)
+    served = QuantSpec("int4", DEFAULT_GROUP_SIZE["int4"])
+    plain = build_embedded(str(model_path), "auto", config, served)
     spec = SpeculativeConfig("head", num_draft_tokens=4, max_batch_size=2, head=str(SHIPPED))
-    shipped = build_embedded(str(model_path), "float32", replace(config, speculative=spec))
+    shipped = build_embedded(str(model_path), "auto", replace(config, speculative=spec), served)
     # proposing whatever it drafts (its confidence is spread over thousands of tokens)
     spec = SpeculativeConfig("head", num_draft_tokens=3, max_batch_size=2, head=str(untrained), min_confidence=0)
-    random = build_embedded(str(model_path), "float32", replace(config, speculative=spec))
+    random = build_embedded(str(model_path), "auto", replace(config, speculative=spec), served)
     yield from started(plain, shipped, random)
 
 
@@ -334,7 +337,8 @@ def test_a_server_drafting_with_the_head_answers_through_the_official_client(mod
     from server.config import ExpertConfig, Settings
     from tests.conftest import LiveServer
 
-    common = {"model": str(model_path), "dtype": "float32", "max_model_len": 1024, "max_batch_size": 2}
+    # int4 (group 32 by default): the target the shipped head learned
+    common = {"model": str(model_path), "quantization": "int4", "max_model_len": 1024, "max_batch_size": 2}
     speculative = {"draft": "head", "num_draft_tokens": 4, "head": str(SHIPPED)}
     experts = [ExpertConfig(name="plain", **common), ExpertConfig(name="head", speculative=speculative, **common)]
     live = LiveServer(Settings(experts=experts))
