@@ -195,20 +195,63 @@ def fed_state(d: HeadDrafter, tokens: list[int], seed: int) -> HeadState:
 
 
 def test_a_sampled_requests_drafting_is_decided_before_its_draft_is_drawn() -> None:
-    """Whether a draft is proposed may depend on the head's distribution, never on the token drawn
-    from it: the rejection sampler takes a proposed draft to be a draw from q."""
-    d = drafter(slots=2, min_confidence=0.05)
+    """Whether a draft is proposed may depend on the head's distribution and the drafts before it,
+    never on the token drawn for it: the rejection sampler takes a proposed draft to be a draw
+    from q. Over many draws, runs that share a first draft must agree on proposing a second."""
     tokens = [int(t) for t in torch.randint(0, CFG.vocab_size, (12,), generator=torch.Generator().manual_seed(2))]
     params = SamplingParams(max_tokens=10, temperature=1.0)
-    proposed = set()
-    for seed in range(40):
-        drafts, qs = d.draft([fed_state(d, tokens, 0)], [tokens], [1], [params], [torch.Generator().manual_seed(seed)])
-        proposed.add(len(drafts[0]))
-        if drafts[0]:
+    bites = 0
+    for threshold in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
+        d = drafter(slots=2, min_confidence=threshold)
+        second: dict[int, list[bool]] = {}  # first draft -> whether a second was proposed, per draw
+        for seed in range(60):
+            drafts, qs = d.draft(
+                [fed_state(d, tokens, 0)], [tokens], [2], [params], [torch.Generator().manual_seed(seed)]
+            )
+            if not drafts[0]:
+                continue
             q = qs[0]
-            assert q is not None and q.shape == (1, CFG.vocab_size) and float(q[0, drafts[0][0]]) > 0
-            assert float(q[0].sum()) == pytest.approx(1.0, abs=1e-4) and float(q[0, 1]) == 0  # only the K tokens
-    assert len(proposed) == 1
+            assert q is not None and q.shape == (len(drafts[0]), CFG.vocab_size)
+            assert float(q[0, drafts[0][0]]) > 0 and float(q[0, 1]) == 0  # a draw from q, only the K tokens
+            second.setdefault(drafts[0][0], []).append(len(drafts[0]) == 2)
+        assert all(len(set(outcomes)) == 1 for outcomes in second.values()), threshold
+        # the check bites where first drafts repeat and both outcomes occur among them
+        repeated = [outcomes[0] for outcomes in second.values() if len(outcomes) > 1]
+        bites += len(set(repeated)) == 2
+    assert bites > 0  # at some threshold the check had something to catch
+
+
+def test_drafting_sequences_together_drafts_what_each_drafts_alone() -> None:
+    """One call for every drafting sequence (their catch-up rows in one pass, each last row at the
+    end, then the chains of those still going) against each sequence drafted on its own, and the
+    first drafts against the head run directly on the entries they should read."""
+    g = torch.Generator().manual_seed(7)
+    lists = [[int(t) for t in torch.randint(0, CFG.vocab_size, (n,), generator=g)] for n in (9, 14, 11)]
+    feats = [torch.randn(len(t) + 4, CFG.dim, generator=g) for t in lists]
+    greedy, gen = SamplingParams(max_tokens=10, temperature=0), torch.Generator()
+    together = HeadDrafter(TorchHeadCompute(int4_head(11)), 3, 0.0)
+    alone = [HeadDrafter(TorchHeadCompute(int4_head(11)), 1, 0.0) for _ in lists]
+    states = [HeadState() for _ in lists]
+    solo = [HeadState() for _ in lists]
+    for rnd in range(3):
+        for i, t in enumerate(lists):
+            for d, st in ((together, states[i]), (alone[i], solo[i])):
+                if rnd == 0:
+                    d.observe(st, 0, feats[i][: len(t)])  # the prompt's features
+        got, _ = together.draft(states, lists, [3, 2, 3], [greedy] * 3, [gen] * 3)
+        want = [alone[i].draft([solo[i]], [lists[i]], [k], [greedy], [gen])[0][0] for i, k in enumerate((3, 2, 3))]
+        assert got == want and all(len(x) == k for x, k in zip(got, (3, 2, 3)))
+        if rnd == 0:  # the first draft reads one entry, (f_{n-2}, x_{n-1}) at position 0
+            h = together.head
+            for i, t in enumerate(lists):
+                _, logits, _ = h(feats[i][None, len(t) - 2 : len(t) - 1], torch.tensor([[t[-1]]]), torch.tensor([[0]]))
+                assert got[i][0] == int(h.vocab[logits[0, -1].argmax()])
+        for i, t in enumerate(lists):  # two tokens stand: the target's features of the last and the new one
+            new = [got[i][0], 7]
+            for d, st in ((together, states[i]), (alone[i], solo[i])):
+                d.observe(st, len(t) - 1, feats[i][len(t) - 1 : len(t) + 1])
+            lists[i] = [*t, *new]
+            feats[i] = torch.cat([feats[i], torch.randn(2, CFG.dim, generator=g)])
 
 
 def test_the_head_drafts_only_what_it_expects_to_stand() -> None:

@@ -29,9 +29,10 @@ class HeadCompute(Protocol):
     def run(
         self, features: Tensor, tokens: Tensor, positions: Tensor, slots: Tensor, tail: int
     ) -> tuple[Tensor, Tensor]:
-        """Rows ``features [T, dim]``, ``tokens [T]`` at ``positions [T]`` of ``slots [T]`` (a slot's
-        rows consecutive and in order) -> the head's output features ``[tail, dim]`` (float32) and
-        its logits over its K tokens ``[tail, K]`` for the last ``tail`` rows."""
+        """Rows ``features [T, dim]``, ``tokens [T]`` at ``positions [T]`` of ``slots [T]`` (each
+        slot's rows in order of position, starting at or before where its entries end) -> the
+        head's output features ``[tail, dim]`` (float32) and its logits over its K tokens
+        ``[tail, K]`` for the last ``tail`` rows."""
         ...
 
 

@@ -877,7 +877,7 @@ class Step {
     if (t_count >= kShareRows) {
       const Layer& first = layers_[0];
       for (const Matrix* m : {&first.wqkv, &first.wo, &first.w13, &first.w2, static_cast<const Matrix*>(&output_), static_cast<const Matrix*>(&input_)})
-        if (m->n > 0 && m->kind == kInt4 || m->kind == kNF4) s.shared[m->role].size_for(t_count, m->kp, m->group);
+        if (m->n > 0 && (m->kind == kInt4 || m->kind == kNF4)) s.shared[m->role].size_for(t_count, m->kp, m->group);
     }
     s.normed.resize(t_count * dim_);
     s.logits = logits.data_ptr<float>();
