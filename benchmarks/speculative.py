@@ -26,6 +26,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,15 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def timed(fn: Callable[[], object], steps: int) -> float:
+    """Seconds per call of ``fn`` over ``steps`` calls, after one to warm up."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
 @torch.inference_mode()
 def head_step_cost(engine: EmbeddedEngine, prompt: list[int], steps: int = 50) -> float:
     """A chained draft step of the head (one position, its cache 200 entries long) over a decode
@@ -174,14 +184,7 @@ def head_step_cost(engine: EmbeddedEngine, prompt: list[int], steps: int = 50) -
     def target_step() -> None:
         engine.runner.decode([prompt[0]], [200])
 
-    def timed(fn) -> float:  # type: ignore[no-untyped-def]
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return (time.perf_counter() - t0) / steps
-
-    return timed(head_step) / timed(target_step)
+    return timed(head_step, steps) / timed(target_step, steps)
 
 
 @torch.inference_mode()
@@ -190,15 +193,12 @@ def verification_costs(engine: EmbeddedEngine, prompt: list[int], k: int, steps:
     (one stream, 200 tokens in its cache, timed alike in this process)."""
     runner = engine.runner
 
-    def timed(fn) -> float:  # type: ignore[no-untyped-def]
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return (time.perf_counter() - t0) / steps
+    step = timed(lambda: runner.decode([prompt[0]], [200]), steps)
 
-    step = timed(lambda: runner.decode([prompt[0]], [200]))
-    return {d: timed(lambda d=d: runner.verify([prompt[:1] * (d + 1)], [200])) / step for d in range(1, k + 1)}
+    def verify(drafts: int) -> Callable[[], object]:
+        return lambda: runner.verify([prompt[:1] * (drafts + 1)], [200])
+
+    return {d: timed(verify(d), steps) / step for d in range(1, k + 1)}
 
 
 def projected_speedup(a: float, verify: dict[int, float], draft_step: float) -> float:

@@ -298,7 +298,7 @@ def load_draft_head(
 
 def head_compute(head: DraftHead, slots: int, capacity: int) -> HeadCompute:
     """The head on the native step where it builds (int4), else in float on PyTorch."""
-    if cpu.compiler_available() and cpu.load("step") is not None:
+    if cpu.load("step") is not None:
         return NativeHeadCompute(head, slots, capacity)
     log.warning("the draft head runs in float on PyTorch: the native step is not available here")
     return TorchHeadCompute(head)

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from engine.speculative.eagle import DraftHead
+from engine.speculative.eagle import DraftHead, rope
 from kernels import a8, cpu, int4
 from kernels.step import INT4, pack
 
@@ -71,8 +71,8 @@ class TorchHeadCompute:
 class NativeHeadCompute:
     """The head as a one-layer model on the native decode step (sharing the target's threads): the
     fusion as the step's input projection, the layer and the K rows of the LM head, all int4
-    tiles; the cache bf16 pages (``slots`` sequences
-    of ``capacity`` positions, resident only as they are written)."""
+    tiles; the cache bf16 pages (``slots`` sequences of ``capacity`` positions, resident only as
+    they are written)."""
 
     def __init__(self, head: DraftHead, slots: int, capacity: int) -> None:
         ext = cpu.load("step")
@@ -81,18 +81,15 @@ class NativeHeadCompute:
         cfg, layer = head.cfg, head.layer
         self.head = head
         with torch.no_grad():
-            half = cfg.head_dim // 2
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
-            angles = torch.outer(torch.arange(capacity, dtype=torch.float64), inv_freq)
-            angles = torch.cat([angles, angles], dim=-1)
+            cos, sin = rope(cfg, torch.arange(capacity)[None], torch.float32)  # the float head's tables
             self.step = ext.Step(
                 cfg.n_heads,
                 cfg.n_kv_heads,
                 cfg.head_dim,
                 cfg.intermediate_size,
                 cfg.norm_eps,
-                angles.cos().float(),
-                angles.sin().float(),
+                cos.view(capacity, -1),
+                sin.view(capacity, -1),
                 head.norm_weight.float(),
                 a8.LUT8,
                 torch.get_num_threads(),
